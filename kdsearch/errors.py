@@ -1,0 +1,95 @@
+"""Errors a user can act on.
+
+Every :class:`KDSearchError` renders as one line that names the field, the rule, the value and,
+where one exists, a fix. The CLI prints that line and exits with code 2; a traceback appears only
+with ``--debug``. Internal failures of a single trial (OOM, NaN, timeout) are *not* user errors:
+they are :class:`TrialFailure` and are stored on the trial as data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "KDSearchError",
+    "ConfigError",
+    "DataError",
+    "TeacherError",
+    "CheckpointError",
+    "StorageError",
+    "StudyMismatchError",
+    "ExportError",
+    "TrialFailure",
+    "FAIL_REASONS",
+]
+
+
+class KDSearchError(Exception):
+    """Base class of every error shown to a user as one line with exit code 2."""
+
+    exit_code: int = 2
+
+    def __init__(self, message: str) -> None:
+        # One line, always: a multi-line message would break the CLI contract.
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(KDSearchError):
+    """A study-file key or CLI flag that breaks a rule.
+
+    The message reads ``<field>: <rule> (got <value>)[; <fix>]``.
+    """
+
+    def __init__(self, field: str, rule: str, value: Any = None, fix: str | None = None) -> None:
+        self.field = field
+        self.rule = rule
+        self.value = value
+        msg = f"{field}: {rule}"
+        if value is not None:
+            msg += f" (got {value!r})"
+        if fix:
+            msg += f"; {fix}"
+        super().__init__(msg)
+
+
+class DataError(KDSearchError):
+    """A data set that is missing, unreadable or in the wrong layout."""
+
+
+class TeacherError(KDSearchError):
+    """A teacher that cannot be created (unknown name, offline weights, bad kwargs)."""
+
+
+class CheckpointError(KDSearchError):
+    """A checkpoint whose keys or shapes do not fit the model, or whose hash does not match."""
+
+
+class StorageError(KDSearchError):
+    """A storage URL that cannot be opened, or a study that does not exist."""
+
+
+class StudyMismatchError(KDSearchError):
+    """Resuming a study whose search space or objectives differ from the stored ones."""
+
+
+class ExportError(KDSearchError):
+    """An export that cannot be written or does not verify."""
+
+
+FAIL_REASONS = ("oom", "diverged", "timeout", "error", "stale", "interrupted", "missing_objective")
+
+
+class TrialFailure(Exception):
+    """A single trial failed in a way that is stored as data (``fail_reason``), not shown as an error.
+
+    ``reason`` is one of :data:`FAIL_REASONS`; ``detail`` is a short human-readable explanation;
+    ``attrs`` are extra user attrs to store on the FAIL trial (for example ``peak_kd_memory_mb``).
+    """
+
+    def __init__(self, reason: str, detail: str = "", attrs: dict[str, Any] | None = None) -> None:
+        if reason not in FAIL_REASONS:
+            raise ValueError(f"unknown fail reason {reason!r}")
+        self.reason = reason
+        self.detail = detail
+        self.attrs = dict(attrs or {})
+        super().__init__(f"{reason}: {detail}" if detail else reason)
