@@ -69,7 +69,7 @@ STUDENT_FAMILIES: tuple[str, ...] = ("vgg", "vit")
 # Durations
 
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s|ms)")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|d|h|m|s)")
 _UNIT_S = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3}
 
 
@@ -632,7 +632,7 @@ class StudyConfig:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
-    source: str | None = None  # the file it was loaded from (not part of identity)
+    source: str | None = field(default=None, compare=False)  # the file it came from (not identity)
 
     def __post_init__(self) -> None:
         if not self.objectives:

@@ -1,0 +1,270 @@
+"""The supervisor: starts N worker processes on one study and keeps the run healthy.
+
+- Each worker is its own process, pinned to one GPU through ``CUDA_VISIBLE_DEVICES`` (one per
+  visible GPU by default, else one). Optuna's storage is the only channel between them: there is
+  no home-made scheduler.
+- A trial that runs past its KD box plus ``study.grace`` is killed with its worker (SIGKILL); the
+  trial is stored as FAIL ``timeout`` and a fresh worker takes the slot. A worker that dies any
+  other way leaves a RUNNING trial that :func:`recover_stale` fails as ``stale`` and re-queues.
+- Ctrl-C once: workers finish their running trial, then stop. Twice: the running trials stop now
+  and are stored as FAIL ``interrupted``.
+- The wall time of this invocation is added to the study's ``time_spent_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from kdsearch.checkpoint import atomic_write_text
+from kdsearch.config import StudyConfig, config_to_dict
+from kdsearch.errors import KDSearchError
+from kdsearch.search.recovery import mark_failed, recover_stale
+from kdsearch.search.study import add_time_spent, create_or_resume, run_paths
+from kdsearch.search.worker import EXIT_USER_ERROR, RunSpec
+
+__all__ = ["StopFlag", "SearchOutcome", "supervise", "default_workers"]
+
+POLL_S = 0.5
+MAX_RESPAWNS_PER_SLOT = 5
+
+
+class StopFlag:
+    """Counts Ctrl-C presses; the supervisor turns them into signals for its workers."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    def request(self) -> None:
+        self.requests += 1
+
+    def install_sigint(self) -> Callable[[], None]:
+        previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, lambda signum, frame: self.request())
+        return lambda: signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class SearchOutcome:
+    study: optuna.Study
+    resumed: bool
+    trials_complete: int = 0
+    trials_failed: int = 0
+    wall_s: float = 0.0
+    stop_reason: str = ""
+    stale_recovered: list[int] = field(default_factory=list)
+    timeouts: list[int] = field(default_factory=list)
+
+
+def default_workers() -> int:
+    """One worker per visible GPU, else one."""
+    try:
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
+    except Exception:  # noqa: BLE001
+        return 1
+
+
+@dataclass
+class _Slot:
+    index: int
+    gpu: int | None
+    proc: subprocess.Popen[bytes] | None = None
+    status_path: str = ""
+    respawns: int = 0
+    done: bool = False
+    stop_reason: str = ""
+    log_path: str = ""
+
+
+def _read_status(path: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def supervise(
+    cfg: StudyConfig,
+    *,
+    n_workers: int | None = None,
+    stop: StopFlag | None = None,
+    progress: Callable[[str, float | None, str], None] | None = None,
+    on_ready: Callable[[SearchOutcome, dict[str, Any]], None] | None = None,
+    on_trial_end: Callable[[FrozenTrial, float], None] | None = None,
+    create: bool = True,
+) -> SearchOutcome:
+    """Run or resume ``cfg``'s study with worker processes until budget, cap, Ctrl-C or grid end."""
+    t0 = time.monotonic()
+    stop = stop or StopFlag()
+    progress = progress or (lambda phase, frac, msg: None)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study, resumed = create_or_resume(cfg, create=create)
+    outcome = SearchOutcome(study=study, resumed=resumed)
+    outcome.stale_recovered = recover_stale(study, cfg.study.max_retries)
+    paths = run_paths(cfg.study.run_dir, cfg.study.name, cfg.teacher.cache.dir)
+    paths.ensure()
+    n_workers = n_workers or cfg.study.workers or default_workers()
+    gpus = _visible_gpus()
+    invocation = uuid.uuid4().hex[:12]
+    spec = RunSpec(
+        config=json.loads(json.dumps(config_to_dict(cfg))),
+        invocation=invocation,
+        deadline_epoch_s=time.time() + cfg.study.budget_s,
+        n_trials=cfg.study.n_trials,
+        status_path="",
+        slot_lock=str(paths.root / f".slots-{invocation}.lock"),
+    )
+    spec_dir = Path(tempfile.mkdtemp(prefix="kdsearch-run-", dir=paths.workers))
+    slots = [_Slot(i, gpus[i % len(gpus)] if gpus else None) for i in range(n_workers)]
+    seen_finished = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    ready_announced = False
+    stop_level_sent = 0
+    box_s, grace_s = cfg.study.trial_time_s, cfg.study.grace_s
+
+    def spawn(slot: _Slot) -> None:
+        slot.status_path = str(spec_dir / f"worker{slot.index}-{slot.respawns}.json")
+        spec_path = spec_dir / f"spec{slot.index}-{slot.respawns}.json"
+        atomic_write_text(spec_path, json.dumps({**spec.__dict__, "status_path": slot.status_path}))
+        env = dict(os.environ)
+        if slot.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+        slot.log_path = str(spec_dir / f"worker{slot.index}-{slot.respawns}.log")
+        with open(slot.log_path, "wb") as log:
+            # A new session: the terminal's Ctrl-C reaches only the supervisor, which decides.
+            slot.proc = subprocess.Popen(
+                [sys.executable, "-m", "kdsearch.search.worker", str(spec_path)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    for slot in slots:
+        spawn(slot)
+    try:
+        while not all(s.done for s in slots):
+            time.sleep(POLL_S)
+            # Ctrl-C: first -> finish the running trial; second -> interrupt it now.
+            if stop.requests > stop_level_sent:
+                sig = signal.SIGUSR1 if stop.requests == 1 else signal.SIGTERM
+                for s in slots:
+                    if s.proc is not None and s.proc.poll() is None:
+                        s.proc.send_signal(sig)
+                stop_level_sent = stop.requests
+                progress("stopping", None, "finishing the running trial (Ctrl-C again to stop now)"
+                         if stop.requests == 1 else "interrupting the running trial")
+            statuses = {s.index: _read_status(s.status_path) for s in slots}
+            if not ready_announced and any(st.get("phase") in ("ready", "trial", "idle") for st in statuses.values()):
+                ready_announced = True
+                if on_ready is not None:
+                    teachers = next((st.get("teachers") for st in statuses.values() if st.get("teachers")), {})
+                    on_ready(outcome, teachers or {})
+            lead = next((st for st in statuses.values() if st.get("phase") not in (None, "idle", "stopped")), None)
+            if lead:
+                prefix = f"#{lead['trial']} " if lead.get("trial") is not None else ""
+                progress(lead.get("phase", ""), lead.get("fraction"), prefix + str(lead.get("message", "")))
+            for s in slots:
+                if s.done or s.proc is None:
+                    continue
+                st = statuses[s.index]
+                code = s.proc.poll()
+                started = st.get("trial_started_at")
+                if code is None and started is not None and time.time() - started > box_s + grace_s:
+                    _kill(s.proc)
+                    trial = _find_trial(study, st.get("trial"))
+                    if trial is not None and mark_failed(
+                        study, trial, "timeout", f"ran {time.time() - started:.0f}s > box {box_s:.0f}s + grace {grace_s:.0f}s"
+                    ):
+                        outcome.timeouts.append(trial.number)
+                    code = s.proc.poll()
+                if code is None:
+                    continue
+                if code == 0:
+                    s.done, s.stop_reason = True, str(st.get("stop_reason", "done"))
+                    continue
+                if code == EXIT_USER_ERROR:
+                    raise KDSearchError(str(st.get("fatal", "worker failed during preparation")))
+                # Killed or crashed: its running trial is stale; recover it and replace the worker.
+                outcome.stale_recovered += recover_stale(study, cfg.study.max_retries)
+                if st.get("phase") == "crashed" and st.get("trial") is None:
+                    raise KDSearchError(
+                        f"worker {s.index} crashed while preparing: {st.get('crash', 'unknown error')} (log: {s.log_path})"
+                    )
+                if stop.requests or time.time() >= spec.deadline_epoch_s or s.respawns >= MAX_RESPAWNS_PER_SLOT:
+                    s.done, s.stop_reason = True, f"worker exited with {code}"
+                    continue
+                s.respawns += 1
+                spawn(s)
+            for t in study.get_trials(deepcopy=False):
+                if t.state.is_finished() and t.number not in seen_finished:
+                    seen_finished.add(t.number)
+                    if on_trial_end is not None:
+                        wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_start and t.datetime_complete else 0.0
+                        on_trial_end(t, wall)
+    finally:
+        for s in slots:
+            if s.proc is not None and s.proc.poll() is None:
+                s.proc.send_signal(signal.SIGTERM)
+        for s in slots:
+            if s.proc is not None:
+                try:
+                    s.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    _kill(s.proc)
+        outcome.wall_s = time.monotonic() - t0
+        add_time_spent(study, outcome.wall_s)
+    new = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("invocation") == invocation]
+    outcome.trials_complete = sum(t.state == TrialState.COMPLETE for t in new)
+    outcome.trials_failed = sum(t.state == TrialState.FAIL for t in new)
+    reasons = sorted({s.stop_reason for s in slots if s.stop_reason})
+    outcome.stop_reason = "; ".join(reasons) or "done"
+    if stop.requests:
+        outcome.stop_reason = "interrupted (Ctrl-C)"
+    return outcome
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.wait()
+
+
+def _find_trial(study: optuna.Study, number: int | None) -> FrozenTrial | None:
+    if number is None:
+        return None
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.number == number:
+            return t
+    return None
+
+
+def _visible_gpus() -> list[int]:
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        n = 0
+    if n == 0:
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        return [int(v) for v in ids if v.isdigit()][:n] or list(range(n))
+    return list(range(n))
+
