@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from kdsearch.models.spec import StudentSpec
 
-__all__ = ["register_student", "build_student", "student_families"]
+__all__ = ["register_student", "build_student", "student_families", "student_param_count"]
 
 StudentBuilder = Callable[[StudentSpec], nn.Module]
 _REGISTRY: dict[str, StudentBuilder] = {}
@@ -42,6 +43,17 @@ def build_student(spec: StudentSpec) -> nn.Module:
     if spec.family not in _REGISTRY:
         raise ValueError(f"unknown student family {spec.family!r}; known: {sorted(_REGISTRY)}")
     return _REGISTRY[spec.family](spec)
+
+
+def student_param_count(spec: StudentSpec) -> int:
+    """Number of parameters of the student ``spec`` describes.
+
+    The model is built on the ``meta`` device: no memory is allocated and weight init does no
+    work, so this is cheap enough to call inside a bisection or a search-space filter.
+    """
+    with torch.device("meta"):
+        model = build_student(spec)
+    return sum(p.numel() for p in model.parameters())
 
 
 def _import_families() -> None:

@@ -37,6 +37,8 @@ from kdsearch.distill import (
 from kdsearch.errors import TrialFailure
 from kdsearch.measure import (
     EnergyMeter,
+    KDMemoryTracker,
+    Measurements,
     collect_environment,
     environment_diff,
     evaluate_accuracy,
@@ -128,6 +130,9 @@ def _prepare_teacher(
 ) -> PreparedTeacher:
     label = tcfg.display_name
     progress("teacher", None, f"creating teacher {label}")
+    # Seeded: a teacher without weights gets the same random init in every worker and run, so
+    # its fitted weights and logit cache are found again instead of rebuilt.
+    torch.manual_seed(cfg.study.seed)
     loaded = create_teacher(tcfg, bundle.num_classes, device)
     fit_info: dict[str, Any] = {}
     if teacher_needs_fit(tcfg, loaded, bundle.num_classes):
@@ -195,14 +200,13 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
         inject = None
 
     seed = cfg.study.seed * 100_003 + trial.number
-    peak_kd_mb: float | None = None
+    kd_memory = KDMemoryTracker(device)
+    kd_energy = EnergyMeter.for_device(device, cfg.measure.energy.poll_interval_s)
     try:
         torch.manual_seed(seed)
         student = build_student(spec)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         progress("distil", 0.0, spec.label)
-        with EnergyMeter(device, cfg.measure.energy.poll_interval_s) as kd_energy:
+        with kd_memory, kd_energy:
             result: DistillResult = distill(
                 student,
                 train=ctx.train_source,
@@ -218,42 +222,43 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
                 view_spec=ctx.view_spec,
                 progress=lambda frac, msg: progress("distil", frac, msg),
                 inject=inject,
+                eval_batch_size=cfg.measure.eval_batch_size,
             )
-        if device.type == "cuda":
-            peak_kd_mb = torch.cuda.max_memory_allocated(device) / 1e6
     except TrialFailure as exc:
         raise _fail(trial, exc.reason, exc.detail, exc.attrs) from None
     except torch.OutOfMemoryError as exc:
-        if device.type == "cuda":
-            peak_kd_mb = torch.cuda.max_memory_allocated(device) / 1e6
         _free_device_memory(device)
-        raise _fail(trial, "oom", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                    {"peak_kd_memory_mb": peak_kd_mb}) from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise _fail(trial, "oom", f"{type(exc).__name__}: {first}", {"peak_kd_memory_mb": kd_memory.value_mb}) from None
     except Exception as exc:  # noqa: BLE001 - any other error is data for this trial
         _free_device_memory(device)
         raise _fail(trial, "error", f"{type(exc).__name__}: {exc}") from None
 
-    values: dict[str, float | None] = {}
-    missing: dict[str, str] = {}
-    methods: dict[str, dict[str, Any]] = {}
-
-    values["kd_time_s"] = result.kd_time_s
-    methods["kd_time_s"] = {"method": "perf_counter" + ("+cuda-sync" if device.type == "cuda" else ""),
-                            "box_s": cfg.study.trial_time_s, "steps": result.steps, "epochs": result.epochs}
-    if peak_kd_mb is None:
-        missing["peak_kd_memory_mb"] = f"{device.type}: torch.cuda.max_memory_allocated is CUDA-only"
-    values["peak_kd_memory_mb"] = peak_kd_mb
+    m = Measurements()
+    m.set("kd_time_s", result.kd_time_s, {
+        "method": "perf_counter" + (" + cuda synchronize" if device.type == "cuda" else ""),
+        "box_s": cfg.study.trial_time_s, "steps": result.steps, "epochs": result.epochs,
+        "stopped_early": result.stopped_early,
+    })
+    if kd_memory.value_mb is not None:
+        m.set("peak_kd_memory_mb", kd_memory.value_mb, kd_memory.method())
+    else:
+        m.set_missing("peak_kd_memory_mb", str(kd_memory.reason), kd_memory.method())
     kd_e = kd_energy.result
-    values["kd_energy_j"] = kd_e.joules
-    methods["kd_energy_j"] = kd_e.to_dict()
-    if kd_e.joules is None:
-        missing["kd_energy_j"] = f"{kd_e.method}: {kd_e.reason}"
+    if kd_e is not None and kd_e.joules is not None:
+        m.set("kd_energy_j", kd_e.joules, kd_e.to_dict())
+    else:
+        reason = f"{kd_e.method}: {kd_e.reason}" if kd_e is not None else "meter did not run"
+        m.set_missing("kd_energy_j", reason, kd_e.to_dict() if kd_e is not None else None)
 
     progress("measure", 0.0, "accuracy")
     student.eval()
     batch = cfg.measure.eval_batch_size
-    values["val_accuracy"] = evaluate_accuracy(student, ctx.bundle.val, spec.resolution, ctx.bundle.mean, ctx.bundle.std, device, batch)
-    values["test_accuracy"] = evaluate_accuracy(student, ctx.bundle.test, spec.resolution, ctx.bundle.mean, ctx.bundle.std, device, batch)
+    acc_method = {"method": "top-1 on the held-out split", "resolution": spec.resolution}
+    m.set("val_accuracy", evaluate_accuracy(student, ctx.bundle.val, spec.resolution, ctx.bundle.mean,
+                                            ctx.bundle.std, device, batch), {**acc_method, "split": "val", "n": len(ctx.bundle.val)})
+    m.set("test_accuracy", evaluate_accuracy(student, ctx.bundle.test, spec.resolution, ctx.bundle.mean,
+                                             ctx.bundle.std, device, batch), {**acc_method, "split": "test", "n": len(ctx.bundle.test)})
 
     if cfg.finetune.enabled and ctx.bundle.finetune is not None:
         from kdsearch.finetune import finetune_model
@@ -273,21 +278,22 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
             device=device,
             seed=seed,
         )
-        values["pre_ft_accuracy"], values["post_ft_accuracy"] = pre, post
-        values["ft_gain"] = post - pre
+        ft_method = {"method": "frozen features, head trained on the finetune split; accuracy on test",
+                     "epochs": cfg.finetune.epochs, "lr": cfg.finetune.lr, "n_train": len(ctx.bundle.finetune)}
+        m.set("pre_ft_accuracy", pre, ft_method)
+        m.set("post_ft_accuracy", post, ft_method)
+        m.set("ft_gain", post - pre, ft_method)
 
     progress("measure", 0.3, "latency, memory, energy, ops")
-    meas = measure_inference(student, spec.resolution, device, cfg.measure)
-    values.update(meas.values)
-    missing.update(meas.missing)
-    methods.update(meas.methods)
+    m.update(measure_inference(student, spec.resolution, device, cfg.measure))
+    values = m.values
+    missing = m.missing
 
     env_now = collect_environment(device)
     diff = environment_diff(ctx.environment, env_now)
-    for name, value in values.items():
+    for name, value in m.to_user_attrs().items():
         trial.set_user_attr(name, value)
-    trial.set_user_attr("missing_metrics", missing)
-    trial.set_user_attr("methods", methods)
+    trial.set_user_attr("normalization", {"mean": list(ctx.bundle.mean), "std": list(ctx.bundle.std)})
     trial.set_user_attr("kd_history", {
         "val": [[round(t, 3), a] for t, a in result.val_history],
         "steps": result.steps,

@@ -15,11 +15,12 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import optuna
-from optuna.storages import BaseHeartbeat, RetryFailedTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 __all__ = [
@@ -90,16 +91,17 @@ class TrialHeartbeat:
 def trial_heartbeat(study: optuna.Study, trial_id: int) -> TrialHeartbeat:
     """Optuna's own heartbeat for RDB storages with heartbeats (what ``study.optimize`` sends),
     else kdsearch's ``heartbeat_at`` user attr (journal, sqlite)."""
-    storage = study._storage
-    if isinstance(storage, BaseHeartbeat) and storage.is_heartbeat_enabled():
+    storage: Any = study._storage
+    if uses_optuna_heartbeat(study):
         every = float(storage.get_heartbeat_interval() or HEARTBEAT_EVERY_S)
         return TrialHeartbeat(lambda: storage.record_heartbeat(trial_id), every)
     return TrialHeartbeat(lambda: storage.set_trial_user_attr(trial_id, "heartbeat_at", time.time()))
 
 
 def uses_optuna_heartbeat(study: optuna.Study) -> bool:
-    storage = study._storage
-    return isinstance(storage, BaseHeartbeat) and storage.is_heartbeat_enabled()
+    """True for RDB storages opened with heartbeats (Optuna's heartbeat API is duck-typed)."""
+    enabled = getattr(study._storage, "is_heartbeat_enabled", None)
+    return bool(enabled and enabled())
 
 
 def recover_stale(study: optuna.Study, max_retries: int) -> list[int]:
@@ -165,8 +167,11 @@ def fail_stale_trials(study: optuna.Study, max_retries: int, stale_after_s: floa
 
 
 def stale_trial_callback(max_retries: int) -> Any:
-    """For RDBStorage(failed_trial_callback=...): record ``fail_reason: stale`` and re-queue once."""
-    retry = RetryFailedTrialCallback(max_retry=max_retries)
+    """For RDBStorage(heartbeat_stale_trial_callback=...): record ``fail_reason: stale`` and re-queue
+    the params at most ``max_retries`` times (Optuna's RetryHeartbeatStaleTrialCallback)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
 
     def callback(study: optuna.Study, trial: FrozenTrial) -> None:
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,18 +94,21 @@ def open_storage(url: str, *, create: bool = True, max_retry: int = 1) -> BaseSt
             kwargs = {
                 "heartbeat_interval": HEARTBEAT_INTERVAL_S,
                 "grace_period": HEARTBEAT_GRACE_S,
-                "failed_trial_callback": stale_trial_callback(max_retry),
+                "heartbeat_stale_trial_callback": stale_trial_callback(max_retry),
             }
         if url.startswith("sqlite:") and not create:
             path = Path(url.removeprefix("sqlite:///"))
             if not path.is_file():
                 raise StorageError(f"--storage: no sqlite file at {str(path)!r}; run `kdsearch optimize` first")
         try:
-            return RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
         except ImportError as exc:
+            missing = getattr(exc.__cause__, "name", None) or exc.name or "its driver"
             raise StorageError(
-                f"--storage: the driver for {url.split(':', 1)[0]!r} is not installed ({exc.name}); "
-                "pip install 'kdsearch[postgres]'"
+                f"--storage: the database driver for {url.split(':', 1)[0]!r} is not installed "
+                f"(no module {missing!r}); pip install 'kdsearch[postgres]'"
             ) from None
         except Exception as exc:  # sqlalchemy raises many types; all mean "cannot open"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -209,7 +213,9 @@ def create_or_resume(cfg: StudyConfig, *, create: bool = True) -> tuple[optuna.S
         sampler=make_sampler(cfg),
         load_if_exists=True,  # two workers racing to create the same study both succeed
     )
-    study.set_metric_names(cfg.metric_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(cfg.metric_names)
     study.set_user_attr("signature", current)
     study.set_user_attr("config", _normalise(config_to_dict(cfg)))
     study.set_user_attr("kdsearch_version", __version__)

@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import StudyConfig, config_to_dict
 from kdsearch.errors import KDSearchError
+from kdsearch.search.preflight import preflight
 from kdsearch.search.recovery import mark_failed, recover_stale
 from kdsearch.search.study import add_time_spent, create_or_resume, run_paths
 from kdsearch.search.worker import EXIT_USER_ERROR, RunSpec
@@ -113,6 +114,8 @@ def supervise(
     stop = stop or StopFlag()
     progress = progress or (lambda phase, frac, msg: None)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    progress("checks", None, "data, teachers, storage")
+    preflight(cfg)
     study, resumed = create_or_resume(cfg, create=create)
     outcome = SearchOutcome(study=study, resumed=resumed)
     outcome.stale_recovered = recover_stale(study, cfg.study.max_retries)

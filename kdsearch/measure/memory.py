@@ -1,0 +1,249 @@
+"""Memory figures: stored model size, activation footprint, CUDA peak memory of inference and KD.
+
+Units: every figure is in **MB = 10^6 bytes** (not MiB), as the ``_mb`` metric names say.
+
+- :func:`model_size_mb` -- parameters + buffers at their stored dtype (exact, any device).
+- :func:`activation_peak_mb` -- an analytic approximation of the activation footprint of one
+  forward (any device, runs on a CPU copy): the largest, over leaf-module calls, of the bytes of
+  that call's input tensors plus its output tensors. See its docstring for what it leaves out.
+- :func:`peak_inference_memory_mb` -- what the CUDA caching allocator actually held at peak for
+  one forward (CUDA only).
+- :class:`KDMemoryTracker` -- resets the CUDA peak counter at trial start and reads
+  ``peak_kd_memory_mb`` after KD (CUDA only; on the CPU the metric is missing with a reason).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdsearch.measure._common import (
+    BYTES_PER_MB,
+    cpu_copy,
+    device_label,
+    example_input,
+    meta_copy,
+    model_dtype,
+    resolve_device,
+    uses_channels_last,
+)
+
+__all__ = [
+    "CUDA_ONLY_REASON",
+    "model_size_bytes",
+    "model_size_mb",
+    "activation_peak_mb",
+    "peak_inference_memory_mb",
+    "KDMemoryTracker",
+]
+
+CUDA_ONLY_REASON = "cpu: torch.cuda.max_memory_allocated is CUDA-only"
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer at its stored dtype; shared tensors count once.
+
+    Buffers include BatchNorm running statistics and its int64 ``num_batches_tracked``.
+    """
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def model_size_mb(model: nn.Module) -> float:
+    """Parameters + buffers at their stored dtype, in MB (10^6 bytes). The checkpoint's tensor
+    payload has this size; its small header is not counted."""
+    return model_size_bytes(model) / BYTES_PER_MB
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+
+
+def _unique_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``: an in-place op's output (the same
+    tensor) and a view (same ``_base``) count once. Works on the meta device too."""
+    by_base: dict[int, int] = {}
+    for t in tensors:
+        base = t._base if t._base is not None else t
+        by_base[id(base)] = max(by_base.get(id(base), 0), base.untyped_storage().nbytes())
+    return sum(by_base.values())
+
+
+def _activation_peak_bytes(
+    m: nn.Module, device: torch.device, resolution: int, batch_size: int, in_chans: int
+) -> int:
+    peak = 0
+
+    def hook(_mod: nn.Module, inputs: Any, output: Any) -> None:
+        nonlocal peak
+        ts = list(_tensors(inputs)) + list(_tensors(output))
+        peak = max(peak, _unique_bytes(ts))
+
+    handles = [mod.register_forward_hook(hook) for mod in m.modules() if next(mod.children(), None) is None]
+    try:
+        m.eval()
+        if device.type == "meta":
+            x = torch.empty(batch_size, in_chans, resolution, resolution, dtype=model_dtype(m), device=device)
+        else:
+            x = example_input(batch_size, resolution, device, model_dtype(m), in_chans)
+        # no_grad, not inference_mode: views of inference tensors do not record their ``_base``.
+        with torch.no_grad():
+            m(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return peak
+
+
+def activation_peak_mb(model: nn.Module, resolution: int, batch_size: int = 1, in_chans: int = 3) -> float:
+    """Largest activation footprint of one forward, in MB (10^6 bytes), by a simple rule.
+
+    What it computes, exactly: a forward hook on every *leaf* module (one with no children) sees
+    that call's input and output tensors. For each call the bytes of the distinct storages behind
+    them are summed (an in-place ReLU's output is its input and counts once; so does a view such
+    as ``Flatten``'s output). The result is the maximum of that sum over all leaf calls, at the
+    model's parameter dtype, for a batch of ``batch_size`` images of ``resolution`` px.
+
+    It is the memory an inference engine that frees each tensor as soon as the next layer has
+    consumed it needs for activations; weights are not included (see :func:`model_size_mb`).
+    It does not see skip connections kept alive across layers, tensors made by functional calls in
+    a non-leaf ``forward`` (``F.relu``, ``x.flatten()``), or framework workspaces. For the plain
+    feed-forward CNN students it is the real lower bound; for others it is an approximation.
+
+    Runs on a ``meta``-device copy (shapes only, no arithmetic, so it costs milliseconds even for
+    VGG-19 at 224 px), falling back to a CPU copy for a model with an op that has no meta kernel.
+    The original model is untouched.
+    """
+    try:
+        peak = _activation_peak_bytes(
+            meta_copy(model), torch.device("meta"), resolution, batch_size, in_chans
+        )
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: do the real arithmetic
+        peak = _activation_peak_bytes(cpu_copy(model), torch.device("cpu"), resolution, batch_size, in_chans)
+    return peak / BYTES_PER_MB
+
+
+def peak_inference_memory_mb(
+    model: nn.Module,
+    resolution: int,
+    batch_size: int,
+    device: torch.device | str,
+    in_chans: int = 3,
+) -> float:
+    """CUDA memory one inference forward needs, in MB (10^6 bytes): the model's parameters and
+    buffers plus the allocator's peak growth during the forward (input, activations, workspaces).
+
+    Measured with ``torch.cuda.reset_peak_memory_stats`` / ``max_memory_allocated`` around one
+    forward after two warm-up forwards (so cuDNN autotuning's trial workspaces are not counted).
+    Memory the process holds for other things (device-resident data, teacher logits) is left out
+    by subtracting what was allocated before the forward. Raises ``ValueError`` on a CPU device:
+    callers record :data:`CUDA_ONLY_REASON` instead.
+    """
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        raise ValueError(CUDA_ONLY_REASON)
+    dtype = model_dtype(model)
+    channels_last = uses_channels_last(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), torch.cuda.device(dev):
+            x = example_input(batch_size, resolution, dev, dtype, in_chans, channels_last)
+            for _ in range(2):
+                model(x)
+            del x
+            torch.cuda.synchronize(dev)
+            before = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            x = example_input(batch_size, resolution, dev, dtype, in_chans, channels_last)
+            out = model(x)
+            torch.cuda.synchronize(dev)
+            peak = torch.cuda.max_memory_allocated(dev)
+            del out, x
+    finally:
+        model.train(was_training)
+    return (model_size_bytes(model) + max(0, peak - before)) / BYTES_PER_MB
+
+
+class KDMemoryTracker:
+    """Peak CUDA memory of the KD phase: ``start()`` at trial start, ``stop()`` after KD.
+
+    ``value_mb`` is ``torch.cuda.max_memory_allocated`` over the window, in MB (10^6 bytes): the
+    absolute peak the caching allocator handed out to this process on that device -- student,
+    optimiser state, activations, and whatever else is resident (data, teacher logits), since
+    that is what must fit on the card. ``baseline_mb`` (allocated at ``start``) is kept in
+    :meth:`method` so a reader can subtract it. On a CPU device ``value_mb`` is ``None`` and
+    ``reason`` says why.
+
+    Usable as a context manager::
+
+        with KDMemoryTracker(device) as mem:
+            distill(...)
+        attrs["peak_kd_memory_mb"] = mem.value_mb
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = resolve_device(device)
+        self.value_mb: float | None = None
+        self.baseline_mb: float | None = None
+        self.reason: str | None = None if self.device.type == "cuda" else CUDA_ONLY_REASON
+        self._started = False
+
+    @property
+    def available(self) -> bool:
+        return self.device.type == "cuda"
+
+    def start(self) -> KDMemoryTracker:
+        if self.available:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_mb = torch.cuda.memory_allocated(self.device) / BYTES_PER_MB
+        self._started = True
+        return self
+
+    def stop(self) -> float | None:
+        if not self._started:
+            raise RuntimeError("KDMemoryTracker.stop() called before start()")
+        if self.available:
+            torch.cuda.synchronize(self.device)
+            self.value_mb = torch.cuda.max_memory_allocated(self.device) / BYTES_PER_MB
+            self.reason = None
+        return self.value_mb
+
+    def method(self) -> dict[str, Any]:
+        """The method record stored under ``methods["peak_kd_memory_mb"]``."""
+        if not self.available:
+            return {"method": "unavailable", "device": device_label(self.device), "reason": self.reason}
+        return {
+            "method": "torch.cuda.max_memory_allocated",
+            "device": device_label(self.device),
+            "baseline_mb": self.baseline_mb,
+            "unit": "MB (1e6 bytes)",
+        }
+
+    def __enter__(self) -> KDMemoryTracker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        # Read the peak even when KD raised (an OOM's peak is informative); never mask the error.
+        try:
+            self.stop()
+        except Exception:  # noqa: BLE001 - a broken CUDA context must not hide the KD error
+            if exc[0] is None:
+                raise

@@ -1,0 +1,257 @@
+"""The inference-side measurement suite a trial runs after KD.
+
+:func:`measure_inference` fills, for a trained student:
+
+================================  ==================================================================
+metric                            how
+================================  ==================================================================
+``latency_ms_b{N}``               median latency, batch N, on the trial's device (``"auto"``)
+``latency_p90_ms_b{N}``           its 90th percentile
+``latency_ms_b{N}_cpu``           on the CPU (a CPU copy when the trial runs on CUDA), if ``"cpu"``
+                                  is in ``measure.latency.devices``; same for ``_cuda`` / ``"cuda"``
+``peak_infer_memory_mb_b{N}``     CUDA allocator peak of one forward + weights (CUDA only)
+``model_size_mb``                 parameters + buffers, MB = 10^6 bytes
+``activation_peak_mb_b1``         largest leaf-module (input + output) footprint, batch 1
+``macs``, ``params``              ptflops, one image
+``infer_energy_mj_per_image``     NVML board energy of a >= ``infer_min_time_s`` inference loop at
+                                  the largest batch size, per image (CUDA only)
+================================  ==================================================================
+
+A figure that cannot be measured is ``None`` in ``values`` with a reason in ``missing`` -- never 0.
+One failing measurement (an exception, an OOM) does not stop the others: it is recorded as
+missing with reason ``"error: <Type>: <message>"``. ``methods[metric]`` says how each figure was
+taken (method, device, repeats, spread, p90, threads, batch size, ...).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdsearch.config import MeasureConfig
+from kdsearch.measure._common import device_label, error_reason, resolve_device
+from kdsearch.measure.complexity import PTFLOPS_BACKEND, measure_complexity
+from kdsearch.measure.energy import measure_inference_energy
+from kdsearch.measure.latency import LatencyResult, measure_latency, measure_latency_on_cpu
+from kdsearch.measure.memory import (
+    CUDA_ONLY_REASON,
+    activation_peak_mb,
+    model_size_mb,
+    peak_inference_memory_mb,
+)
+
+__all__ = ["Measurements", "measure_inference"]
+
+
+@dataclass
+class Measurements:
+    """Measured values (``None`` when missing), reasons for the missing ones, and methods."""
+
+    values: dict[str, float | None] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    elapsed_s: float = 0.0  # wall time of the whole measurement phase
+    timings_s: dict[str, float] = field(default_factory=dict)  # wall time per step (name -> s)
+
+    def set(self, metric: str, value: float | None, method: dict[str, Any] | None = None) -> None:
+        """Record a value; ``None`` must go through :meth:`set_missing` (it needs a reason)."""
+        if value is None:
+            raise ValueError(f"{metric}: a missing value needs a reason; use set_missing")
+        self.values[metric] = value
+        self.missing.pop(metric, None)
+        if method is not None:
+            self.methods[metric] = method
+
+    def set_missing(self, metric: str, reason: str, method: dict[str, Any] | None = None) -> None:
+        self.values[metric] = None
+        self.missing[metric] = reason
+        if method is not None:
+            self.methods[metric] = method
+
+    def update(self, other: Measurements) -> None:
+        """Merge another set of measurements (e.g. accuracy and KD figures from the objective)."""
+        self.values.update(other.values)
+        for k in other.values:
+            self.missing.pop(k, None)
+        self.missing.update(other.missing)
+        self.methods.update(other.methods)
+
+    def to_user_attrs(self) -> dict[str, Any]:
+        """Trial user attrs per the storage contract: each metric, ``missing_metrics``, ``methods``."""
+        attrs: dict[str, Any] = dict(self.values)
+        attrs["missing_metrics"] = dict(self.missing)
+        attrs["methods"] = {k: dict(v) for k, v in self.methods.items()}
+        return attrs
+
+
+def _latency_method(r: LatencyResult) -> dict[str, Any]:
+    return {
+        "method": r.method,
+        "device": r.device,
+        "repeats": r.repeats,
+        "spread": r.iqr_ms,
+        "spread_kind": "iqr_ms",
+        "p90": r.p90_ms,
+        "median_ms": r.median_ms,
+        "mean_ms": r.mean_ms,
+        "min_ms": r.min_ms,
+        "threads": r.threads,
+        "batch_size": r.batch_size,
+        "warmup": r.warmup,
+        "stop_reason": r.stop_reason,
+        "dtype": r.dtype,
+        "channels_last": r.channels_last,
+    }
+
+
+def _guard(m: Measurements, metrics: list[str], fn: Callable[[], None]) -> None:
+    """Run one measurement; on an exception mark every metric it was to fill as missing."""
+    t = time.perf_counter()
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - one failed figure must not lose the others
+        reason = error_reason(exc)
+        for metric in metrics:
+            m.set_missing(metric, reason)
+        if isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    finally:
+        m.timings_s[metrics[0]] = m.timings_s.get(metrics[0], 0.0) + time.perf_counter() - t
+
+
+def measure_inference(
+    model: nn.Module,
+    resolution: Any,
+    device: torch.device | str,
+    cfg: MeasureConfig,
+    in_chans: int | None = None,
+) -> Measurements:
+    """Measure a trained student (see the module docstring for every metric).
+
+    ``resolution`` is the input side in px, or a :class:`kdsearch.models.spec.StudentSpec` (its
+    ``resolution`` and ``in_chans`` are used). ``model`` lives on ``device`` (the trial's device)
+    and is left there, in the train/eval mode it came in.
+    """
+    t_start = time.perf_counter()
+    if hasattr(resolution, "resolution"):
+        in_chans = in_chans if in_chans is not None else int(getattr(resolution, "in_chans", 3))
+        resolution = int(resolution.resolution)
+    res = int(resolution)
+    chans = 3 if in_chans is None else int(in_chans)
+    dev = resolve_device(device)
+    lat = cfg.latency
+    m = Measurements()
+    was_training = model.training
+
+    # Cheap, device-independent figures first.
+    def size() -> None:
+        m.set(
+            "model_size_mb",
+            model_size_mb(model),
+            {"method": "params+buffers at stored dtype", "unit": "MB (1e6 bytes)"},
+        )
+
+    def act() -> None:
+        m.set(
+            "activation_peak_mb_b1",
+            activation_peak_mb(model, res, 1, chans),
+            {
+                "method": "max over leaf modules of input+output bytes",
+                "batch_size": 1,
+                "unit": "MB (1e6 bytes)",
+            },
+        )
+
+    def complexity() -> None:
+        macs, params = measure_complexity(model, res, chans)
+        how = {
+            "method": f"ptflops {PTFLOPS_BACKEND} backend, module hooks",
+            "resolution": res,
+            "batch_size": 1,
+        }
+        m.set("macs", macs, how)
+        m.set("params", params, {"method": "sum of parameter numel (trainable and frozen)"})
+
+    _guard(m, ["model_size_mb"], size)
+    _guard(m, ["activation_peak_mb_b1"], act)
+    _guard(m, ["macs", "params"], complexity)
+
+    # Latency: one measurement per (device kind, batch); suffixed names alias when they coincide.
+    cache: dict[tuple[str, int], LatencyResult] = {}
+
+    def latency_on(kind: str, b: int) -> LatencyResult:
+        if (kind, b) not in cache:
+            if kind == dev.type:
+                cache[(kind, b)] = measure_latency(model, res, b, dev, lat, chans)
+            elif kind == "cpu":
+                cache[(kind, b)] = measure_latency_on_cpu(model, res, b, lat, chans)
+            else:
+                raise AssertionError(kind)
+        return cache[(kind, b)]
+
+    targets: list[tuple[str, str]] = []  # (suffix, device kind)
+    if "auto" in lat.devices:
+        targets.append(("", dev.type))
+    for name in ("cpu", "cuda"):
+        if name in lat.devices:
+            targets.append((f"_{name}", name))
+    for b in lat.batch_sizes:
+        for suffix, kind in targets:
+            med, p90 = f"latency_ms_b{b}{suffix}", f"latency_p90_ms_b{b}{suffix}"
+            if kind == "cuda" and dev.type != "cuda":
+                reason = "no CUDA device: the trial runs on the CPU"
+                m.set_missing(med, reason)
+                m.set_missing(p90, reason)
+                continue
+
+            def one(b: int = b, kind: str = kind, med: str = med, p90: str = p90) -> None:
+                r = latency_on(kind, b)
+                how = _latency_method(r)
+                m.set(med, r.median_ms, how)
+                m.set(p90, r.p90_ms, how)
+
+            _guard(m, [med, p90], one)
+
+    # CUDA peak inference memory.
+    for b in lat.batch_sizes:
+        name = f"peak_infer_memory_mb_b{b}"
+        if dev.type != "cuda":
+            m.set_missing(name, CUDA_ONLY_REASON, {"method": "unavailable", "device": device_label(dev)})
+            continue
+
+        def peak(b: int = b, name: str = name) -> None:
+            m.set(
+                name,
+                peak_inference_memory_mb(model, res, b, dev, chans),
+                {
+                    "method": "weights + torch.cuda.max_memory_allocated growth over one forward",
+                    "device": device_label(dev),
+                    "batch_size": b,
+                    "unit": "MB (1e6 bytes)",
+                },
+            )
+
+        _guard(m, [name], peak)
+
+    # Energy per image at the largest batch size (throughput regime).
+    def energy() -> None:
+        b = max(lat.batch_sizes)
+        mj, r = measure_inference_energy(model, res, b, dev, cfg.energy, chans)
+        how = r.to_dict()
+        how["batch_size"] = b
+        how["device"] = device_label(dev)
+        if mj is None:
+            m.set_missing("infer_energy_mj_per_image", r.reason or "unmeasured", how)
+        else:
+            m.set("infer_energy_mj_per_image", mj, how)
+
+    _guard(m, ["infer_energy_mj_per_image"], energy)
+
+    model.train(was_training)
+    m.elapsed_s = time.perf_counter() - t_start
+    return m

@@ -1,0 +1,251 @@
+"""VGG students of any depth in {2, 3, 4, 5, 8, 11, 13, 16, 19} and any width multiplier.
+
+Laid out like a timm model file: the table of layer configs, then the blocks, then the model
+(``forward_features`` / ``forward_head``), then the registration.
+
+**Depth counts weight layers** (convolutions + linear layers), as in the VGG paper's names:
+
+===== ================================================= ====== ===== =================
+depth conv widths per stage (stages split by max-pool) convs  FCs   origin
+===== ================================================= ====== ===== =================
+2     64                                                1      1     small student
+3     64 | 128                                          2      1     small student
+4     64 | 128 | 256                                    3      1     small student
+5     64 | 128 | 256 | 512                              4      1     small student
+8     64 | 128 | 256 | 512 | 512                        5      3     small student
+11    64 | 128 | 256 256 | 512 512 | 512 512            8      3     VGG 'A'
+13    64 64 | 128 128 | 256 256 | 512 512 | 512 512     10     3     VGG 'B'
+16    64 64 | 128 128 | 256 x3 | 512 x3 | 512 x3        13     3     VGG 'D'
+19    64 64 | 128 128 | 256 x4 | 512 x4 | 512 x4        16     3     VGG 'E'
+===== ================================================= ====== ===== =================
+
+The small students (2-5) end in one linear layer; depth 8 and up keep the standard three-layer
+classifier (hidden, ReLU, dropout, hidden, ReLU, dropout, logits).
+
+Design choices (all documented because they change parameter counts):
+
+* Every convolution is ``Conv3x3 (no bias) -> BatchNorm -> ReLU``.
+* Max-pool 2x2/2 *between* stages only, with ``ceil_mode=True``: a 1x1 map stays 1x1, and odd
+  sides keep their border, so any input side (16, 32, 65, 224, ...) works without special cases.
+  No pool after the last stage: the head pools globally.
+* The head is ``AdaptiveAvgPool2d(1) -> flatten -> classifier``. With global pooling the
+  parameter count does not depend on the input resolution.
+* The FC hidden width is ``512 * width`` (the CIFAR-style VGG classifier) instead of the
+  ImageNet 4096: a 4096-wide classifier would dominate every small student.
+* ``width`` multiplies every channel count and the FC hidden width; each is
+  ``max(1, round(c * width))``, so widths down to 1/64 (one channel in the first stage) work.
+* Dropout 0.2 between the hidden FC layers (the original 0.5 is too strong for students this
+  small trained inside a fixed time box; the teacher's soft targets already regularise).
+* Kaiming-normal (fan-out, ReLU) convolutions, BN weight 1 / bias 0, linear N(0, 0.01) with
+  zero bias, as in torchvision's VGG.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kdsearch.models.registry import register_student, student_param_count
+from kdsearch.models.spec import StudentSpec
+
+__all__ = ["VGG", "VGG_CFGS", "VGG_NUM_FC", "vgg_width_for_params", "scaled_channels"]
+
+# ----------------------------------------------------------------------------------------------
+# Layer configs: ints are 3x3 conv widths (before the width multiplier), "M" is a 2x2 max-pool.
+
+VGG_CFGS: dict[int, list[int | str]] = {
+    2: [64],
+    3: [64, "M", 128],
+    4: [64, "M", 128, "M", 256],
+    5: [64, "M", 128, "M", 256, "M", 512],
+    8: [64, "M", 128, "M", 256, "M", 512, "M", 512],
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512],
+}
+# Number of linear layers in the classifier for each depth (depth = convs + linears).
+VGG_NUM_FC: dict[int, int] = {2: 1, 3: 1, 4: 1, 5: 1, 8: 3, 11: 3, 13: 3, 16: 3, 19: 3}
+FC_HIDDEN = 512  # classifier hidden width at width 1.0 (CIFAR-style; ImageNet VGG uses 4096)
+DROP_RATE = 0.2
+
+
+def scaled_channels(channels: int, width: float) -> int:
+    """``max(1, round(channels * width))``: the channel count after the width multiplier."""
+    return max(1, int(round(channels * width)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+
+
+class ConvBlock(nn.Module):
+    """Conv3x3 (no bias) -> BatchNorm -> ReLU."""
+
+    def __init__(self, in_chs: int, out_chs: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool, flatten, then 1 linear layer or the 3-layer VGG classifier."""
+
+    def __init__(self, in_chs: int, num_classes: int, num_fc: int, hidden: int, drop_rate: float) -> None:
+        super().__init__()
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        layers: list[nn.Module] = []
+        chs = in_chs
+        for _ in range(num_fc - 1):
+            layers += [nn.Linear(chs, hidden), nn.ReLU(inplace=True), nn.Dropout(drop_rate)]
+            chs = hidden
+        self.pre_logits = nn.Sequential(*layers)
+        self.fc = nn.Linear(chs, num_classes)
+        self.num_features = chs
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pre_logits(self.flatten(self.global_pool(x)))
+        return x if pre_logits else self.fc(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+class VGG(nn.Module):
+    """A VGG student. ``features`` holds the conv blocks and pools, ``head`` the classifier."""
+
+    __jit_unused_properties__ = ["last_block"]
+
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int,
+        width: float = 1.0,
+        in_chans: int = 3,
+        drop_rate: float = DROP_RATE,
+    ) -> None:
+        super().__init__()
+        if depth not in VGG_CFGS:
+            raise ValueError(f"student.vgg.depth: must be one of {sorted(VGG_CFGS)} (got {depth!r})")
+        if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
+            raise ValueError(f"student.vgg.width: must be a positive number (got {width!r})")
+        if num_classes < 1:
+            raise ValueError(f"num_classes: must be >= 1 (got {num_classes!r})")
+        self.depth = depth
+        self.width = float(width)
+        self.num_classes = num_classes
+
+        layers: list[nn.Module] = []
+        chs = in_chans
+        for item in VGG_CFGS[depth]:
+            if item == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True))
+            else:
+                out = scaled_channels(int(item), width)
+                layers.append(ConvBlock(chs, out))
+                chs = out
+        self.features = nn.Sequential(*layers)
+        self.num_features = chs
+        self.head = ClassifierHead(
+            chs, num_classes, VGG_NUM_FC[depth], scaled_channels(FC_HIDDEN, width), drop_rate
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def last_block(self) -> nn.Module:
+        """The last conv block (a property, so it is not registered twice in the state_dict)."""
+        return [m for m in self.features if isinstance(m, ConvBlock)][-1]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration and helpers
+
+
+@register_student("vgg")
+def build_vgg(spec: StudentSpec) -> VGG:
+    return VGG(depth=spec.depth, num_classes=spec.num_classes, width=spec.width, in_chans=spec.in_chans)
+
+
+def vgg_width_for_params(
+    depth: int,
+    target_params: float,
+    num_classes: int = 10,
+    resolution: int = 32,
+    in_chans: int = 3,
+    min_width: float = 1 / 512,
+    max_width: float = 16.0,
+) -> float:
+    """The width multiplier whose VGG-``depth`` has the parameter count closest to ``target_params``.
+
+    Bisection (in log-width) over the real parameter count of the built model (built on the
+    ``meta`` device, so it costs no memory); the count is a non-decreasing step function of the
+    width. Of the two widths that bracket the target, the closer count wins; the width returned
+    is the shortest decimal that gives exactly that count (e.g. ``0.4`` rather than
+    ``0.40039...``). ``resolution`` does not change the count (global-pool head) and is kept for
+    the spec. Raises ``ValueError`` when the target is outside what ``[min_width, max_width]``
+    can reach.
+    """
+    if depth not in VGG_CFGS:
+        raise ValueError(f"depth: must be one of {sorted(VGG_CFGS)} (got {depth!r})")
+    if not target_params > 0:
+        raise ValueError(f"target_params: must be > 0 (got {target_params!r})")
+
+    def count(w: float) -> int:
+        return student_param_count(
+            StudentSpec("vgg", depth, resolution, num_classes, width=w, in_chans=in_chans)
+        )
+
+    lo, hi = float(min_width), float(max_width)
+    c_lo, c_hi = count(lo), count(hi)
+    if c_hi < target_params or c_lo > target_params:
+        raise ValueError(
+            f"VGG-{depth} spans {c_lo} to {c_hi} parameters for widths {lo:g} to {hi:g}; "
+            f"cannot reach {target_params:g}"
+        )
+    # Invariant: count(lo) < target <= count(hi) (unless the target equals the minimum).
+    if c_lo >= target_params:
+        best = lo
+    else:
+        for _ in range(80):
+            mid = math.sqrt(lo * hi)
+            if count(mid) >= target_params:
+                hi = mid
+            else:
+                lo = mid
+            if hi / lo - 1 < 1e-9:
+                break
+        best = lo if abs(count(lo) - target_params) < abs(count(hi) - target_params) else hi
+    want = count(best)
+    for digits in range(1, 12):
+        nice = float(f"{best:.{digits}g}")
+        if nice > 0 and count(nice) == want:
+            return nice
+    return best

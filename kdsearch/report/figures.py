@@ -1,0 +1,348 @@
+"""Plotly figures of a stored study, each with a stable key (the HTML div id) and a title.
+
+Optuna's visualisation module draws what it can (Pareto front with infeasible trials greyed out
+through the stored constraints, hypervolume history, parallel coordinates, parameter
+importances); the accuracy-vs-latency scatter (the paper's facets 2 and 3 at a glance: colour =
+input resolution, marker size = depth) is drawn here with plotly graph objects.
+
+A figure that cannot be drawn (too few trials, a single distinct value, no such metric) comes
+back as a :class:`ReportFigure` with ``figure=None`` and a ``note`` saying why; the report shows
+the note instead of failing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+import plotly.graph_objects as go
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from kdsearch.config import metric_unit
+from kdsearch.report.pareto import feasible, metric_columns, metric_value, pareto_front
+
+__all__ = [
+    "ReportFigure",
+    "axis_title",
+    "reference_point",
+    "pareto_figures",
+    "hypervolume_figure",
+    "parallel_coordinate_figure",
+    "importance_figures",
+    "accuracy_latency_figure",
+    "latency_metric",
+    "all_figures",
+]
+
+HV_MARGIN = 0.10  # reference point = worst value per objective pushed out by 10% of its span
+
+
+@dataclass
+class ReportFigure:
+    """One figure of the report: ``key`` is its HTML div id; ``note`` explains a missing figure
+    (``figure is None``) or adds context under a drawn one."""
+
+    key: str
+    title: str
+    figure: go.Figure | None
+    note: str | None = None
+
+
+def axis_title(metric: str) -> str:
+    """``"val_accuracy (fraction)"``: the metric with its unit."""
+    unit = metric_unit(metric)
+    return f"{metric} ({unit})" if unit else metric
+
+
+def _key(*parts: str) -> str:
+    return "fig-" + "-".join(re.sub(r"[^A-Za-z0-9_]+", "_", p) for p in parts)
+
+
+def _complete(study: optuna.Study) -> list[FrozenTrial]:
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.values is not None and all(math.isfinite(v) for v in t.values)
+    ]
+
+
+def _names(study: optuna.Study) -> list[str]:
+    return list(study.metric_names or [f"objective_{i}" for i in range(len(study.directions))])
+
+
+def _quiet(fn: Callable[[], go.Figure]) -> go.Figure:
+    """Run an Optuna plot without its experimental/deprecation warnings (the report is the UI)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn()
+
+
+def _outline_best(fig: go.Figure) -> go.Figure:
+    # Optuna colours front trials by trial number from near-white: a dark outline keeps the
+    # earliest ones visible.
+    for trace in fig.data:
+        if "Best Trial" in str(getattr(trace, "hovertemplate", "") or ""):
+            trace.marker.line = {"color": "#333333", "width": 1}
+    return fig
+
+
+def _titled(fig: go.Figure, title: str) -> go.Figure:
+    fig.update_layout(title={"text": title}, template="plotly_white")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Pareto fronts
+
+
+def pareto_figures(study: optuna.Study) -> list[ReportFigure]:
+    """One 2-D Pareto-front figure per pair of objectives, plus a 3-D one for three objectives.
+
+    Optuna marks infeasible trials (any stored constraint > 0) in grey. With more than two
+    objectives, "best" in a pair figure means on the front over *all* objectives (projected).
+    """
+    names = _names(study)
+    n = len(names)
+    if n < 2:
+        return [ReportFigure(_key("pareto"), "Pareto front", None, "single-objective study: no Pareto front")]
+    done = _complete(study)
+    if not done:
+        return [ReportFigure(_key("pareto"), "Pareto front", None, "no COMPLETE trials yet")]
+    out: list[ReportFigure] = []
+    for i, j in itertools.combinations(range(n), 2):
+        title = f"Pareto front: {names[i]} vs {names[j]}"
+        if n == 2:
+            fig = _quiet(lambda: optuna.visualization.plot_pareto_front(study, target_names=[axis_title(m) for m in names]))
+        else:
+            fig = _quiet(
+                lambda i=i, j=j: optuna.visualization.plot_pareto_front(
+                    study,
+                    target_names=[axis_title(names[i]), axis_title(names[j])],
+                    targets=lambda t: (t.values[i], t.values[j]),
+                )
+            )
+        note = None if n == 2 else f"Best = on the feasible front over all {n} objectives, projected on this pair."
+        out.append(ReportFigure(_key("pareto", names[i], names[j]), title, _titled(_outline_best(fig), title), note))
+    if n == 3:
+        title = f"Pareto front (3-D): {names[0]}, {names[1]}, {names[2]}"
+        fig = _quiet(lambda: optuna.visualization.plot_pareto_front(study, target_names=[axis_title(m) for m in names]))
+        out.append(ReportFigure(_key("pareto3d"), title, _titled(_outline_best(fig), title)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Hypervolume
+
+
+def reference_point(study: optuna.Study) -> list[float] | None:
+    """Hypervolume reference point derived from the data: per objective, the worst value over
+    the COMPLETE trials pushed out by :data:`HV_MARGIN` of that objective's span (of ``|worst|``
+    when every value is equal, of 1 when that is 0). ``None`` without complete trials."""
+    done = _complete(study)
+    if not done:
+        return None
+    ref: list[float] = []
+    for k, d in enumerate(study.directions):
+        vals = [t.values[k] for t in done]
+        lo, hi = min(vals), max(vals)
+        span = hi - lo
+        worst = lo if d == StudyDirection.MAXIMIZE else hi
+        margin = HV_MARGIN * (span if span > 0 else (abs(worst) if worst != 0 else 1.0))
+        ref.append(worst - margin if d == StudyDirection.MAXIMIZE else worst + margin)
+    return ref
+
+
+def hypervolume_figure(study: optuna.Study) -> ReportFigure:
+    """Optuna's hypervolume history (feasible trials only) with the stated reference point."""
+    key, title = _key("hypervolume"), "Hypervolume history"
+    names = _names(study)
+    if len(names) < 2:
+        return ReportFigure(key, title, None, "single-objective study: no hypervolume")
+    ref = reference_point(study)
+    if ref is None:
+        return ReportFigure(key, title, None, "no COMPLETE trials yet")
+    if not any(feasible(t) for t in _complete(study)):
+        return ReportFigure(key, title, None, "no feasible COMPLETE trial yet: the hypervolume is 0")
+    fig = _quiet(lambda: optuna.visualization.plot_hypervolume_history(study, ref))
+    ref_text = ", ".join(f"{m} = {v:.6g}" for m, v in zip(names, ref, strict=False))
+    note = (
+        f"Reference point: {ref_text} (the worst value of each objective over the COMPLETE trials, "
+        f"pushed out by {100 * HV_MARGIN:.0f}% of its span). Only feasible trials add volume."
+    )
+    return ReportFigure(key, title, _titled(fig, f"{title} (reference point: {ref_text})"), note)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def _searched_params(done: list[FrozenTrial]) -> list[str]:
+    """Parameters with more than one distinct value among ``done`` (fixed ones tell nothing)."""
+    seen: dict[str, set[str]] = {}
+    for t in done:
+        for k, v in t.params.items():
+            seen.setdefault(k, set()).add(repr(v))
+    return sorted(k for k, vals in seen.items() if len(vals) > 1)
+
+
+def parallel_coordinate_figure(study: optuna.Study) -> ReportFigure:
+    """Optuna's parallel coordinates over the searched parameters (multi-objective: every
+    objective as an axis, lines coloured by Pareto rank; infeasible trials dotted)."""
+    key, title = _key("parallel"), "Parallel coordinates"
+    done = _complete(study)
+    if len(done) < 2:
+        return ReportFigure(key, title, None, f"needs at least 2 COMPLETE trials (has {len(done)})")
+    params = _searched_params(done)
+    if not params:
+        return ReportFigure(key, title, None, "every parameter has a single value: nothing to compare")
+    fig = _quiet(lambda: optuna.visualization.plot_parallel_coordinate(study, params=params))
+    return ReportFigure(key, title, _titled(fig, title), "Dotted lines: infeasible trials.")
+
+
+def importance_figures(study: optuna.Study) -> list[ReportFigure]:
+    """Optuna's parameter importances (PED-ANOVA), one figure per objective (``target=``)."""
+    names = _names(study)
+    done = _complete(study)
+    params = _searched_params(done)
+    out: list[ReportFigure] = []
+    for k, name in enumerate(names):
+        key, title = _key("importance", name), f"Parameter importance for {name}"
+        if len(done) < 2:
+            out.append(ReportFigure(key, title, None, f"needs at least 2 COMPLETE trials (has {len(done)})"))
+            continue
+        if not params:
+            out.append(ReportFigure(key, title, None, "every parameter has a single value: nothing to rank"))
+            continue
+        if len({tr.values[k] for tr in done}) < 2:
+            out.append(ReportFigure(key, title, None, f"{name} has a single distinct value: nothing to explain"))
+            continue
+        try:
+            fig = _quiet(
+                lambda k=k, name=name: optuna.visualization.plot_param_importances(
+                    study, params=params, target=lambda trial: trial.values[k], target_name=name
+                )
+            )
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too little data for the evaluator
+            out.append(ReportFigure(key, title, None, f"cannot rank parameters yet: {exc}"))
+            continue
+        out.append(ReportFigure(key, title, _titled(fig, title)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Accuracy vs latency (facets 2 and 3)
+
+_LAT_RE = re.compile(r"latency_ms_b(\d+)(_cpu|_cuda)?")
+_PALETTE = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880")
+
+
+def latency_metric(study: optuna.Study) -> str | None:
+    """``latency_ms_b1`` when stored, else the latency metric with the smallest batch size."""
+    cols = [c for c in metric_columns(study) if _LAT_RE.fullmatch(c)]
+    if "latency_ms_b1" in cols:
+        return "latency_ms_b1"
+    cols.sort(key=lambda c: (int(_LAT_RE.fullmatch(c).group(1)), c))  # type: ignore[union-attr]
+    return cols[0] if cols else None
+
+
+def _spec_value(t: FrozenTrial, field: str, param: str) -> int | None:
+    spec = t.user_attrs.get("spec")
+    v = spec.get(field) if isinstance(spec, dict) else None
+    if v is None:
+        v = t.params.get(param)
+    return int(v) if isinstance(v, (int, float)) else None
+
+
+def accuracy_latency_figure(study: optuna.Study, accuracy: str = "val_accuracy") -> ReportFigure:
+    """Accuracy vs latency of every COMPLETE trial: colour = resolution (px), size = depth
+    (layers), ``x`` = infeasible, black ring = on the feasible Pareto front."""
+    lat = latency_metric(study)
+    key = _key("acc_latency")
+    title = f"{accuracy} vs {lat or 'latency'}: colour = resolution, size = depth"
+    if lat is None:
+        return ReportFigure(key, title, None, "no latency metric stored")
+    names = list(study.metric_names or [])
+    front = {t.number for t in pareto_front(study, feasible_only=True)}
+    pts: list[tuple[FrozenTrial, float, float, int | None, int | None]] = []
+    skipped: list[str] = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        x, y = metric_value(t, lat, names), metric_value(t, accuracy, names)
+        if x is None or y is None:
+            miss = [m for m, v in ((lat, x), (accuracy, y)) if v is None]
+            why = (t.user_attrs.get("missing_metrics") or {}).get(miss[0], "not recorded")
+            skipped.append(f"trial {t.number} ({miss[0]}: {why})")
+            continue
+        pts.append((t, x, y, _spec_value(t, "resolution", "resolution"), _spec_value(t, "depth", "vgg_depth")))
+    if not pts:
+        return ReportFigure(key, title, None, f"no COMPLETE trial has both {accuracy} and {lat}")
+    depths = [d for *_, d in pts if d is not None]
+    dmin, dmax = (min(depths), max(depths)) if depths else (0, 0)
+
+    def size(d: int | None) -> float:
+        if d is None or dmax == dmin:
+            return 14.0
+        return 9.0 + 21.0 * (d - dmin) / (dmax - dmin)  # px: the shallowest 9, the deepest 30
+
+    fig = go.Figure()
+    resolutions = sorted({r for *_, r, _ in pts if r is not None}) + ([None] if any(r is None for *_, r, _ in pts) else [])
+    for idx, res in enumerate(resolutions):
+        group = [p for p in pts if p[3] == res]
+        color = _PALETTE[idx % len(_PALETTE)]
+        fig.add_trace(
+            go.Scatter(
+                x=[p[1] for p in group],
+                y=[p[2] for p in group],
+                mode="markers",
+                name=f"{res} px" if res is not None else "resolution unknown",
+                text=[
+                    f"trial {p[0].number}<br>{p[0].user_attrs.get('student', '')}<br>depth {p[4]}, {res} px"
+                    f"<br>{'on the feasible front' if p[0].number in front else ('feasible' if feasible(p[0]) else 'INFEASIBLE')}"
+                    for p in group
+                ],
+                customdata=[p[0].number for p in group],
+                hovertemplate=f"%{{text}}<br>{lat} = %{{x:.4g}} ms<br>{accuracy} = %{{y:.4f}}<extra></extra>",
+                marker={
+                    "color": color,
+                    "size": [size(p[4]) for p in group],
+                    "symbol": ["circle" if feasible(p[0]) else "x" for p in group],
+                    "line": {
+                        "color": ["black" if p[0].number in front else color for p in group],
+                        "width": [2.5 if p[0].number in front else 0.5 for p in group],
+                    },
+                    "opacity": 0.85,
+                },
+            )
+        )
+    fig.update_layout(
+        xaxis_title=axis_title(lat),
+        yaxis_title=axis_title(accuracy),
+        legend_title_text="input resolution",
+    )
+    note = (
+        f"Marker size = depth ({dmin} to {dmax} layers); x = infeasible; black ring = on the feasible Pareto front."
+        if depths
+        else "x = infeasible; black ring = on the feasible Pareto front."
+    )
+    if skipped:
+        note += " Not shown (metric missing): " + "; ".join(skipped) + "."
+    return ReportFigure(key, title, _titled(fig, title), note)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def all_figures(study: optuna.Study) -> list[ReportFigure]:
+    """Every figure of the report, in page order."""
+    figs: list[ReportFigure] = []
+    figs += pareto_figures(study)
+    figs.append(accuracy_latency_figure(study))
+    figs.append(hypervolume_figure(study))
+    figs.append(parallel_coordinate_figure(study))
+    figs += importance_figures(study)
+    return figs

@@ -1,0 +1,248 @@
+"""distill(): time box, schedule, teacher sources, divergence and fault injection."""
+
+from __future__ import annotations
+
+import dataclasses
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+import torch
+from distill_helpers import tiny_bundle, tiny_student, tiny_teacher
+
+import kdsearch.distill.loop as loop_mod
+from kdsearch.config import DistillConfig, EarlyStopConfig, TeacherCacheConfig, TeacherFitConfig
+from kdsearch.data import ViewSpec, make_batch_source
+from kdsearch.distill import (
+    INJECT_STEP,
+    DistillResult,
+    KDHyper,
+    OnlineTeacher,
+    build_or_load_cache,
+    distill,
+    fit_teacher,
+)
+from kdsearch.errors import TrialFailure
+
+CHANCE = 0.1  # 10 synthetic classes
+SLACK_S = 0.75  # one step past the box on a busy 2-core CPU, plus timer granularity
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    """Data, a teacher fitted for 2.5 s (about 60 % val accuracy), its logit cache, a batch source."""
+    bundle = tiny_bundle(train_size=1024)
+    d = tmp_path_factory.mktemp("distill")
+    teacher, _ = fit_teacher(
+        tiny_teacher(bundle.num_classes), bundle, TeacherFitConfig(time_s=2.5, lr=2e-3), d, "cpu"
+    )
+    cache = build_or_load_cache(teacher, bundle, TeacherCacheConfig(views=4), d, "cpu")
+    source = make_batch_source(bundle.train, "cpu", resident=True)
+    return bundle, teacher, cache, source
+
+
+def _run(
+    world,
+    teacher_source,
+    box_s: float,
+    *,
+    student=None,
+    cfg: DistillConfig | None = None,
+    hyper: KDHyper | None = None,
+    resolution: int = 32,
+    **kw,
+) -> DistillResult:
+    bundle, _, cache, source = world
+    student = student or tiny_student(bundle.num_classes, resolution=resolution, width=1 / 8)
+    return distill(
+        student,
+        train=source,
+        val=bundle.val,
+        bundle=bundle,
+        teacher_source=teacher_source,
+        hyper=hyper or KDHyper(temperature=4.0, alpha=1.0, lr=0.05),
+        cfg=cfg or DistillConfig(),
+        time_box_s=box_s,
+        resolution=resolution,
+        device="cpu",
+        seed=0,
+        view_spec=cache.view_spec,
+        **kw,
+    )
+
+
+def test_cached_kd_learns_from_the_teacher_alone_without_teacher_forwards(world) -> None:
+    _, teacher, cache, _ = world
+    calls = []
+    hook = teacher.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        # alpha = 1: no label term, so the student can only learn if the cached logits belong
+        # to the images and views it is shown.
+        r = _run(world, cache, 2.5)
+    finally:
+        hook.remove()
+    assert calls == [] and r.teacher_forward_count == 0
+    assert r.best_val_accuracy is not None and r.best_val_accuracy > CHANCE + 0.1
+    assert r.images_seen == r.steps * 128 and r.epochs == pytest.approx(r.images_seen / len(world[0].train))
+
+
+def test_topk_cache_teaches_too(world, tmp_path: Path) -> None:
+    bundle, teacher, _, _ = world
+    sparse = build_or_load_cache(teacher, bundle, TeacherCacheConfig(views=4, topk=3), tmp_path, "cpu")
+    assert sparse.is_topk
+    r = _run(world, sparse, 2.0)  # alpha = 1: the top-3 logits + rest bucket are the only signal
+    assert r.teacher_forward_count == 0
+    assert r.best_val_accuracy is not None and r.best_val_accuracy > CHANCE + 0.1
+
+
+def test_ce_only_beats_chance_and_respects_the_time_box(world) -> None:
+    box = 2.5
+    progress: list[tuple[float, str]] = []
+    r = _run(world, None, box, hyper=KDHyper(4.0, 0.0, 0.05), progress=lambda f, m: progress.append((f, m)))
+    assert r.best_val_accuracy is not None and r.best_val_accuracy > CHANCE + 0.1
+    assert box <= r.kd_time_s <= box + SLACK_S and not r.stopped_early
+    # Validation at every quarter of the box and at the end; its time is not training time.
+    times = [t for t, _ in r.val_history]
+    assert len(times) == 4 and times[-1] == pytest.approx(r.kd_time_s)
+    for i, t in enumerate(times[:-1]):
+        assert (i + 1) * box / 4 <= t <= (i + 1) * box / 4 + SLACK_S
+    assert r.best_val_accuracy == max(a for _, a in r.val_history)
+    assert r.final_train_loss > 0 and progress and all(0 <= f <= 1 for f, _ in progress)
+    assert progress[-1][0] == pytest.approx(1.0)
+
+
+def test_online_teacher_runs_one_forward_per_step(world) -> None:
+    _, teacher, cache, _ = world
+    calls = []
+    hook = teacher.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        r = _run(world, OnlineTeacher(teacher, cache.view_spec), 0.8, resolution=16)
+    finally:
+        hook.remove()
+    assert r.steps > 0 and r.teacher_forward_count == r.steps == len(calls)
+
+
+@pytest.mark.parametrize("box_s", [0.6, 1.2])
+def test_lr_follows_a_complete_schedule_for_any_box(world, monkeypatch, box_s: float) -> None:
+    seen: list[tuple[float, float]] = []
+    real = loop_mod.lr_factor
+
+    def recording(progress: float, warmup: float, final: float) -> float:
+        f = real(progress, warmup, final)
+        seen.append((progress, f))
+        return f
+
+    monkeypatch.setattr(loop_mod, "lr_factor", recording)
+    cfg = DistillConfig(warmup_fraction=0.2, final_lr_fraction=0.0, batch_size=64)
+    r = _run(world, None, box_s, cfg=cfg, resolution=16, student=tiny_student(10, resolution=16, depth=2))
+    assert len(seen) == r.steps >= 10
+    progress = [p for p, _ in seen]
+    factors = [f for _, f in seen]
+    assert progress == sorted(progress) and progress[0] < 0.1 and progress[-1] >= 0.85
+    top = factors.index(max(factors))
+    assert 0.1 <= progress[top] <= 0.35  # the peak is at the end of the warm-up
+    assert factors[0] < 0.5 * max(factors) and factors[-1] < 0.2  # rose, then decayed to ~0
+    assert all(a <= b + 1e-9 for a, b in pairwise(factors[: top + 1]))
+    assert all(a >= b - 1e-9 for a, b in pairwise(factors[top:]))
+
+
+def test_nan_loss_is_a_diverged_trial_failure(world) -> None:
+    with pytest.raises(TrialFailure) as exc:
+        _run(world, world[2], 30.0, resolution=16, inject="nan")
+    assert exc.value.reason == "diverged" and f"step {INJECT_STEP}" in exc.value.detail
+
+
+def test_a_huge_learning_rate_diverges(world) -> None:
+    hyper = KDHyper(temperature=4.0, alpha=0.5, lr=1e12)
+    with pytest.raises(TrialFailure) as exc:
+        _run(world, world[2], 30.0, resolution=16, hyper=hyper, cfg=DistillConfig(warmup_fraction=0.0))
+    assert exc.value.reason == "diverged"
+
+
+def test_injected_faults(world, monkeypatch) -> None:
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        _run(world, world[2], 30.0, resolution=16, inject="oom")
+    with pytest.raises(RuntimeError, match="injected error"):
+        _run(world, world[2], 30.0, resolution=16, inject="error")
+
+    # "hang" sleeps in a loop until killed: make sleep count its calls and escape after a few.
+    sleeps: list[float] = []
+
+    class Escaped(Exception):
+        pass
+
+    def fake_sleep(s: float) -> None:
+        sleeps.append(s)
+        if len(sleeps) >= 5:
+            raise Escaped
+
+    monkeypatch.setattr(loop_mod.time, "sleep", fake_sleep)
+    with pytest.raises(Escaped):
+        _run(world, world[2], 30.0, resolution=16, inject="hang")
+    assert len(sleeps) == 5
+
+
+def test_early_stop_on_plateau_ends_before_the_box(world) -> None:
+    cfg = DistillConfig(
+        eval_every_fraction=0.1, early_stop=EarlyStopConfig(enabled=True, patience=2, min_delta=1.0)
+    )
+    r = _run(world, world[2], 4.0, cfg=cfg, resolution=16)
+    assert r.stopped_early and len(r.val_history) == 3  # 1 reference + 2 without a 100 % gain
+    assert r.kd_time_s < 0.3 * 4.0 + SLACK_S
+
+
+def test_a_cache_for_other_views_is_refused(world) -> None:
+    bundle, _, cache, source = world
+    with pytest.raises(ValueError, match="built for"):
+        distill(
+            tiny_student(10),
+            train=source,
+            val=bundle.val,
+            bundle=bundle,
+            teacher_source=cache,
+            hyper=KDHyper(4.0, 0.9, 0.05),
+            cfg=DistillConfig(),
+            time_box_s=1.0,
+            resolution=16,
+            device="cpu",
+            seed=0,
+            view_spec=dataclasses.replace(cache.view_spec, padding=2),
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_channels_last_distill(tmp_path: Path) -> None:
+    bundle = tiny_bundle(train_size=512)
+    dev = torch.device("cuda")
+    teacher = tiny_teacher(bundle.num_classes)
+    teacher.model.to(dev)
+    cache = build_or_load_cache(teacher, bundle, TeacherCacheConfig(views=2), tmp_path, dev)
+    assert cache.views.device.type == "cuda" and cache.logits.device.type == "cuda"
+    gpu_bundle = dataclasses.replace(bundle, train=bundle.train.to(dev), val=bundle.val.to(dev))
+    source = make_batch_source(gpu_bundle.train, dev, resident=True)
+    student = tiny_student(bundle.num_classes, resolution=32, width=1 / 4)
+    torch.cuda.reset_peak_memory_stats(dev)
+    r = distill(
+        student,
+        train=source,
+        val=gpu_bundle.val,
+        bundle=gpu_bundle,
+        teacher_source=cache,
+        hyper=KDHyper(4.0, 0.9, 0.05),
+        cfg=DistillConfig(),
+        time_box_s=2.0,
+        resolution=32,
+        device=dev,
+        seed=0,
+        view_spec=ViewSpec(bundle.image_size, 4, True),
+    )
+    assert r.steps > 10 and r.teacher_forward_count == 0 and 2.0 <= r.kd_time_s <= 2.5
+    assert next(student.parameters()).device.type == "cuda"
+    conv = next(m for m in student.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    online = OnlineTeacher(teacher, cache.view_spec)
+    idx = torch.arange(64, device=dev)
+    vid = torch.zeros(64, dtype=torch.long, device=dev)
+    live = online.teacher_logits(cache.views[vid, idx], gpu_bundle.train.images[idx])
+    torch.testing.assert_close(cache.teacher_logits(vid, idx), live, rtol=0.05, atol=0.05)  # bf16 both ways

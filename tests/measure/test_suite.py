@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from kdsearch.config import KNOWN_METRICS, EnergyConfig, LatencyConfig, MeasureConfig, metric_unit
+from kdsearch.measure import Measurements, measure_inference, measure_latency
+from kdsearch.models.spec import StudentSpec
+
+from .nets import small_cnn
+
+FAST = LatencyConfig(batch_sizes=(1, 4), warmup=1, min_repeats=3, max_repeats=10, max_time_s=0.2)
+
+
+def test_measure_inference_on_cpu_fills_every_metric() -> None:
+    net = small_cnn()
+    net.train()
+    m = measure_inference(net, 32, "cpu", MeasureConfig(latency=FAST))
+    expected = {
+        "latency_ms_b1",
+        "latency_p90_ms_b1",
+        "latency_ms_b4",
+        "latency_p90_ms_b4",
+        "peak_infer_memory_mb_b1",
+        "peak_infer_memory_mb_b4",
+        "model_size_mb",
+        "activation_peak_mb_b1",
+        "macs",
+        "params",
+        "infer_energy_mj_per_image",
+    }
+    assert set(m.values) == expected
+    for name in expected:
+        assert metric_unit(name) is not None, name  # every name is one config knows
+    # measured: positive numbers
+    for name in expected - {
+        "peak_infer_memory_mb_b1",
+        "peak_infer_memory_mb_b4",
+        "infer_energy_mj_per_image",
+    }:
+        v = m.values[name]
+        assert isinstance(v, (int, float)) and v > 0, (name, v)
+        assert name not in m.missing
+    # CUDA-only figures: None with a reason, never 0
+    for name in ("peak_infer_memory_mb_b1", "peak_infer_memory_mb_b4", "infer_energy_mj_per_image"):
+        assert m.values[name] is None
+        assert m.missing[name].startswith("cpu:")
+    assert m.missing["infer_energy_mj_per_image"] == "cpu: NVML measures NVIDIA GPUs only"
+    assert m.methods["infer_energy_mj_per_image"]["method"] == "unavailable"
+    # latency methods: how, where, how often, how spread
+    lm = m.methods["latency_ms_b4"]
+    assert lm["method"] == "perf_counter" and lm["device"] == "cpu" and lm["batch_size"] == 4
+    assert lm["threads"] == 1 and lm["repeats"] >= 3 and lm["spread"] >= 0
+    assert m.values["latency_p90_ms_b4"] >= m.values["latency_ms_b4"]
+    assert m.values["params"] == sum(p.numel() for p in net.parameters())
+    assert net.training  # mode restored
+    assert m.elapsed_s > 0
+    attrs = m.to_user_attrs()
+    json.dumps(attrs)
+    assert attrs["missing_metrics"] == m.missing and "methods" in attrs
+
+
+def test_student_spec_and_cpu_alias() -> None:
+    spec = StudentSpec("vgg", 2, 16, 10)
+    cfg = MeasureConfig(
+        latency=LatencyConfig(
+            batch_sizes=(2,),
+            devices=("auto", "cpu", "cuda"),
+            warmup=1,
+            min_repeats=3,
+            max_repeats=5,
+            max_time_s=0.2,
+        ),
+        energy=EnergyConfig(enabled=False),
+    )
+    m = measure_inference(small_cnn(), spec, "cpu", cfg)
+    # on a CPU trial the _cpu name is the same measurement as the plain one
+    assert m.values["latency_ms_b2_cpu"] == m.values["latency_ms_b2"] > 0
+    assert m.values["latency_ms_b2_cuda"] is None and "CUDA" in m.missing["latency_ms_b2_cuda"]
+    assert m.missing["infer_energy_mj_per_image"].startswith("disabled")
+    assert m.methods["macs"]["resolution"] == 16
+
+
+def test_one_failure_does_not_lose_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kdsearch.measure.suite as suite
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("ptflops exploded\nsecond line")
+
+    monkeypatch.setattr(suite, "measure_complexity", broken)
+    m = measure_inference(small_cnn(), 16, "cpu", MeasureConfig(latency=FAST))
+    assert m.values["macs"] is None and m.values["params"] is None
+    assert m.missing["macs"] == "error: RuntimeError: ptflops exploded second line"
+    assert m.values["latency_ms_b1"] is not None and m.values["model_size_mb"] is not None
+
+
+def test_a_model_that_fails_to_run_is_missing_everywhere_it_must_be() -> None:
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("shape mismatch")
+
+    m = measure_inference(Broken(), 16, "cpu", MeasureConfig(latency=FAST))
+    assert m.values["model_size_mb"] == pytest.approx(12 * 4 / 1e6)
+    for name in ("latency_ms_b1", "latency_p90_ms_b4", "activation_peak_mb_b1", "macs"):
+        assert m.values[name] is None and m.missing[name].startswith("error: "), name
+    assert all(v is None or v != 0 for v in m.values.values())
+
+
+def test_measurements_need_a_reason_for_none() -> None:
+    m = Measurements()
+    with pytest.raises(ValueError):
+        m.set("macs", None)
+    m.set_missing("macs", "why")
+    m.set("macs", 5)
+    assert m.values["macs"] == 5 and "macs" not in m.missing
+    other = Measurements()
+    other.set_missing("val_accuracy", "not evaluated")
+    m.update(other)
+    assert m.missing == {"val_accuracy": "not evaluated"}
+    assert set(KNOWN_METRICS) >= {"macs", "val_accuracy"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_measure_inference_on_cuda() -> None:
+    net = small_cnn(width=32).cuda()
+    cfg = MeasureConfig(
+        latency=LatencyConfig(
+            batch_sizes=(1, 16), devices=("auto", "cpu"), min_repeats=5, max_repeats=50, max_time_s=0.5
+        ),
+        energy=EnergyConfig(infer_min_time_s=2.0),
+    )
+    m = measure_inference(net, 32, "cuda", cfg)
+    for b in (1, 16):
+        assert m.values[f"latency_ms_b{b}"] > 0 and m.methods[f"latency_ms_b{b}"]["method"] == "cuda-events"
+        assert m.values[f"latency_ms_b{b}_cpu"] > 0 and m.methods[f"latency_ms_b{b}_cpu"]["device"] == "cpu"
+        assert m.values[f"peak_infer_memory_mb_b{b}"] > m.values["model_size_mb"]
+    if m.values["infer_energy_mj_per_image"] is None:
+        assert m.missing["infer_energy_mj_per_image"].startswith(("mig:", "nvml:"))
+    else:
+        assert m.values["infer_energy_mj_per_image"] > 0
+    assert all(p.device.type == "cuda" for p in net.parameters())
+    assert re.match(r"cuda:0 ", m.methods["latency_ms_b1"]["device"])
+    # the trial's own latency equals a direct call within noise (same method, same device)
+    direct = measure_latency(net, 32, 16, "cuda", cfg.latency)
+    assert abs(direct.median_ms - m.values["latency_ms_b16"]) / direct.median_ms < 0.25
