@@ -37,7 +37,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import Summary, environment_lines, format_table, pick_device, summarize, time_interleaved
 
 from kdsearch.config import DataConfig, DistillConfig, TeacherCacheConfig, TeacherConfig
 from kdsearch.data import DataBundle, apply_views, load_data, make_batch_source, sample_views
@@ -53,6 +52,8 @@ from kdsearch.distill import (
     param_groups,
 )
 from kdsearch.models import StudentSpec, build_student, create_teacher
+
+from common import Summary, environment_lines, format_table, pick_device, summarize, time_interleaved
 
 P1_TARGET = 1.10
 BATCH = 128

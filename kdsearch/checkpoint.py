@@ -7,7 +7,6 @@ student can always be rebuilt from the file alone.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path

@@ -156,7 +156,7 @@ def _print_trials(console: Console, study: Any, pareto: bool) -> None:
         table.add_column(col, justify="right" if col not in ("state", "student", "teacher") else "left")
     for t in trials:
         ua = t.user_attrs
-        vals = [_fmt(v, m) for m, v in zip(names, t.values)] if t.values else ["—"] * len(names)
+        vals = [_fmt(v, m) for m, v in zip(names, t.values, strict=True)] if t.values else ["—"] * len(names)
         state = t.state.name
         if state == "COMPLETE" and not feasible(t):
             state = "INFEASIBLE"
@@ -248,6 +248,8 @@ def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
     url = _storage_url(args)
     load_study(url, args.study_name)  # one-line error if it does not exist
     handle = start_dashboard(url, _artifact_dir(args), host=args.host, port=args.port)
+    for warning in getattr(handle, "warnings", []):
+        console.print(f"warning: {warning}", highlight=False)
     console.print(f"optuna-dashboard for {args.study_name}: {handle.url}  (Ctrl-C to stop)", highlight=False)
     try:
         handle.wait()

@@ -90,7 +90,7 @@ class SearchDisplay:
             if trial.user_attrs.get("feasible") is False:
                 self.infeasible += 1
             else:
-                for metric, direction, value in zip(self.cfg.metric_names, self.cfg.directions, trial.values or []):
+                for metric, direction, value in zip(self.cfg.metric_names, self.cfg.directions, trial.values or [], strict=False):
                     cur = self.best.get(metric)
                     better = cur is None or (value > cur if direction == "maximize" else value < cur)
                     if better:
@@ -108,7 +108,7 @@ class SearchDisplay:
         ua = trial.user_attrs
         head = f"trial {trial.number:>4} {ua.get('student', '?'):<24}"
         if trial.state == optuna.trial.TrialState.COMPLETE:
-            vals = ", ".join(f"{m}={_fmt(v, m)}" for m, v in zip(self.cfg.metric_names, trial.values or []))
+            vals = ", ".join(f"{m}={_fmt(v, m)}" for m, v in zip(self.cfg.metric_names, trial.values or [], strict=False))
             tag = "" if ua.get("feasible", True) else f"  infeasible: {ua.get('infeasible_reason', '')}"
             return f"{head} COMPLETE {vals} ({format_duration(wall_s)}){tag}"
         return f"{head} {trial.state.name} {ua.get('fail_reason', '')}: {ua.get('fail_detail', '')} ({format_duration(wall_s)})"
@@ -132,7 +132,7 @@ class SearchDisplay:
         best.add_column("objective")
         best.add_column("direction")
         best.add_column("best so far", justify="right")
-        for metric, direction in zip(self.cfg.metric_names, self.cfg.directions):
+        for metric, direction in zip(self.cfg.metric_names, self.cfg.directions, strict=True):
             v = self.best.get(metric)
             best.add_row(metric, direction, _fmt(v, metric) if v is not None else "—")
         budget_bar = Progress(TextColumn("budget"), BarColumn(), TextColumn(f"{100 * min(used / self.budget_s, 1):3.0f}%"))

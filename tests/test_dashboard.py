@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_study import FixtureStudy, build_fixture_study
 
 from kdsearch.dashboard import start_dashboard
 from kdsearch.errors import ConfigError, StorageError
+
+from helpers_study import FixtureStudy, build_fixture_study
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_study import FIXTURE_ROWS, FixtureStudy, build_fixture_study
 from optuna.artifacts import FileSystemArtifactStore, download_artifact
 
 import kdsearch
 from kdsearch.checkpoint import load_student_file, sha256_file
 from kdsearch.errors import CheckpointError, ConfigError, ExportError
 from kdsearch.export import TOLERANCE, export_trial, load_student
+
+from helpers_study import FIXTURE_ROWS, FixtureStudy, build_fixture_study
 
 
 @pytest.fixture(scope="module")

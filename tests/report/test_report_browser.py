@@ -14,9 +14,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers_study import FixtureStudy
 
 from kdsearch.report import build_report
+
+from helpers_study import FixtureStudy
 
 pytestmark = pytest.mark.browser
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import optuna
 import pytest
-from helpers_study import FIXTURE_ROWS, LATENCY_LIMIT_MS, FixtureStudy
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
@@ -19,6 +18,8 @@ from kdsearch.config import format_duration, metric_unit
 from kdsearch.errors import ConfigError, StorageError
 from kdsearch.report import build_report
 from kdsearch.report.figures import all_figures, reference_point
+
+from helpers_study import FIXTURE_ROWS, LATENCY_LIMIT_MS, FixtureStudy
 
 
 def _plot_json(page: str, div_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:

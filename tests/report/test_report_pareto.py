@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from helpers_study import FIXTURE_ROWS, FixtureStudy
 from optuna.trial import TrialState
 
 from kdsearch.config import metric_unit
@@ -21,6 +20,8 @@ from kdsearch.report.pareto import (
     trial_rows,
     trial_state_label,
 )
+
+from helpers_study import FIXTURE_ROWS, FixtureStudy
 
 
 def test_load_trials_reads_every_state(fixture_study: FixtureStudy) -> None:

@@ -1,0 +1,118 @@
+"""P4: the overhead of a whole trial around its KD box, as a share of the box.
+
+Overhead = everything a trial costs that is not KD training: building the student, validation
+during the box, accuracy on val/test, the measurement phase (latency, memory, energy, ops),
+storing metrics and the checkpoint artifact -- plus the worker's per-process setup when the
+teacher cache already exists (loading data and the cache), amortised over one trial as the worst
+case. Target: <= 10% of a 60 s box.
+
+Method: one worker context is prepared twice (the first builds the teacher fit and cache, which a
+study pays once; the second is timed: that is what a new worker pays), then ``--trials`` trials
+run through the real objective (``kdsearch.search.objective.run_trial``) on a journal-file study.
+Wall times come from ``time.perf_counter``; the KD time is the trial's own ``kd_time_s``. The
+phase split is taken from the objective's progress callbacks.
+
+    python benchmarks/bench_trial_overhead.py            # 60 s box, CPU or the visible GPU
+    python benchmarks/bench_trial_overhead.py --box 20 --trials 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kdsearch.config import config_from_dict
+from kdsearch.search.objective import prepare_worker, run_trial
+from kdsearch.search.study import create_or_resume, run_paths
+
+from common import environment_lines, format_table, pick_device  # noqa: E402
+
+
+def study_config(run_dir: Path, box_s: float) -> dict:
+    """A CIFAR-sized trial: 32 px, 10 classes, a VGG-8 at width 1/4, default measurement."""
+    return {
+        "study": {"name": "p4", "run_dir": str(run_dir), "trial_time": box_s, "budget": "24h"},
+        "data": {"dataset": "synthetic", "num_classes": 10, "synthetic_train_size": 5000,
+                 "synthetic_test_size": 1000, "image_size": 32},
+        "teacher": {"name": "vit_tiny_patch16_224", "model_kwargs": {"img_size": 32, "patch_size": 4, "depth": 2,
+                                                                     "embed_dim": 96, "num_heads": 3},
+                    "fit": {"enabled": "true", "time": 10}, "cache": {"views": 8}},
+        "student": {"family": "vgg", "resolution": 32, "vgg": {"depth": 8, "width": 0.25}},
+        "objectives": {"val_accuracy": "maximize", "latency_ms_b1": "minimize"},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--box", type=float, default=60.0, help="KD time box, s")
+    ap.add_argument("--trials", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = default)")
+    args = ap.parse_args()
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="kdsearch-p4-") as tmp:
+        cfg = config_from_dict(study_config(Path(tmp), args.box))
+        paths = run_paths(tmp, "p4")
+        t0 = time.perf_counter()
+        prepare_worker(cfg, paths, device)  # fits the teacher and builds the cache: paid once per study
+        first_prepare_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ctx = prepare_worker(cfg, paths, device)  # what a new worker pays: data + cache load
+        setup_s = time.perf_counter() - t0
+        study, _ = create_or_resume(cfg)
+        rows = []
+        for _ in range(args.trials):
+            marks: list[tuple[str, float]] = []
+
+            def progress(phase: str, frac: float | None, msg: str, marks: list = marks) -> None:
+                if not marks or marks[-1][0] != phase:
+                    marks.append((phase, time.perf_counter()))
+
+            trial = study.ask()
+            t0 = time.perf_counter()
+            values = run_trial(ctx, trial, progress)
+            wall = time.perf_counter() - t0
+            study.tell(trial, values)
+            kd = float(study.trials[-1].user_attrs["kd_time_s"])
+            phases = {name: (marks[i + 1][1] if i + 1 < len(marks) else t0 + wall) - at
+                      for i, (name, at) in enumerate(marks)}
+            rows.append({"wall": wall, "kd": kd, "overhead": wall - kd, "phases": phases})
+    if not rows:
+        print("could not measure: no trial ran", file=sys.stderr)
+        return 1
+    over = [r["overhead"] for r in rows]
+    med = statistics.median(over)
+    share = med / args.box
+    share_with_setup = (med + setup_s) / args.box
+    for line in environment_lines(device):
+        print(line)
+    print(f"first prepare (teacher fit {cfg.teacher.fit.time_s:.0f}s + cache build, paid once per study): {first_prepare_s:.1f} s")
+    for i, r in enumerate(rows):
+        split = ", ".join(f"{k} {v:.2f}s" for k, v in r["phases"].items())
+        print(f"trial {i}: wall {r['wall']:.2f}s, kd {r['kd']:.2f}s, overhead {r['overhead']:.2f}s ({split})")
+    table = [
+        ["box (s)", f"{args.box:.0f}"],
+        ["trials", str(len(rows))],
+        ["per-trial overhead, median (s)", f"{med:.2f} (min {min(over):.2f}, max {max(over):.2f})"],
+        ["worker setup with a built cache (s)", f"{setup_s:.2f}"],
+        ["P4 overhead / box (per trial)", f"{100 * share:.1f}%"],
+        ["P4 overhead / box (+ worker setup, worst case)", f"{100 * share_with_setup:.1f}%"],
+        ["target", "<= 10%"],
+    ]
+    print(format_table(["P4 whole-trial overhead", "value"], table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

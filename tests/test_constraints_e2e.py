@@ -1,0 +1,44 @@
+"""Constraints reach the sampler and the front: value minus limit through trial.set_constraint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kdsearch.search.study import default_storage_url, load_study
+
+from conftest import SMOKE, run_cli
+
+
+def test_an_unmeetable_constraint_leaves_no_feasible_trial(
+    smoke_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    code = run_cli(
+        "optimize", "--config", SMOKE, "--n-trials", "2", "--run-dir", run_dir, "--plain",
+        "--cache-dir", smoke_run / "smoke" / "cache",  # reuse the teacher cache of the session run
+        "--set", "constraints.params=1",  # no student has a single parameter
+        "--set", "constraints.kd_energy_j=1.0e9",  # loose, but energy is missing on the CPU
+    )
+    assert code == 0
+    capsys.readouterr()
+    study = load_study(default_storage_url(run_dir, "smoke"), "smoke")
+    trials = study.get_trials()
+    assert len(trials) == 2
+    for t in trials:
+        assert t.state.name == "COMPLETE"
+        # What the sampler sees (TPE and NSGA-II read trial.constraints): violation = value - limit.
+        assert t.constraints["params"] == pytest.approx(t.user_attrs["params"] - 1)
+        assert t.constraints["kd_energy_j"] > 0  # missing counts as infeasible
+        assert t.user_attrs["feasible"] is False
+        reason = t.user_attrs["infeasible_reason"]
+        assert "params=" in reason and "kd_energy_j missing" in reason
+    assert run_cli("trials", "--study-name", "smoke", "--run-dir", run_dir, "--pareto", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows, "infeasible trials are listed (marked), not hidden"
+    assert not any(r["pareto"] for r in rows)
+    assert all(r["feasible"] is False for r in rows)
+    assert run_cli("trials", "--study-name", "smoke", "--run-dir", run_dir, "--pareto") == 0
+    assert "INFEASIBLE" in capsys.readouterr().out
