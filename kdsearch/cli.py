@@ -105,7 +105,7 @@ def _run_supervised(cfg: Any, console: Console, *, plain: bool, create: bool) ->
     def ready(outcome: Any, teachers: dict[str, Any]) -> None:
         verb = "resuming" if outcome.resumed else "created"
         display.note(
-            f"{verb} study {cfg.study.name} ({len(outcome.study.trials)} trials stored); objectives: "
+            f"{verb} study {cfg.study.name} ({outcome.trials_before} trials stored); objectives: "
             + ", ".join(f"{m} ({d})" for m, d in cfg.objectives.items())
         )
         if outcome.stale_recovered:
@@ -473,6 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console(stderr=False, highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        # Logs and pipes: wide enough that result tables are not folded into narrow columns.
+        console = Console(stderr=False, highlight=False, soft_wrap=True, width=160)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         args = build_parser().parse_args(argv)

@@ -36,6 +36,7 @@ __all__ = [
     "TeacherCacheConfig",
     "TeacherFitConfig",
     "TeacherConfig",
+    "VGGPreset",
     "VGGSpaceConfig",
     "ViTSpaceConfig",
     "StudentConfig",
@@ -470,9 +471,42 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class VGGPreset:
+    """One named VGG student, ``(depth, width)``, for ``student.vgg.presets``.
+
+    ``name`` is the value of the categorical ``vgg_preset`` param (default ``d{depth}-w{width}``).
+    """
+
+    depth: int | None = None  # required; None only so a missing key gets a one-line error
+    width: float | None = None  # required
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("depth", "width"):
+            if getattr(self, key) is None:
+                raise ConfigError(f"student.vgg.presets.{key}", "is required in every preset", None,
+                                  "write each preset as {depth: 5, width: 0.2, name: S}")
+        if self.depth not in VGG_DEPTHS:
+            raise ConfigError("student.vgg.presets.depth", f"must be one of {list(VGG_DEPTHS)}", self.depth)
+        if not 1 / 128 <= self.width <= 2.0:
+            raise ConfigError("student.vgg.presets.width", "must lie in [1/128, 2.0]", self.width)
+        if self.name is not None and not self.name.strip():
+            raise ConfigError("student.vgg.presets.name", "must not be empty", self.name)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"d{self.depth}-w{self.width:g}"
+
+
+@dataclass(frozen=True)
 class VGGSpaceConfig:
+    """VGG students: ``depth`` x ``width``, or a fixed list of ``presets`` (one categorical
+    ``vgg_preset`` param) when only some (depth, width) pairs make sense together, e.g. students
+    sized to given parameter counts. ``presets`` replaces ``depth`` and ``width``."""
+
     depth: Space = _space(Space(choices=VGG_DEPTHS, integer=True))
     width: Space = _space(Space(low=1 / 64, high=1.0, log=True))
+    presets: tuple[VGGPreset, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -666,6 +700,21 @@ class StudyConfig:
         for fam in fams:
             if fam not in STUDENT_FAMILIES:
                 raise ConfigError("student.family", f"each must be one of {list(STUDENT_FAMILIES)}", fam)
+        presets = self.student.vgg.presets
+        if presets:
+            default = VGGSpaceConfig()
+            if self.student.vgg.depth != default.depth or self.student.vgg.width != default.width:
+                raise ConfigError(
+                    "student.vgg.presets",
+                    "replaces student.vgg.depth and student.vgg.width; remove those two keys",
+                    [p.display_name for p in presets],
+                )
+            names = [p.display_name for p in presets]
+            if len(set(names)) != len(names):
+                raise ConfigError("student.vgg.presets", "need distinct names", names)
+            pairs = [(p.depth, p.width) for p in presets]
+            if len(set(pairs)) != len(pairs):
+                raise ConfigError("student.vgg.presets", "must not repeat a (depth, width) pair", names)
         for d in self.student.vgg.depth.values() if self.student.vgg.depth.choices else []:
             if d not in VGG_DEPTHS:
                 raise ConfigError("student.vgg.depth", f"each must be one of {list(VGG_DEPTHS)}", d)
@@ -692,6 +741,8 @@ class StudyConfig:
                 raise ConfigError(f"objectives.{metric}", "needs finetune.enabled: true", metric)
         if self.study.sampler == "grid":
             for name, sp in _iter_spaces(self):
+                if presets and name in ("student.vgg.depth", "student.vgg.width"):
+                    continue  # replaced by the presets, never suggested
                 if sp.choices is None and sp.step is None:
                     raise ConfigError(
                         name, "the grid sampler needs a list or a stepped range, not a continuous range", sp.to_yaml()
@@ -890,6 +941,8 @@ def _convert(value: Any, tp: Any, name: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             value = [value]
+        if dataclasses.is_dataclass(args[0]):  # a list of sub-sections, e.g. student.vgg.presets
+            return tuple(_build_section(args[0], v, f"{name}[{i}]") for i, v in enumerate(value))
         return tuple(_convert(v, args[0], name) for v in value)
     if origin is dict:
         if not isinstance(value, Mapping):

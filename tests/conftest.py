@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "studies" / "smoke.yaml"
+from cli_helpers import SMOKE, run_cli
 
 # Keep the 2-core CI machine responsive: one intra-op thread per test process unless asked.
 torch.set_num_threads(int(os.environ.get("KDSEARCH_TEST_THREADS", "1")))
@@ -24,13 +23,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def run_cli(*args: str) -> int:
-    """Run the kdsearch CLI in this process (workers are still separate processes)."""
-    from kdsearch.cli import main
-
-    return main([str(a) for a in args])
 
 
 @pytest.fixture(scope="session")

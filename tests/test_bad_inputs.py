@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import SMOKE, run_cli
+from cli_helpers import SMOKE, run_cli
 
 
 def _study_file(tmp_path: Path, **sections: dict) -> Path:

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 import kdsearch
 from kdsearch.search.study import default_storage_url, load_study
 
-from conftest import SMOKE, run_cli
+from cli_helpers import SMOKE, run_cli
 
 REQUIRED_ATTRS = ("val_accuracy", "test_accuracy", "kd_time_s", "params", "macs", "teacher", "spec",
                   "artifact_id", "weights_sha256", "latency_ms_b1", "latency_ms_b16", "model_size_mb",

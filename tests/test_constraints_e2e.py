@@ -9,7 +9,7 @@ import pytest
 
 from kdsearch.search.study import default_storage_url, load_study
 
-from conftest import SMOKE, run_cli
+from cli_helpers import SMOKE, run_cli
 
 
 def test_an_unmeetable_constraint_leaves_no_feasible_trial(

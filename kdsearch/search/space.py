@@ -1,7 +1,9 @@
 """The search space: the only place that calls ``trial.suggest_*``.
 
 A trial proposes a teacher (when the study lists several), a student family, a resolution, the
-family's architecture parameters, and the KD hyper-parameters (temperature, alpha, learning rate).
+family's architecture parameters (for VGG: ``vgg_depth`` and ``vgg_width``, or one categorical
+``vgg_preset`` when the study lists ``student.vgg.presets``), and the KD hyper-parameters
+(temperature, alpha, learning rate).
 Fixed values are not suggested; they are stored as user attrs so every trial is self-describing.
 """
 
@@ -68,8 +70,11 @@ def param_distributions(cfg: StudyConfig) -> dict[str, Space]:
         spaces["teacher"] = Space(choices=tuple(t.display_name for t in cfg.teachers))
     families = s.family.values()
     if "vgg" in families:
-        spaces["vgg_depth"] = s.vgg.depth
-        spaces["vgg_width"] = s.vgg.width
+        if s.vgg.presets:  # named (depth, width) pairs: one categorical instead of a cross product
+            spaces["vgg_preset"] = Space(choices=tuple(p.display_name for p in s.vgg.presets))
+        else:
+            spaces["vgg_depth"] = s.vgg.depth
+            spaces["vgg_width"] = s.vgg.width
     if "vit" in families:
         spaces["vit_depth"] = s.vit.depth
         spaces["vit_embed_dim"] = s.vit.embed_dim
@@ -93,13 +98,14 @@ def suggest(trial: optuna.trial.BaseTrial, cfg: StudyConfig, num_classes: int) -
     family = _suggest(trial, "family", spaces["family"])
     resolution = int(_suggest(trial, "resolution", spaces["resolution"]))
     if family == "vgg":
-        spec = StudentSpec(
-            family="vgg",
-            depth=int(_suggest(trial, "vgg_depth", spaces["vgg_depth"])),
-            width=float(_suggest(trial, "vgg_width", spaces["vgg_width"])),
-            resolution=resolution,
-            num_classes=num_classes,
-        )
+        if "vgg_preset" in spaces:
+            name = _suggest(trial, "vgg_preset", spaces["vgg_preset"])
+            preset = next(p for p in cfg.student.vgg.presets if p.display_name == name)
+            depth, width = int(preset.depth), float(preset.width)  # type: ignore[arg-type]
+        else:
+            depth = int(_suggest(trial, "vgg_depth", spaces["vgg_depth"]))
+            width = float(_suggest(trial, "vgg_width", spaces["vgg_width"]))
+        spec = StudentSpec(family="vgg", depth=depth, width=width, resolution=resolution, num_classes=num_classes)
     else:
         heads = int(_suggest(trial, "vit_num_heads", spaces["vit_num_heads"]))
         dim = int(_suggest(trial, "vit_embed_dim", spaces["vit_embed_dim"]))

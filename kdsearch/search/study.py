@@ -31,7 +31,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from kdsearch import __version__
 from kdsearch.config import StudyConfig, config_to_dict
 from kdsearch.errors import ConfigError, StorageError, StudyMismatchError
-from kdsearch.search.recovery import stale_trial_callback
+from kdsearch.search.recovery import heartbeat_settings, stale_trial_callback
 from kdsearch.search.space import grid_search_space
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
 
 HEARTBEAT_INTERVAL_S = 30  # RDB heartbeats: a RUNNING trial whose heartbeat is older than
 HEARTBEAT_GRACE_S = 120  # this grace is failed as stale by the next worker that asks.
+# Both can be overridden with KDSEARCH_HEARTBEAT_INTERVAL_S / KDSEARCH_HEARTBEAT_GRACE_S.
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,10 @@ def open_storage(url: str, *, create: bool = True, max_retry: int = 1) -> BaseSt
     if url.startswith(("postgresql", "mysql", "sqlite:")):
         kwargs: dict[str, Any] = {}
         if not url.startswith("sqlite:"):
+            interval_s, grace_s = heartbeat_settings(HEARTBEAT_INTERVAL_S, HEARTBEAT_GRACE_S)
             kwargs = {
-                "heartbeat_interval": HEARTBEAT_INTERVAL_S,
-                "grace_period": HEARTBEAT_GRACE_S,
+                "heartbeat_interval": interval_s,
+                "grace_period": grace_s,
                 "heartbeat_stale_trial_callback": stale_trial_callback(max_retry),
             }
         if url.startswith("sqlite:") and not create:
@@ -103,7 +105,7 @@ def open_storage(url: str, *, create: bool = True, max_retry: int = 1) -> BaseSt
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(url, engine_kwargs=_engine_kwargs(url), **kwargs)
+                return RDBStorage(_driver_url(url), engine_kwargs=_engine_kwargs(url), **kwargs)
         except ImportError as exc:
             missing = getattr(exc.__cause__, "name", None) or exc.name or "its driver"
             raise StorageError(
@@ -123,6 +125,17 @@ def open_storage(url: str, *, create: bool = True, max_retry: int = 1) -> BaseSt
     path.parent.mkdir(parents=True, exist_ok=True)
     # The open-lock works on every POSIX file system (NFS included), unlike symlink locks.
     return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+
+
+def _driver_url(url: str) -> str:
+    """``postgresql://`` means SQLAlchemy's psycopg2 dialect; kdsearch's ``postgres`` extra installs
+    psycopg 3, so a bare ``postgresql://`` uses it when it is installed."""
+    if url.startswith("postgresql://"):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is not None:
+            return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
@@ -150,7 +163,9 @@ def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size)
     if name == "nsga3":
-        return optuna.samplers.NSGAIIISampler(seed=s.seed, population_size=s.population_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.NSGAIIISampler(seed=s.seed, population_size=s.population_size)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if name == "grid":

@@ -4,15 +4,23 @@
   visible GPU by default, else one). Optuna's storage is the only channel between them: there is
   no home-made scheduler.
 - A trial that runs past its KD box plus ``study.grace`` is killed with its worker (SIGKILL); the
-  trial is stored as FAIL ``timeout`` and a fresh worker takes the slot. A worker that dies any
-  other way leaves a RUNNING trial that :func:`recover_stale` fails as ``stale`` and re-queues.
+  trial is stored as FAIL ``timeout`` and a fresh worker (same run spec) takes the slot. A worker
+  that dies any other way leaves a RUNNING trial that :func:`recover_stale` fails as ``stale`` and
+  re-queues once; the supervisor runs it at start (a restart after a crash), as soon as it sees a
+  worker die, and every few seconds (workers on other hosts, expired RDB heartbeats). A slot
+  whose workers keep dying without storing a trial is given up after
+  :data:`MAX_DEATHS_IN_A_ROW`.
+- Workers die with the supervisor (see :mod:`kdsearch.search.worker`), so a SIGKILL of the whole
+  run leaves no orphan; the next run recovers the trials they were running.
 - Ctrl-C once: workers finish their running trial, then stop. Twice: the running trials stop now
   and are stored as FAIL ``interrupted``.
-- The wall time of this invocation is added to the study's ``time_spent_s``.
+- The wall time of this invocation is added to the study's ``time_spent_s`` every
+  :data:`TIME_FLUSH_EVERY_S` and at the end.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -33,14 +41,16 @@ from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import StudyConfig, config_to_dict
 from kdsearch.errors import KDSearchError
 from kdsearch.search.preflight import preflight
-from kdsearch.search.recovery import mark_failed, recover_stale
+from kdsearch.search.recovery import mark_failed, recover_stale, uses_optuna_heartbeat
 from kdsearch.search.study import add_time_spent, create_or_resume, run_paths
 from kdsearch.search.worker import EXIT_USER_ERROR, RunSpec
 
-__all__ = ["StopFlag", "SearchOutcome", "supervise", "default_workers"]
+__all__ = ["StopFlag", "SearchOutcome", "supervise", "default_workers", "worker_env"]
 
 POLL_S = 0.5
-MAX_RESPAWNS_PER_SLOT = 5
+RECOVER_EVERY_S = 5.0  # also capped by the heartbeat interval (RDB)
+TIME_FLUSH_EVERY_S = 60.0  # time_spent_s is updated this often, so a killed run loses little
+MAX_DEATHS_IN_A_ROW = 5  # a slot whose workers die this often without storing a trial is given up
 
 
 class StopFlag:
@@ -62,6 +72,7 @@ class StopFlag:
 class SearchOutcome:
     study: optuna.Study
     resumed: bool
+    trials_before: int = 0  # trials stored when this run started
     trials_complete: int = 0
     trials_failed: int = 0
     wall_s: float = 0.0
@@ -72,21 +83,17 @@ class SearchOutcome:
 
 def default_workers() -> int:
     """One worker per visible GPU, else one."""
-    try:
-        import torch
-
-        return max(torch.cuda.device_count(), 1)
-    except Exception:  # noqa: BLE001
-        return 1
+    return max(len(_visible_gpus()), 1)
 
 
 @dataclass
 class _Slot:
     index: int
-    gpu: int | None
+    gpu: str | None  # the CUDA_VISIBLE_DEVICES entry this slot's workers get
     proc: subprocess.Popen[bytes] | None = None
     status_path: str = ""
-    respawns: int = 0
+    generation: int = 0  # workers started in this slot so far (names their files)
+    deaths_in_row: int = 0  # workers that died without storing a trial, since the last that did
     done: bool = False
     stop_reason: str = ""
     log_path: str = ""
@@ -97,6 +104,17 @@ def _read_status(path: str) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def worker_env(gpu: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a worker process: pinned to ``gpu`` (a CUDA_VISIBLE_DEVICES entry) and
+    able to import this kdsearch."""
+    env = dict(os.environ if base is None else base)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def supervise(
@@ -117,7 +135,8 @@ def supervise(
     progress("checks", None, "data, teachers, storage")
     preflight(cfg)
     study, resumed = create_or_resume(cfg, create=create)
-    outcome = SearchOutcome(study=study, resumed=resumed)
+    outcome = SearchOutcome(study=study, resumed=resumed, trials_before=len(study.get_trials(deepcopy=False)))
+    # A restart after a crash or a kill: the trials its workers left RUNNING are stale.
     outcome.stale_recovered = recover_stale(study, cfg.study.max_retries)
     paths = run_paths(cfg.study.run_dir, cfg.study.name, cfg.teacher.cache.dir)
     paths.ensure()
@@ -131,6 +150,7 @@ def supervise(
         n_trials=cfg.study.n_trials,
         status_path="",
         slot_lock=str(paths.root / f".slots-{invocation}.lock"),
+        supervisor_pid=os.getpid(),
     )
     spec_dir = Path(tempfile.mkdtemp(prefix="kdsearch-run-", dir=paths.workers))
     slots = [_Slot(i, gpus[i % len(gpus)] if gpus else None) for i in range(n_workers)]
@@ -138,22 +158,50 @@ def supervise(
     ready_announced = False
     stop_level_sent = 0
     box_s, grace_s = cfg.study.trial_time_s, cfg.study.grace_s
+    recover_every_s = RECOVER_EVERY_S
+    if uses_optuna_heartbeat(study):
+        recover_every_s = min(recover_every_s, float(study._storage.get_heartbeat_interval()))
+    last_recover = time.monotonic()
+    last_flush = t0
+    fresh_study = outcome.trials_before == 0
+
+    def sampler_seed(slot: _Slot) -> int | None:
+        # Every worker process would otherwise replay the same seeded random draws (the
+        # sampler's startup trials, and a resumed run the previous run's): the first worker of a
+        # fresh study keeps study.seed (a one-worker run stays reproducible), the others draw
+        # from a seed of their own.
+        if fresh_study and slot.index == 0 and slot.generation == 0:
+            return None
+        key = f"{cfg.study.seed}:{invocation}:{slot.index}:{slot.generation}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
 
     def spawn(slot: _Slot) -> None:
-        slot.status_path = str(spec_dir / f"worker{slot.index}-{slot.respawns}.json")
-        spec_path = spec_dir / f"spec{slot.index}-{slot.respawns}.json"
-        atomic_write_text(spec_path, json.dumps({**spec.__dict__, "status_path": slot.status_path}))
-        env = dict(os.environ)
-        if slot.gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
-        slot.log_path = str(spec_dir / f"worker{slot.index}-{slot.respawns}.log")
+        # Every worker of this run, a replacement included, gets the same spec: same invocation
+        # (the --n-trials count), same deadline; only its status file and sampler seed are its own.
+        name = f"worker{slot.index}-{slot.generation}"
+        seed = sampler_seed(slot)
+        slot.generation += 1
+        slot.status_path = str(spec_dir / f"{name}.json")
+        spec_path = spec_dir / f"spec-{name}.json"
+        atomic_write_text(spec_path, json.dumps({**spec.__dict__, "status_path": slot.status_path, "sampler_seed": seed}))
+        slot.log_path = str(spec_dir / f"{name}.log")
         with open(slot.log_path, "wb") as log:
             # A new session: the terminal's Ctrl-C reaches only the supervisor, which decides.
             slot.proc = subprocess.Popen(
                 [sys.executable, "-m", "kdsearch.search.worker", str(spec_path)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env=worker_env(slot.gpu), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
+
+    def flush_time() -> None:
+        nonlocal last_flush
+        now = time.monotonic()
+        add_time_spent(study, now - last_flush)
+        last_flush = now
+
+    def recover() -> None:
+        nonlocal last_recover
+        last_recover = time.monotonic()
+        outcome.stale_recovered += recover_stale(study, cfg.study.max_retries)
 
     for slot in slots:
         spawn(slot)
@@ -170,7 +218,7 @@ def supervise(
                 progress("stopping", None, "finishing the running trial (Ctrl-C again to stop now)"
                          if stop.requests == 1 else "interrupting the running trial")
             statuses = {s.index: _read_status(s.status_path) for s in slots}
-            if not ready_announced and any(st.get("phase") in ("ready", "trial", "idle") for st in statuses.values()):
+            if not ready_announced and any(st.get("ready") for st in statuses.values()):
                 ready_announced = True
                 if on_ready is not None:
                     teachers = next((st.get("teachers") for st in statuses.values() if st.get("teachers")), {})
@@ -186,6 +234,8 @@ def supervise(
                 code = s.proc.poll()
                 started = st.get("trial_started_at")
                 if code is None and started is not None and time.time() - started > box_s + grace_s:
+                    # Hard limit: kill the worker (its trial cannot be trusted to stop), store FAIL
+                    # timeout, and let the code below replace the worker.
                     _kill(s.proc)
                     trial = _find_trial(study, st.get("trial"))
                     if trial is not None and mark_failed(
@@ -200,17 +250,25 @@ def supervise(
                     continue
                 if code == EXIT_USER_ERROR:
                     raise KDSearchError(str(st.get("fatal", "worker failed during preparation")))
-                # Killed or crashed: its running trial is stale; recover it and replace the worker.
-                outcome.stale_recovered += recover_stale(study, cfg.study.max_retries)
-                if st.get("phase") == "crashed" and st.get("trial") is None:
+                if st.get("phase") == "crashed" and not st.get("ready"):
                     raise KDSearchError(
                         f"worker {s.index} crashed while preparing: {st.get('crash', 'unknown error')} (log: {s.log_path})"
                     )
-                if stop.requests or time.time() >= spec.deadline_epoch_s or s.respawns >= MAX_RESPAWNS_PER_SLOT:
+                # Killed or crashed: its running trial is stale; recover it now and replace the worker.
+                recover()
+                s.deaths_in_row = 1 if st.get("trials_done") else s.deaths_in_row + 1
+                if stop.requests or time.time() >= spec.deadline_epoch_s:
                     s.done, s.stop_reason = True, f"worker exited with {code}"
-                    continue
-                s.respawns += 1
-                spawn(s)
+                elif s.deaths_in_row >= MAX_DEATHS_IN_A_ROW:
+                    s.done = True
+                    s.stop_reason = f"worker {s.index} died {s.deaths_in_row} times in a row (last log: {s.log_path})"
+                else:
+                    spawn(s)
+            now = time.monotonic()
+            if now - last_recover >= recover_every_s:
+                recover()  # workers on other hosts, or a trial whose heartbeat just expired
+            if now - last_flush >= TIME_FLUSH_EVERY_S:
+                flush_time()
             for t in study.get_trials(deepcopy=False):
                 if t.state.is_finished() and t.number not in seen_finished:
                     seen_finished.add(t.number)
@@ -227,8 +285,9 @@ def supervise(
                     s.proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     _kill(s.proc)
+        Path(spec.slot_lock).unlink(missing_ok=True)
         outcome.wall_s = time.monotonic() - t0
-        add_time_spent(study, outcome.wall_s)
+        flush_time()
     new = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("invocation") == invocation]
     outcome.trials_complete = sum(t.state == TrialState.COMPLETE for t in new)
     outcome.trials_failed = sum(t.state == TrialState.FAIL for t in new)
@@ -256,7 +315,9 @@ def _find_trial(study: optuna.Study, number: int | None) -> FrozenTrial | None:
     return None
 
 
-def _visible_gpus() -> list[int]:
+def _visible_gpus() -> list[str]:
+    """The CUDA_VISIBLE_DEVICES entries to pin workers to: the inherited list (indices, GPU-UUIDs
+    or MIG ids, passed on as written) cut to the devices torch sees, else ``0..n-1``."""
     try:
         import torch
 
@@ -268,6 +329,7 @@ def _visible_gpus() -> list[int]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
         ids = [v.strip() for v in visible.split(",") if v.strip()]
-        return [int(v) for v in ids if v.isdigit()][:n] or list(range(n))
-    return list(range(n))
+        if ids:
+            return ids[:n]
+    return [str(i) for i in range(n)]
 

@@ -4,26 +4,37 @@ Started by the supervisor as ``python -m kdsearch.search.worker RUN_SPEC.json``.
 phase through an atomically rewritten status file that the supervisor reads for the live display
 and for the hard per-trial time limit. Signals: SIGINT is ignored (the supervisor owns Ctrl-C);
 SIGUSR1 = stop after the running trial; SIGTERM = interrupt the running trial now (stored as
-FAIL ``interrupted``).
+FAIL ``interrupted``). The interrupt never lands inside a storage call (Optuna, SQLAlchemy, a file
+lock, an atomic write): there it is deferred by a few milliseconds until that call returns, so a
+journal line or a database transaction is never cut in half.
 
-Exit codes: 0 done, 3 a user error during preparation (message in the status file).
+A worker dies with its supervisor (``PR_SET_PDEATHSIG`` on Linux, plus a parent-pid watchdog):
+after a SIGKILL of the whole run no orphan keeps claiming trials, and the trial it was running is
+recovered as ``stale`` when the run restarts.
+
+Exit codes: 0 done, 3 a user error during preparation (message in the status file), 1 a crash
+(message and traceback in the status file).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import optuna
+import torch
 from filelock import FileLock
 from optuna.trial import TrialState
 
@@ -31,12 +42,18 @@ from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import StudyConfig, config_from_dict
 from kdsearch.errors import KDSearchError, TrialFailure
 from kdsearch.search.objective import WorkerContext, prepare_worker, run_trial, teacher_summary
-from kdsearch.search.recovery import trial_heartbeat
-from kdsearch.search.study import create_or_resume, run_paths
+from kdsearch.search.recovery import recover_stale, trial_heartbeat
+from kdsearch.search.study import create_or_resume, make_sampler, run_paths
 
-__all__ = ["RunSpec", "estimate_trial_s", "worker_main", "EXIT_USER_ERROR"]
+__all__ = ["RunSpec", "estimate_trial_s", "worker_main", "EXIT_USER_ERROR", "EXIT_CRASH"]
 
 EXIT_USER_ERROR = 3
+EXIT_CRASH = 1
+_INTERRUPT_RETRY_S = 0.02  # a deferred interrupt is retried this often until it lands
+_PARENT_CHECK_S = 1.0  # watchdog period (where PR_SET_PDEATHSIG is not available)
+# Code that must not be cut by the interrupt: storage engines, file locks, atomic file writes.
+_CRITICAL_PACKAGES = frozenset({"optuna", "sqlalchemy", "psycopg", "psycopg2", "filelock"})
+_CRITICAL_MODULES = frozenset({"kdsearch.checkpoint", "kdsearch.search.recovery"})
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,8 @@ class RunSpec:
     n_trials: int | None
     status_path: str
     slot_lock: str  # file lock that makes "count, then ask" atomic across local workers
+    supervisor_pid: int | None = None  # the worker exits when this process is gone
+    sampler_seed: int | None = None  # this worker's sampler seed; None: study.seed
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -68,12 +87,18 @@ def estimate_trial_s(cfg: StudyConfig, durations_s: list[float]) -> float:
 
 
 class _Status:
-    """The worker's status file: phase, fraction, current trial and its start time."""
+    """The worker's status file: phase, fraction, current trial and its start time.
+
+    Keys the supervisor relies on: ``pid``, ``phase``, ``trial`` and ``trial_started_at`` (set
+    together when a trial is claimed, cleared when it is stored), ``ready`` (preparation done),
+    ``trials_done`` (trials this process has stored), ``fatal``/``crash`` on the way out.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.data: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname(), "phase": "starting",
-                                     "fraction": None, "message": "", "trial": None, "trial_started_at": None}
+                                     "fraction": None, "message": "", "trial": None, "trial_started_at": None,
+                                     "ready": False, "trials_done": 0}
         self._last = 0.0
         self.write()
 
@@ -82,10 +107,11 @@ class _Status:
         atomic_write_text(self.path, json.dumps(self.data))
 
     def update(self, force: bool = False, **kw: Any) -> None:
-        changed = any(self.data.get(k) != v for k, v in kw.items() if k != "fraction")
+        # Phase or trial changes are written at once; bar and message updates at most 2 per second.
+        changed = any(self.data.get(k) != v for k, v in kw.items() if k not in ("fraction", "message"))
         self.data.update(kw)
         now = time.monotonic()
-        if force or changed or now - self._last > 0.5:  # throttle bar updates to 2 writes/s
+        if force or changed or now - self._last > 0.5:
             self._last = now
             self.write()
 
@@ -93,19 +119,68 @@ class _Status:
         self.update(phase=phase, fraction=fraction, message=message)
 
 
+def _in_critical_code(frame: FrameType | None) -> bool:
+    """True if the interrupted stack is inside storage, file-lock or atomic-write code."""
+    while frame is not None:
+        module = str(frame.f_globals.get("__name__", ""))
+        if module.split(".", 1)[0] in _CRITICAL_PACKAGES or module in _CRITICAL_MODULES:
+            return True
+        if frame.f_code is _claim_trial.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _Signals:
+    """SIGUSR1: stop after this trial. SIGTERM: raise KeyboardInterrupt at the next safe point."""
+
     def __init__(self) -> None:
         self.stop_after_trial = False
+        self._interrupt_pending = False
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, self._usr1)
         signal.signal(signal.SIGTERM, self._term)
+        signal.signal(signal.SIGALRM, self._retry)
 
-    def _usr1(self, signum: int, frame: Any) -> None:
+    def _usr1(self, signum: int, frame: FrameType | None) -> None:
         self.stop_after_trial = True
 
-    def _term(self, signum: int, frame: Any) -> None:
+    def _term(self, signum: int, frame: FrameType | None) -> None:
         self.stop_after_trial = True
+        self._interrupt_pending = True
+        self._raise_when_safe(frame)
+
+    def _retry(self, signum: int, frame: FrameType | None) -> None:
+        if self._interrupt_pending:
+            self._raise_when_safe(frame)
+
+    def _raise_when_safe(self, frame: FrameType | None) -> None:
+        if _in_critical_code(frame):
+            signal.setitimer(signal.ITIMER_REAL, _INTERRUPT_RETRY_S)
+            return
+        self._interrupt_pending = False
         raise KeyboardInterrupt
+
+
+def _die_with_supervisor(supervisor_pid: int | None) -> None:
+    """Exit with the supervisor: the kernel's parent-death signal (Linux) and a watchdog thread."""
+    if supervisor_pid is None:
+        return
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != supervisor_pid:  # it died before the line above
+        os._exit(EXIT_CRASH)
+
+    def watch() -> None:
+        while os.getppid() == supervisor_pid:
+            time.sleep(_PARENT_CHECK_S)
+        os.kill(os.getpid(), signal.SIGKILL)  # as if killed with the run: the trial goes stale
+
+    threading.Thread(target=watch, name="kdsearch-parent-watch", daemon=True).start()
 
 
 def _claim_trial(study: optuna.Study, spec: RunSpec) -> optuna.Trial | None:
@@ -119,6 +194,16 @@ def _claim_trial(study: optuna.Study, spec: RunSpec) -> optuna.Trial | None:
         trial.set_user_attr("invocation", spec.invocation)
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()})
         return trial
+
+
+def _fail_trial(study: optuna.Study, trial: optuna.Trial, reason: str, detail: str) -> None:
+    """Store the trial as FAIL with ``fail_reason`` unless another process finished it first."""
+    try:
+        trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr("fail_detail", detail[:500])
+        study.tell(trial, state=TrialState.FAIL)
+    except RuntimeError:  # UpdateFinishedTrialError: finished meanwhile (e.g. failed as stale)
+        pass
 
 
 def run_trials(ctx: WorkerContext, study: optuna.Study, spec: RunSpec, status: _Status, signals: _Signals) -> str:
@@ -135,42 +220,52 @@ def run_trials(ctx: WorkerContext, study: optuna.Study, spec: RunSpec, status: _
         sampler = study.sampler
         if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
             return "grid exhausted"
+        # What Optuna's study.optimize does before each trial: fail the trials of dead workers
+        # (on any host) and re-queue their params, so this ask may pick them up.
+        recover_stale(study, cfg.study.max_retries)
         trial = _claim_trial(study, spec)
         if trial is None:
             return f"reached --n-trials {spec.n_trials}"
         t0 = time.monotonic()
-        status.update(force=True, trial=trial.number, trial_started_at=time.time(), phase="trial", fraction=0.0,
-                      message="")
         try:
+            status.update(force=True, trial=trial.number, trial_started_at=time.time(), phase="trial",
+                          fraction=0.0, message="")
             with trial_heartbeat(study, trial._trial_id):
                 values = run_trial(ctx, trial, status.progress)
             study.tell(trial, values)
         except TrialFailure:
-            study.tell(trial, state=TrialState.FAIL)
+            study.tell(trial, state=TrialState.FAIL)  # run_trial stored fail_reason / fail_detail
         except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted")
-            trial.set_user_attr("fail_detail", "stopped by a second Ctrl-C")
-            study.tell(trial, state=TrialState.FAIL)
+            _fail_trial(study, trial, "interrupted", "stopped by a second Ctrl-C")
             return "interrupted"
+        except Exception as exc:  # noqa: BLE001 - an error after the KD loop (measure, store) is trial data too
+            reason = "oom" if isinstance(exc, torch.OutOfMemoryError) else "error"
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+            _fail_trial(study, trial, reason, f"{type(exc).__name__}: {exc}")
         finally:
-            status.update(force=True, trial=None, trial_started_at=None, phase="idle", fraction=None, message="")
+            status.update(force=True, trial=None, trial_started_at=None, phase="idle", fraction=None, message="",
+                          trials_done=int(status.data.get("trials_done", 0)) + 1)
         durations.append(time.monotonic() - t0)
 
 
 def worker_main(spec_path: str) -> int:
     spec = RunSpec.from_file(spec_path)
+    _die_with_supervisor(spec.supervisor_pid)
     signals = _Signals()
     status = _Status(spec.status_path)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         cfg = config_from_dict(spec.config)
         study, _ = create_or_resume(cfg)
+        if spec.sampler_seed is not None:
+            study.sampler = make_sampler(replace(cfg, study=replace(cfg.study, seed=spec.sampler_seed)))
         paths = run_paths(cfg.study.run_dir, cfg.study.name, cfg.teacher.cache.dir)
         ctx = prepare_worker(cfg, paths, progress=status.progress)
         study.set_user_attr("teachers", _json_safe(teacher_summary(ctx)))
         if "environment" not in study.user_attrs:
             study.set_user_attr("environment", ctx.environment)
-        status.update(force=True, phase="ready", teachers=_json_safe(teacher_summary(ctx)))
+        status.update(force=True, phase="ready", ready=True, teachers=_json_safe(teacher_summary(ctx)))
         reason = run_trials(ctx, study, spec, status, signals)
     except KDSearchError as exc:
         status.update(force=True, phase="fatal", fatal=str(exc))
@@ -181,7 +276,7 @@ def worker_main(spec_path: str) -> int:
     except Exception as exc:  # noqa: BLE001 - reported to the supervisor, which shows one line
         status.update(force=True, phase="crashed", crash=f"{type(exc).__name__}: {exc}",
                       traceback=traceback.format_exc()[-4000:])
-        return 1
+        return EXIT_CRASH
     status.update(force=True, phase="stopped", stop_reason=reason)
     return 0
 

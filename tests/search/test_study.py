@@ -53,3 +53,31 @@ def test_unreachable_storage_is_a_storage_error(url: str) -> None:
     with pytest.raises(StorageError) as exc:
         open_storage(url)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "nsga3", "random", "grid", "gp"])
+def test_every_sampler_proposes_valid_students(tmp_path: Path, sampler: str) -> None:
+    """Each sampler named in a study file runs an ask/tell loop over the real space, seeded."""
+    import optuna
+
+    from kdsearch.search.space import suggest
+    from kdsearch.search.study import make_sampler
+
+    cfg = apply_overrides(
+        load_config(SMOKE),
+        ["student.vgg.width=[0.0625, 0.125]", "study.n_startup_trials=2", "study.population_size=4"],
+        sampler=sampler,
+        run_dir=str(tmp_path),
+    )
+    proposals = []
+    for _ in range(2):  # the same seed gives the same proposals
+        study = optuna.create_study(directions=cfg.directions, sampler=make_sampler(cfg))
+        seen = []
+        for i in range(6):
+            trial = study.ask()
+            p = suggest(trial, cfg, num_classes=4)
+            assert p.spec.depth in (2, 3, 4, 5) and p.spec.resolution in (16, 24, 32)
+            seen.append(p.spec)
+            study.tell(trial, [0.1 * i + p.spec.width, float(p.spec.depth)])
+        proposals.append(seen)
+    assert proposals[0] == proposals[1]

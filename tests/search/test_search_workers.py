@@ -1,0 +1,58 @@
+"""Several worker processes on one journal file: exactly N trials, no duplicates, none lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from conftest import run_cli
+from kdsearch.search import supervisor
+from search_run_helpers import (
+    artifact_sha,
+    assert_no_storage_errors,
+    open_study,
+    optimize_args,
+    seed_study_folder,
+    worker_statuses,
+)
+
+
+def test_four_workers_on_a_journal_finish_exactly_n_trials(smoke_run: Path, tmp_path: Path) -> None:
+    seed_study_folder(smoke_run, tmp_path, "w4")
+    code = run_cli(*optimize_args(tmp_path, "w4", "--workers", "4", "--n-trials", "8", "--set", "study.trial_time=1s"))
+    assert code == 0
+    trials = open_study(tmp_path, "w4").get_trials()
+    assert [t.number for t in trials] == list(range(8))  # unique numbers, none lost, none extra
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 8, [t.user_attrs.get("fail_detail") for t in trials]
+    # Every trial stored its own checkpoint: 8 distinct artifact ids, 8 files, hashes as recorded.
+    ids = {t.user_attrs["artifact_id"] for t in trials}
+    assert len(ids) == 8 and len(list((tmp_path / "w4" / "artifacts").iterdir())) == 8
+    for t in trials:
+        assert artifact_sha(tmp_path, "w4", t.user_attrs["artifact_id"]) == t.user_attrs["weights_sha256"]
+    # Four separate processes did the work, each with its own sampler seed: no two trials share
+    # their parameters (one seed in every worker would replay the same startup draws 4 times).
+    pids = {t.user_attrs["worker"]["pid"] for t in trials}
+    assert len(pids) >= 2
+    assert len(worker_statuses(tmp_path, "w4")) == 4
+    params = [json.dumps(t.params, sort_keys=True) for t in trials]
+    assert len(set(params)) == 8, params
+    assert_no_storage_errors(tmp_path, "w4")
+
+
+def test_workers_are_pinned_to_the_visible_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa,GPU-bbbb,GPU-cccc")  # torch sees the first 2
+    assert supervisor._visible_gpus() == ["GPU-aaaa", "GPU-bbbb"]
+    assert supervisor.default_workers() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert supervisor._visible_gpus() == ["0", "1"]
+    env = supervisor.worker_env("1", base={"PATH": "/bin"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["PATH"] == "/bin"
+    assert Path(env["PYTHONPATH"].split(":")[0], "kdsearch", "cli.py").is_file()
+    assert "CUDA_VISIBLE_DEVICES" not in supervisor.worker_env(None, base={})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert supervisor._visible_gpus() == [] and supervisor.default_workers() == 1
