@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
-import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,7 +96,7 @@ def prepare_worker(
     bundle = load_data(cfg.data)
     resident = should_be_resident(bundle, device, cfg.data.device_resident)
     if resident:
-        bundle = _bundle_to(bundle, device)
+        bundle = bundle.to(device)
     train_source = make_batch_source(bundle.train, device, resident, cfg.data.num_workers)
     cache_cfg = cfg.teacher.cache
     view_spec = ViewSpec(image_size=bundle.image_size, padding=cache_cfg.crop_padding, flip=cache_cfg.flip)
@@ -107,16 +105,6 @@ def prepare_worker(
         teachers[tcfg.display_name] = _prepare_teacher(tcfg, cfg, paths, bundle, view_spec, device, progress)
     env = collect_environment(device)
     return WorkerContext(cfg, paths, device, bundle, train_source, view_spec, teachers, env)
-
-
-def _bundle_to(bundle: DataBundle, device: torch.device) -> DataBundle:
-    import dataclasses
-
-    moved = {
-        name: (getattr(bundle, name).to(device) if getattr(bundle, name) is not None else None)
-        for name in ("train", "val", "test", "finetune")
-    }
-    return dataclasses.replace(bundle, **moved)
 
 
 def _prepare_teacher(
@@ -194,7 +182,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     trial.set_user_attr("alpha", hyper.alpha)
     trial.set_user_attr("lr", hyper.lr)
     trial.set_user_attr("dataset", cfg.data.dataset)
-    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "device": str(device)})
+    trial.set_user_attr("device", str(device))
     inject = cfg.debug.inject
     if cfg.debug.inject_trial is not None and cfg.debug.inject_trial != trial.number:
         inject = None

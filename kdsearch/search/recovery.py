@@ -33,6 +33,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.errors import ConfigError
@@ -145,9 +146,9 @@ def trial_heartbeat(study: optuna.Study, trial_id: int) -> TrialHeartbeat:
 
 
 def uses_optuna_heartbeat(study: optuna.Study) -> bool:
-    """True for RDB storages opened with heartbeats (Optuna's heartbeat API is duck-typed)."""
-    enabled = getattr(study._storage, "is_heartbeat_enabled", None)
-    return bool(enabled and enabled())
+    """True for RDB storages opened with heartbeats (also behind Optuna's ``_CachedStorage``)."""
+    storage = study._storage
+    return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
 
 
 def recover_stale(study: optuna.Study, max_retries: int) -> list[int]:
@@ -171,7 +172,7 @@ def fail_heartbeat_stale_trials(study: optuna.Study) -> list[int]:
     """
     storage: Any = study._storage
     interval = storage.get_heartbeat_interval()
-    grace = getattr(storage, "grace_period", None) or 2 * interval
+    grace = getattr(getattr(storage, "_backend", storage), "grace_period", None) or 2 * interval
     failed: list[FrozenTrial] = []
     for trial_id in storage._get_stale_trial_ids(study._study_id):
         try:

@@ -232,7 +232,9 @@ def create_or_resume(cfg: StudyConfig, *, create: bool = True) -> tuple[optuna.S
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(cfg.metric_names)
     study.set_user_attr("signature", current)
-    study.set_user_attr("config", _normalise(config_to_dict(cfg)))
+    # Key order kept (not _normalise): the order of `objectives` is the order of the study's values,
+    # and `kdsearch worker` rebuilds its config from this attr.
+    study.set_user_attr("config", json.loads(json.dumps(config_to_dict(cfg))))
     study.set_user_attr("kdsearch_version", __version__)
     study.set_user_attr("created_on_host", socket.gethostname())
     study.set_user_attr("created_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -45,7 +45,7 @@ from kdsearch.search.objective import WorkerContext, prepare_worker, run_trial, 
 from kdsearch.search.recovery import recover_stale, trial_heartbeat
 from kdsearch.search.study import create_or_resume, make_sampler, run_paths
 
-__all__ = ["RunSpec", "estimate_trial_s", "worker_main", "EXIT_USER_ERROR", "EXIT_CRASH"]
+__all__ = ["RunSpec", "estimate_trial_s", "worker_main", "align_objectives", "EXIT_USER_ERROR", "EXIT_CRASH"]
 
 EXIT_USER_ERROR = 3
 EXIT_CRASH = 1
@@ -183,6 +183,16 @@ def _die_with_supervisor(supervisor_pid: int | None) -> None:
     threading.Thread(target=watch, name="kdsearch-parent-watch", daemon=True).start()
 
 
+def align_objectives(cfg: StudyConfig, study: optuna.Study) -> StudyConfig:
+    """``cfg`` with its objectives in the stored study's order, the order ``run_trial`` returns the
+    values in. The resume check compares objectives as a set, so a study file (or a config rebuilt
+    from storage) may list them in another order; telling values in that order would swap them."""
+    stored = list(study.metric_names or [])
+    if stored != cfg.metric_names and set(stored) == set(cfg.metric_names):
+        return replace(cfg, objectives={m: cfg.objectives[m] for m in stored})
+    return cfg
+
+
 def _claim_trial(study: optuna.Study, spec: RunSpec) -> optuna.Trial | None:
     """Ask for a trial unless this invocation already has ``n_trials`` (atomic across local workers)."""
     with FileLock(spec.slot_lock, timeout=600):
@@ -196,13 +206,15 @@ def _claim_trial(study: optuna.Study, spec: RunSpec) -> optuna.Trial | None:
         return trial
 
 
-def _fail_trial(study: optuna.Study, trial: optuna.Trial, reason: str, detail: str) -> None:
-    """Store the trial as FAIL with ``fail_reason`` unless another process finished it first."""
+def _fail_trial(study: optuna.Study, trial: optuna.Trial, reason: str | None = None, detail: str = "") -> None:
+    """Store the trial as FAIL (with ``fail_reason`` unless it is already set) unless another
+    process finished it first (failed it as stale or timeout)."""
     try:
-        trial.set_user_attr("fail_reason", reason)
-        trial.set_user_attr("fail_detail", detail[:500])
+        if reason is not None:
+            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr("fail_detail", detail[:500])
         study.tell(trial, state=TrialState.FAIL)
-    except RuntimeError:  # UpdateFinishedTrialError: finished meanwhile (e.g. failed as stale)
+    except RuntimeError:  # UpdateFinishedTrialError: finished meanwhile
         pass
 
 
@@ -234,7 +246,7 @@ def run_trials(ctx: WorkerContext, study: optuna.Study, spec: RunSpec, status: _
                 values = run_trial(ctx, trial, status.progress)
             study.tell(trial, values)
         except TrialFailure:
-            study.tell(trial, state=TrialState.FAIL)  # run_trial stored fail_reason / fail_detail
+            _fail_trial(study, trial)  # run_trial stored fail_reason / fail_detail
         except KeyboardInterrupt:
             _fail_trial(study, trial, "interrupted", "stopped by a second Ctrl-C")
             return "interrupted"
@@ -258,6 +270,7 @@ def worker_main(spec_path: str) -> int:
     try:
         cfg = config_from_dict(spec.config)
         study, _ = create_or_resume(cfg)
+        cfg = align_objectives(cfg, study)
         if spec.sampler_seed is not None:
             study.sampler = make_sampler(replace(cfg, study=replace(cfg.study, seed=spec.sampler_seed)))
         paths = run_paths(cfg.study.run_dir, cfg.study.name, cfg.teacher.cache.dir)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from optuna.trial import TrialState
-
-from conftest import run_cli
-from kdsearch.search import supervisor
 from search_run_helpers import (
     artifact_sha,
     assert_no_storage_errors,
@@ -19,6 +17,13 @@ from search_run_helpers import (
     seed_study_folder,
     worker_statuses,
 )
+
+from kdsearch.config import apply_overrides, load_config
+from kdsearch.search import supervisor
+from kdsearch.search.study import create_or_resume
+from kdsearch.search.worker import align_objectives
+
+from cli_helpers import SMOKE, run_cli
 
 
 def test_four_workers_on_a_journal_finish_exactly_n_trials(smoke_run: Path, tmp_path: Path) -> None:
@@ -40,6 +45,8 @@ def test_four_workers_on_a_journal_finish_exactly_n_trials(smoke_run: Path, tmp_
     assert len(worker_statuses(tmp_path, "w4")) == 4
     params = [json.dumps(t.params, sort_keys=True) for t in trials]
     assert len(set(params)) == 8, params
+    for t in trials:
+        assert t.values == [t.user_attrs["val_accuracy"], t.user_attrs["macs"]]
     assert_no_storage_errors(tmp_path, "w4")
 
 
@@ -56,3 +63,17 @@ def test_workers_are_pinned_to_the_visible_gpus(monkeypatch: pytest.MonkeyPatch)
     assert "CUDA_VISIBLE_DEVICES" not in supervisor.worker_env(None, base={})
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert supervisor._visible_gpus() == [] and supervisor.default_workers() == 1
+
+
+def test_a_worker_tells_values_in_the_stored_objective_order(tmp_path: Path) -> None:
+    """Resuming with the objectives listed in another order passes the (set-wise) resume check;
+    the worker must still return values in the study's order."""
+    cfg = apply_overrides(load_config(SMOKE), run_dir=str(tmp_path))
+    study, _ = create_or_resume(cfg)
+    swapped = replace(cfg, objectives={"macs": "minimize", "val_accuracy": "maximize"})
+    again, resumed = create_or_resume(swapped)
+    assert resumed and again.metric_names == ["val_accuracy", "macs"]
+    assert align_objectives(swapped, again).metric_names == ["val_accuracy", "macs"]
+    assert align_objectives(cfg, again) is cfg
+    # The stored config keeps the order too (`kdsearch worker` rebuilds its config from it).
+    assert list(study.user_attrs["config"]["objectives"]) == ["val_accuracy", "macs"]
