@@ -54,18 +54,30 @@ MAX_DEATHS_IN_A_ROW = 5  # a slot whose workers die this often without storing a
 
 
 class StopFlag:
-    """Counts Ctrl-C presses; the supervisor turns them into signals for its workers."""
+    """Counts Ctrl-C presses; the supervisor turns them into signals for its workers.
+
+    SIGTERM (``kill``, ``systemctl stop``, a batch scheduler's time limit) counts as two presses:
+    the running trials stop now and are stored as FAIL ``interrupted`` rather than left to be
+    found stale on the next run.
+    """
 
     def __init__(self) -> None:
         self.requests = 0
 
-    def request(self) -> None:
-        self.requests += 1
+    def request(self, times: int = 1) -> None:
+        self.requests += times
 
     def install_sigint(self) -> Callable[[], None]:
-        previous = signal.getsignal(signal.SIGINT)
+        """Install SIGINT and SIGTERM handlers; returns a function that restores the old ones."""
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         signal.signal(signal.SIGINT, lambda signum, frame: self.request())
-        return lambda: signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.request(2))
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
 
 
 @dataclass

@@ -175,3 +175,21 @@ def test_ctrl_c_once_finishes_the_trial_twice_interrupts_it(smoke_run: Path, tmp
     assert stopped.datetime_complete is not None
     # Budget is per invocation; the total over both runs is in time_spent_s.
     assert study.user_attrs["time_spent_s"] > spent_1
+
+
+def test_sigterm_interrupts_the_running_trial_like_a_second_ctrl_c(smoke_run: Path, tmp_path: Path) -> None:
+    seed_study_folder(smoke_run, tmp_path, "term")
+    log = tmp_path / "optimize.log"
+    proc = start_cli(optimize_args(tmp_path, "term", "--n-trials", "5"), log)
+    try:
+        st = wait_for(lambda: distilling_worker(tmp_path, "term"), 60, "a trial in distil", log)
+        proc.send_signal(signal.SIGTERM)
+        code = finish(proc, log)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    assert code == 130, log.read_text()
+    study = open_study(tmp_path, "term")
+    stopped = [t for t in study.trials if t.number == st["trial"]][0]
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted"
+    assert not any(t.state == TrialState.RUNNING for t in study.trials)
