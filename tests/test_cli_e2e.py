@@ -91,3 +91,14 @@ def test_resume_with_a_different_space_is_an_error(copy_run: Path, capsys: pytes
     assert code == 2
     assert "student.vgg.depth" in err and err.count("\n") == 0
     assert len(_study(copy_run).trials) == 3
+
+
+def test_env_prints_what_a_bug_report_needs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("env", "--json") == 0
+    env = json.loads(capsys.readouterr().out)
+    assert env["torch"] == torch.__version__
+    text = json.dumps(env)
+    for key in ("optuna", "timm", "ptflops", "nvml"):
+        assert key in text, key
+    assert run_cli("env") == 0
+    assert "environment" in capsys.readouterr().out
