@@ -30,7 +30,7 @@ demo: install
 	$(BIN)/kdsearch report --study-name demo --run-dir $(RUN)
 
 lint: install
-	$(BIN)/ruff check kdsearch tests benchmarks
+	$(BIN)/ruff check kdsearch tests benchmarks studies
 
 bench: install
 	$(BIN)/python benchmarks/bench_kd_step.py

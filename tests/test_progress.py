@@ -7,9 +7,10 @@ import io
 import optuna
 from rich.console import Console
 
-from cli_helpers import SMOKE
 from kdsearch.config import load_config
 from kdsearch.progress import SearchDisplay
+
+from cli_helpers import SMOKE
 
 
 def _trials() -> list[optuna.trial.FrozenTrial]:
