@@ -152,7 +152,8 @@ def _print_trials(console: Console, study: Any, pareto: bool) -> None:
     trials, front = _trial_rows(study, pareto)
     names = study.metric_names or [f"value{i}" for i in range(len(study.directions))]
     table = Table(title=f"{study.study_name}: {'Pareto front (feasible)' if pareto else 'all trials'}")
-    for col in ["#", "state", "student", "teacher", *names, "kd_time_s", "front"]:
+    extra = [] if "kd_time_s" in names else ["kd_time_s"]
+    for col in ["#", "state", "student", "teacher", *names, *extra, "front"]:
         table.add_column(col, justify="right" if col not in ("state", "student", "teacher") else "left")
     for t in trials:
         ua = t.user_attrs
@@ -163,8 +164,8 @@ def _print_trials(console: Console, study: Any, pareto: bool) -> None:
         elif state == "FAIL":
             state = f"FAIL ({ua.get('fail_reason', '?')})"
         mark = "*" if t.number in front else ""
-        table.add_row(str(t.number), state, str(ua.get("student", "")), str(ua.get("teacher", "")), *vals,
-                      _fmt(ua.get("kd_time_s"), "kd_time_s"), mark)
+        kd = [_fmt(ua.get("kd_time_s"), "kd_time_s")] if extra else []
+        table.add_row(str(t.number), state, str(ua.get("student", "")), str(ua.get("teacher", "")), *vals, *kd, mark)
     console.print(table)
     if pareto:
         console.print("* = on the feasible Pareto front; INFEASIBLE rows break a constraint and are not on it.")

@@ -66,6 +66,7 @@ CASES = [
     ("export-pick-unknown-metric", lambda t, r: ["export", "--study-name", "smoke", "--run-dir", r, "--pick", "max accuracy", "--out", t / "x"], "accuracy"),
     ("export-trial-not-int", lambda t, r: ["export", "--study-name", "smoke", "--run-dir", r, "--trial", "one", "--out", t / "x"], "--trial: must be an integer"),
     ("table-unknown-key", lambda t, r: ["table", "--study-name", "smoke", "--run-dir", r, "--rows", "depht", "--cols", "resolution", "--metric", "val_accuracy"], "did you mean 'depth'"),
+    ("vit-resolution-without-patch-size", lambda t, r: ["optimize", "--config", SMOKE, "--run-dir", r, "--set", "student.family=[vgg, vit]", "--set", "student.resolution={low: 17, high: 40}"], "a ViT student needs a resolution"),
     ("unknown-command", lambda t, r: ["optimise"], "invalid choice"),
     ("optimize-without-config", lambda t, r: ["optimize"], "--config"),
 ]

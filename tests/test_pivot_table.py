@@ -121,3 +121,23 @@ def test_cli_prints_the_same_table(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     table = pivot_table(study, rows="teacher", cols="family", metric="val_accuracy")
     assert out == render_markdown(table) + "\n\n" + render_csv(table)
+
+
+def test_categorical_labels_keep_the_study_files_order() -> None:
+    from kdsearch.report.table import pivot_table, render_markdown
+
+    study = optuna.create_study(directions=["maximize"])
+    dists = {"size": optuna.distributions.CategoricalDistribution(["XS", "S", "M", "L", "XL"]),
+             "resolution": optuna.distributions.CategoricalDistribution([32, 224])}
+    for size, acc in [("XL", 0.5), ("XS", 0.2), ("M", 0.4)]:
+        study.add_trial(optuna.trial.create_trial(
+            params={"size": size, "resolution": 32}, distributions=dists, values=[acc],
+            user_attrs={"val_accuracy": acc, "macs": None}))
+    table = pivot_table(study, rows="size", cols="resolution", metric="val_accuracy")
+    assert table.row_labels == ["XS", "M", "XL"]  # the study file's order, not alphabetical
+    assert table.cells[("M", 32)] == 0.4
+    # A cell whose trials have no finite value shows "—" with its count, not a blank.
+    study.add_trial(optuna.trial.create_trial(
+        params={"size": "S", "resolution": 224}, distributions=dists, values=[0.1],
+        user_attrs={"val_accuracy": None, "macs": None}))
+    assert "— (n=0)" in render_markdown(pivot_table(study, rows="size", cols="resolution", metric="val_accuracy"))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.config import metric_unit
@@ -84,8 +85,8 @@ def pivot_table(study: optuna.Study, *, rows: str, cols: str, metric: str, agg: 
         bucket = groups.setdefault((r, c), [])
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             bucket.append(float(v))
-    row_labels = sorted({k[0] for k in groups}, key=_sort_key)
-    col_labels = sorted({k[1] for k in groups}, key=_sort_key)
+    row_labels = _ordered({k[0] for k in groups}, trials, rows)
+    col_labels = _ordered({k[1] for k in groups}, trials, cols)
     fn = _AGGS[agg]
     cells = {k: (fn(v) if v else None) for k, v in groups.items()}
     counts = {k: len(v) for k, v in groups.items()}
@@ -94,6 +95,17 @@ def pivot_table(study: optuna.Study, *, rows: str, cols: str, metric: str, agg: 
 
 def _sort_key(v: Any) -> tuple[int, Any]:
     return (0, v) if isinstance(v, (int, float)) else (1, str(v))
+
+
+def _ordered(labels: set[Any], trials: Sequence[FrozenTrial], key: str) -> list[Any]:
+    """Labels of a categorical param in the order the study file lists them (XS, S, M, L, XL);
+    anything else numerically, then alphabetically."""
+    for t in trials:
+        dist = t.distributions.get(key)
+        if isinstance(dist, CategoricalDistribution):
+            order = {v: i for i, v in enumerate(dist.choices)}
+            return sorted(labels, key=lambda v: (order.get(v, len(order)), _sort_key(v)))
+    return sorted(labels, key=_sort_key)
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -119,8 +131,10 @@ def render_markdown(table: PivotTable) -> str:
     for r in table.row_labels:
         cells = []
         for c in table.col_labels:
-            n = table.counts.get((r, c), 0)
-            cells.append(f"{_fmt(table.cells.get((r, c)), table.unit)} (n={n})" if n else "")
+            if (r, c) in table.cells:  # trials exist here; "—" when none had a finite value
+                cells.append(f"{_fmt(table.cells[(r, c)], table.unit)} (n={table.counts[(r, c)]})")
+            else:
+                cells.append("")
         lines.append("| " + " | ".join([str(r), *cells]) + " |")
     return "\n".join(lines)
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import torch
 
-from kdsearch.config import StudyConfig
+from kdsearch.config import Space, StudyConfig
 from kdsearch.data import load_data
-from kdsearch.models import create_teacher
+from kdsearch.errors import ConfigError
+from kdsearch.models import create_teacher, vit_patch_size
 
 __all__ = ["preflight"]
 
 
 def preflight(cfg: StudyConfig) -> int:
-    """Validate data and teachers; return the data set's class count. Storage is checked when
-    the study is opened, which writes nothing until the URL has opened."""
+    """Validate the ViT space, data and teachers; return the data set's class count. Storage is
+    checked when the study is opened, which writes nothing until the URL has opened."""
+    _check_vit_resolutions(cfg)
     bundle = load_data(cfg.data)
     for tcfg in cfg.teachers:
         # Builds the model on the CPU: catches unknown names, bad kwargs and checkpoints that do
@@ -26,3 +28,30 @@ def preflight(cfg: StudyConfig) -> int:
         teacher = create_teacher(tcfg, bundle.num_classes, torch.device("cpu"))
         del teacher
     return bundle.num_classes
+
+
+def _int_values(space: Space) -> list[int]:
+    if space.choices is not None:
+        return [int(v) for v in space.choices]
+    step = int(space.step or 1)
+    return list(range(int(space.low), int(space.high) + 1, step))  # type: ignore[arg-type]
+
+
+def _check_vit_resolutions(cfg: StudyConfig) -> None:
+    """Every resolution a ViT trial can be proposed must have a patch size for every
+    ``patches_per_side`` choice; otherwise trials would be wasted on invalid students."""
+    if "vit" not in cfg.student.family.values():
+        return
+    per_side = _int_values(cfg.student.vit.patches_per_side)
+    for res in _int_values(cfg.student.resolution):
+        for n in per_side:
+            try:
+                vit_patch_size(res, n)
+            except ValueError:
+                raise ConfigError(
+                    "student.resolution",
+                    f"a ViT student needs a resolution with a patch size that divides it ({res} px has none "
+                    f"for patches_per_side={n})",
+                    cfg.student.resolution.to_yaml(),
+                    "use a list or a range with step: 8",
+                ) from None

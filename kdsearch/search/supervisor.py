@@ -118,12 +118,15 @@ def _read_status(path: str) -> dict[str, Any]:
         return {}
 
 
-def worker_env(gpu: str | None, base: dict[str, str] | None = None) -> dict[str, str]:
+def worker_env(gpu: str | None, base: dict[str, str] | None = None, cpu_workers: int = 1) -> dict[str, str]:
     """The environment of a worker process: pinned to ``gpu`` (a CUDA_VISIBLE_DEVICES entry) and
-    able to import this kdsearch."""
+    able to import this kdsearch. CPU workers sharing a machine split its cores
+    (``OMP_NUM_THREADS``) instead of oversubscribing them, unless the user set it already."""
     env = dict(os.environ if base is None else base)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    elif cpu_workers > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_workers))
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return env
@@ -201,7 +204,7 @@ def supervise(
             # A new session: the terminal's Ctrl-C reaches only the supervisor, which decides.
             slot.proc = subprocess.Popen(
                 [sys.executable, "-m", "kdsearch.search.worker", str(spec_path)],
-                env=worker_env(slot.gpu), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env=worker_env(slot.gpu, cpu_workers=len(slots)), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
     def flush_time() -> None:

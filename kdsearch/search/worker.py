@@ -206,6 +206,24 @@ def _claim_trial(study: optuna.Study, spec: RunSpec) -> optuna.Trial | None:
         return trial
 
 
+def _tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None = None,
+          state: TrialState | None = None) -> None:
+    """``study.tell`` outside ``study.optimize``.
+
+    GridSampler.after_trial calls ``study.stop()`` once the grid is used up, and outside
+    ``optimize`` that raises RuntimeError -- after the trial has been stored (Optuna stores it in a
+    ``finally``). That error is expected and swallowed; the loop's own exhaustion check then ends
+    the run. Any other error, or a trial left unfinished, is re-raised.
+    """
+    try:
+        study.tell(trial, values, state=state)
+    except RuntimeError:
+        if not study._storage.get_trial(trial._trial_id).state.is_finished():
+            raise
+        if not isinstance(study.sampler, optuna.samplers.GridSampler):
+            raise
+
+
 def _fail_trial(study: optuna.Study, trial: optuna.Trial, reason: str | None = None, detail: str = "") -> None:
     """Store the trial as FAIL (with ``fail_reason`` unless it is already set) unless another
     process finished it first (failed it as stale or timeout)."""
@@ -213,7 +231,7 @@ def _fail_trial(study: optuna.Study, trial: optuna.Trial, reason: str | None = N
         if reason is not None:
             trial.set_user_attr("fail_reason", reason)
             trial.set_user_attr("fail_detail", detail[:500])
-        study.tell(trial, state=TrialState.FAIL)
+        _tell(study, trial, state=TrialState.FAIL)
     except RuntimeError:  # UpdateFinishedTrialError: finished meanwhile
         pass
 
@@ -244,7 +262,7 @@ def run_trials(ctx: WorkerContext, study: optuna.Study, spec: RunSpec, status: _
                           fraction=0.0, message="")
             with trial_heartbeat(study, trial._trial_id):
                 values = run_trial(ctx, trial, status.progress)
-            study.tell(trial, values)
+            _tell(study, trial, values)
         except TrialFailure:
             _fail_trial(study, trial)  # run_trial stored fail_reason / fail_detail
         except KeyboardInterrupt:

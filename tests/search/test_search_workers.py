@@ -77,3 +77,15 @@ def test_a_worker_tells_values_in_the_stored_objective_order(tmp_path: Path) -> 
     assert align_objectives(cfg, again) is cfg
     # The stored config keeps the order too (`kdsearch worker` rebuilds its config from it).
     assert list(study.user_attrs["config"]["objectives"]) == ["val_accuracy", "macs"]
+
+
+def test_cpu_workers_split_the_cores_instead_of_oversubscribing() -> None:
+    import os
+
+    from kdsearch.search.supervisor import worker_env
+
+    env = worker_env(None, base={}, cpu_workers=2)
+    assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert "OMP_NUM_THREADS" not in worker_env(None, base={}, cpu_workers=1)
+    assert worker_env(None, base={"OMP_NUM_THREADS": "3"}, cpu_workers=4)["OMP_NUM_THREADS"] == "3"
+    assert "OMP_NUM_THREADS" not in worker_env("0", base={}, cpu_workers=4)
