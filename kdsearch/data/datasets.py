@@ -26,6 +26,7 @@ from kdsearch.data.resize import resize_square_u8
 from kdsearch.data.splits import (
     DataBundle,
     ImageSplit,
+    SplitIndices,
     carve_splits,
     content_digest,
     data_fingerprint,
@@ -154,11 +155,11 @@ def _pool_imagefolder(cfg: DataConfig) -> _Pool:
     )
 
 
-def _bundle_from_pool(cfg: DataConfig, pool: _Pool) -> DataBundle:
-    num_classes = len(pool.class_names)
-    idx = carve_splits(
-        pool.labels,
-        pool.test_labels,
+def _carve(cfg: DataConfig, train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int) -> SplitIndices:
+    """The seeded, stratified split indices that ``cfg`` asks for (val, finetune, caps)."""
+    return carve_splits(
+        train_labels,
+        test_labels,
         num_classes,
         val_fraction=cfg.val_fraction,
         finetune_fraction=cfg.finetune_fraction,
@@ -166,6 +167,11 @@ def _bundle_from_pool(cfg: DataConfig, pool: _Pool) -> DataBundle:
         max_train_samples=cfg.max_train_samples,
         max_test_samples=cfg.max_test_samples,
     )
+
+
+def _bundle_from_pool(cfg: DataConfig, pool: _Pool) -> DataBundle:
+    num_classes = len(pool.class_names)
+    idx = _carve(cfg, pool.labels, pool.test_labels, num_classes)
     full = ImageSplit(pool.images, pool.labels)
     train = full.subset(idx.train)
     val = full.subset(idx.val)
@@ -208,16 +214,7 @@ def _load_imagenet(cfg: DataConfig) -> DataBundle:
     size = cfg.image_size or _DEFAULT_SIZE["imagenet"]
     train_l, test_l = list_train_test(cfg.root, "imagenet")
     num_classes = len(train_l.class_names)
-    idx = carve_splits(
-        train_l.labels,
-        test_l.labels,
-        num_classes,
-        val_fraction=cfg.val_fraction,
-        finetune_fraction=cfg.finetune_fraction,
-        seed=cfg.seed,
-        max_train_samples=cfg.max_train_samples,
-        max_test_samples=cfg.max_test_samples,
-    )
+    idx = _carve(cfg, train_l.labels, test_l.labels, num_classes)
 
     def files(listing_files: list[str], ix: torch.Tensor) -> list[str]:
         return [listing_files[i] for i in ix.tolist()]
