@@ -136,20 +136,33 @@ def test_restart_after_a_sigkill_of_the_whole_run_recovers_the_orphaned_trial(co
     assert_unchanged(before, snapshot_complete(copy_run, "smoke"))
 
 
+def _signal_while_distilling(
+    args: list[str], log: Path, run_dir: Path, name: str, signals: list[signal.Signals], min_trial: int = 0
+) -> tuple[int, dict]:
+    """Start ``kdsearch optimize``, wait until a trial (number >= ``min_trial``) is distilling, send
+    ``signals`` 0.7 s apart (the supervisor polls every 0.5 s), and return (exit code, status)."""
+    proc = start_cli(args, log)
+    try:
+        st = wait_for(lambda: distilling_worker(run_dir, name, min_trial=min_trial), 60,
+                      f"trial >= {min_trial} in distil", log)
+        for i, sig in enumerate(signals):
+            if i:
+                time.sleep(0.7)
+            proc.send_signal(sig)
+        code = finish(proc, log)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    return code, st
+
+
 def test_ctrl_c_once_finishes_the_trial_twice_interrupts_it(smoke_run: Path, tmp_path: Path) -> None:
     seed_study_folder(smoke_run, tmp_path, "cc")
     args = optimize_args(tmp_path, "cc", "--n-trials", "5")
     log = tmp_path / "optimize.log"
 
     # Once: the running trial completes, no new one starts, the run ends (exit 130: interrupted).
-    proc = start_cli(args, log)
-    try:
-        st = wait_for(lambda: distilling_worker(tmp_path, "cc"), 60, "a trial in distil", log)
-        proc.send_signal(signal.SIGINT)
-        code = finish(proc, log)
-    finally:
-        if proc.poll() is None:
-            kill_group(proc)
+    code, st = _signal_while_distilling(args, log, tmp_path, "cc", [signal.SIGINT])
     assert code == 130, log.read_text()
     study = open_study(tmp_path, "cc")
     assert [(t.number, t.state) for t in study.trials] == [(st["trial"], TrialState.COMPLETE)]
@@ -157,16 +170,7 @@ def test_ctrl_c_once_finishes_the_trial_twice_interrupts_it(smoke_run: Path, tmp
     assert spent_1 > 0
 
     # Twice: the running trial stops now as FAIL interrupted.
-    proc = start_cli(args, log)
-    try:
-        st = wait_for(lambda: distilling_worker(tmp_path, "cc", min_trial=1), 60, "trial 1 in distil", log)
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.7)  # the supervisor polls every 0.5 s: let it pass on the first request
-        proc.send_signal(signal.SIGINT)
-        code = finish(proc, log)
-    finally:
-        if proc.poll() is None:
-            kill_group(proc)
+    code, st = _signal_while_distilling(args, log, tmp_path, "cc", [signal.SIGINT, signal.SIGINT], min_trial=1)
     assert code == 130, log.read_text()
     study = open_study(tmp_path, "cc")
     assert len(study.trials) == 2
@@ -180,14 +184,8 @@ def test_ctrl_c_once_finishes_the_trial_twice_interrupts_it(smoke_run: Path, tmp
 def test_sigterm_interrupts_the_running_trial_like_a_second_ctrl_c(smoke_run: Path, tmp_path: Path) -> None:
     seed_study_folder(smoke_run, tmp_path, "term")
     log = tmp_path / "optimize.log"
-    proc = start_cli(optimize_args(tmp_path, "term", "--n-trials", "5"), log)
-    try:
-        st = wait_for(lambda: distilling_worker(tmp_path, "term"), 60, "a trial in distil", log)
-        proc.send_signal(signal.SIGTERM)
-        code = finish(proc, log)
-    finally:
-        if proc.poll() is None:
-            kill_group(proc)
+    code, st = _signal_while_distilling(optimize_args(tmp_path, "term", "--n-trials", "5"), log, tmp_path, "term",
+                                        [signal.SIGTERM])
     assert code == 130, log.read_text()
     study = open_study(tmp_path, "term")
     stopped = [t for t in study.trials if t.number == st["trial"]][0]
