@@ -41,10 +41,10 @@ def _storage_url(args: argparse.Namespace) -> str:
     from kdsearch.search.study import default_storage_url
 
     if args.storage:
-        from kdsearch.config import _validate_storage_url
+        from kdsearch.config import validate_storage_url
 
         try:
-            _validate_storage_url(args.storage)
+            validate_storage_url(args.storage)
         except ConfigError as exc:
             raise ConfigError("--storage", exc.rule, args.storage) from None
         return str(args.storage)

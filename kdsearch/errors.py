@@ -8,6 +8,8 @@ they are :class:`TrialFailure` and are stored on the trial as data.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "ExportError",
     "TrialFailure",
     "FAIL_REASONS",
+    "unknown_key_error",
 ]
 
 
@@ -50,6 +53,15 @@ class ConfigError(KDSearchError):
         if fix:
             msg += f"; {fix}"
         super().__init__(msg)
+
+
+
+def unknown_key_error(section: str, key: str, known: Sequence[str]) -> ConfigError:
+    """The one error for a key that a section does not have, suggesting the closest known key."""
+    m = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+    where = f" in {section}" if section else ""
+    hint = f"did you mean {m[0]!r}?" if m else f"known keys: {', '.join(known)}"
+    return ConfigError(f"{section}.{key}" if section else str(key), f"unknown key {key!r}{where}; {hint}")
 
 
 class DataError(KDSearchError):

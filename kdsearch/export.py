@@ -34,7 +34,7 @@ from torch import nn
 
 from kdsearch import __version__
 from kdsearch.checkpoint import atomic_write_text, load_student_file, sha256_file
-from kdsearch.config import metric_unit
+from kdsearch.metrics import metric_unit
 from kdsearch.errors import CheckpointError, ConfigError, ExportError
 from kdsearch.models.spec import StudentSpec
 

@@ -19,7 +19,8 @@ from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kdsearch.config import StudyConfig, format_duration, metric_unit
+from kdsearch.config import StudyConfig, format_duration
+from kdsearch.metrics import metric_unit
 
 __all__ = ["SearchDisplay"]
 

@@ -6,15 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from kdsearch.config import (
-    Space,
-    apply_overrides,
-    config_from_dict,
-    config_to_dict,
-    is_known_metric,
-    load_config,
-    parse_duration,
-)
+from kdsearch.config import Space, apply_overrides, config_from_dict, config_to_dict, load_config, parse_duration
+from kdsearch.metrics import is_known_metric
 from kdsearch.errors import ConfigError
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
@@ -118,9 +111,9 @@ def test_signature_ignores_budget_but_not_space() -> None:
 
 def test_known_metrics_follow_batch_sizes() -> None:
     cfg = load_config(STUDIES / "smoke.yaml")
-    assert is_known_metric("latency_ms_b16", cfg)
-    assert not is_known_metric("latency_ms_b64", cfg)
-    assert is_known_metric("latency_ms_b1_cpu", cfg)
+    assert is_known_metric("latency_ms_b16", cfg.measure.latency.batch_sizes)
+    assert not is_known_metric("latency_ms_b64", cfg.measure.latency.batch_sizes)
+    assert is_known_metric("latency_ms_b1_cpu", cfg.measure.latency.batch_sizes)
     assert not is_known_metric("accuracy")
 
 

@@ -24,7 +24,7 @@ import plotly.graph_objects as go
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.config import metric_unit
+from kdsearch.metrics import metric_unit
 from kdsearch.report.pareto import feasible, metric_columns, metric_value, pareto_front
 
 __all__ = [

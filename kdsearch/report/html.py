@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 
 from kdsearch import __version__
 from kdsearch.checkpoint import atomic_write_text
-from kdsearch.config import format_duration, metric_unit
+from kdsearch.config import format_duration
+from kdsearch.metrics import metric_unit
 from kdsearch.report.figures import ReportFigure, all_figures
 from kdsearch.report.pareto import (
     TrialRow,

@@ -31,7 +31,7 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.config import KNOWN_METRICS, is_known_metric, metric_unit
+from kdsearch.metrics import KNOWN_METRICS, is_known_metric, metric_unit
 from kdsearch.errors import ConfigError
 
 __all__ = [

@@ -20,7 +20,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.config import metric_unit
+from kdsearch.metrics import metric_unit
 from kdsearch.errors import ConfigError
 
 __all__ = ["PivotTable", "pivot_table", "render_markdown", "render_csv", "trial_key"]

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from kdsearch.config import KNOWN_METRICS, EnergyConfig, LatencyConfig, MeasureConfig, metric_unit
+from kdsearch.config import EnergyConfig, LatencyConfig, MeasureConfig
+from kdsearch.metrics import KNOWN_METRICS, metric_unit
 from kdsearch.measure import Measurements, measure_inference, measure_latency
 from kdsearch.models.spec import StudentSpec
 

@@ -14,7 +14,8 @@ import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from kdsearch.config import format_duration, metric_unit
+from kdsearch.config import format_duration
+from kdsearch.metrics import metric_unit
 from kdsearch.errors import ConfigError, StorageError
 from kdsearch.report import build_report
 from kdsearch.report.figures import all_figures, reference_point

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from optuna.trial import TrialState
 
-from kdsearch.config import metric_unit
+from kdsearch.metrics import metric_unit
 from kdsearch.errors import ConfigError, StorageError
 from kdsearch.report.pareto import (
     Condition,

@@ -1,0 +1,362 @@
+"""The study file's sections, each a frozen dataclass validated on construction.
+
+Units are in names (``_s``, ``_mb``); searchable keys are :func:`~kdsearch.config.space.space_field`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdsearch.config.space import Space, space_field
+from kdsearch.errors import ConfigError
+
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "imagefolder", "imagenet", "digits", "synthetic")
+SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "nsga3", "random", "grid", "gp")
+
+
+
+
+@dataclass(frozen=True)
+class StudySection:
+    """Where the study lives and how it is driven."""
+
+    name: str = "kdsearch"
+    run_dir: str = "runs"
+    storage: str | None = None  # default: journal file <run_dir>/<name>/journal.log
+    sampler: str = "tpe"
+    seed: int = 0
+    budget_s: float = 3600.0  # wall-clock budget of one `optimize` invocation
+    n_trials: int | None = None  # cap on trials started by this invocation
+    trial_time_s: float = 60.0  # the KD time box of one trial
+    grace_s: float = 120.0  # extra time (measurement, setup) before a trial is killed
+    max_retries: int = 1  # how often a stale trial's params are re-queued
+    workers: int | None = None  # None: one per visible GPU, else 1
+    n_startup_trials: int = 10  # random trials before TPE/GP model the space
+    population_size: int = 20  # NSGA-II/III population
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", self.name):
+            raise ConfigError(
+                "study.name",
+                "must be 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit",
+                self.name,
+            )
+        if self.sampler not in SAMPLERS:
+            m = difflib.get_close_matches(self.sampler, SAMPLERS, n=1)
+            raise ConfigError(
+                "study.sampler",
+                f"must be one of {list(SAMPLERS)}",
+                self.sampler,
+                f"did you mean {m[0]!r}?" if m else None,
+            )
+        if self.n_trials is not None and self.n_trials < 1:
+            raise ConfigError("study.n_trials", "must be >= 1", self.n_trials)
+        if self.max_retries < 0:
+            raise ConfigError("study.max_retries", "must be >= 0", self.max_retries)
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError("study.workers", "must be >= 1", self.workers)
+        if self.grace_s < 0:
+            raise ConfigError("study.grace", "must be >= 0", self.grace_s)
+        if self.n_startup_trials < 0:
+            raise ConfigError("study.n_startup_trials", "must be >= 0", self.n_startup_trials)
+        if self.population_size < 2:
+            raise ConfigError("study.population_size", "must be >= 2", self.population_size)
+        if self.storage is not None:
+            validate_storage_url(self.storage)
+
+
+def validate_storage_url(url: str) -> None:
+    ok_prefixes = ("sqlite:///", "postgresql://", "postgresql+", "mysql://", "mysql+", "journal:")
+    if url.startswith(ok_prefixes):
+        return
+    if "://" in url:
+        raise ConfigError(
+            "study.storage",
+            "must be sqlite:///PATH, postgresql://..., mysql://... or journal:PATH",
+            url,
+        )
+    # A bare path is a journal file.
+    if url.strip() == "":
+        raise ConfigError("study.storage", "must not be empty", url)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data set, where it lives, and how it is split and held.
+
+    ``image_size`` is the *stored* resolution (pixels) that the data is held at as uint8; each
+    trial resizes to its own resolution on the device. ``None`` keeps the native size (32 for
+    CIFAR, 32 for digits after upsampling, and 64 for imagefolder/imagenet).
+    """
+
+    dataset: str = "synthetic"
+    root: str | None = None
+    download: bool = True
+    val_fraction: float = 0.1
+    seed: int = 0
+    image_size: int | None = None
+    max_train_samples: int | None = None  # stratified subset of train (after the val split)
+    max_test_samples: int | None = None
+    device_resident: str = "auto"  # auto | true | false
+    num_workers: int = 2  # streaming loader only
+    # synthetic data only
+    num_classes: int = 10
+    synthetic_train_size: int = 512
+    synthetic_test_size: int = 256
+    # table3: a share of train held out for fine-tuning (never seen by KD)
+    finetune_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            m = difflib.get_close_matches(self.dataset, DATASETS, n=1)
+            raise ConfigError(
+                "data.dataset",
+                f"must be one of {list(DATASETS)}",
+                self.dataset,
+                f"did you mean {m[0]!r}?" if m else None,
+            )
+        if not 0.0 < self.val_fraction < 0.9:
+            raise ConfigError("data.val_fraction", "must be in (0, 0.9)", self.val_fraction)
+        if not 0.0 <= self.finetune_fraction < 0.9:
+            raise ConfigError("data.finetune_fraction", "must be in [0, 0.9)", self.finetune_fraction)
+        if self.val_fraction + self.finetune_fraction >= 0.95:
+            raise ConfigError(
+                "data.finetune_fraction",
+                "val_fraction + finetune_fraction must leave data for training",
+                self.finetune_fraction,
+            )
+        if self.device_resident not in ("auto", "true", "false"):
+            raise ConfigError(
+                "data.device_resident", "must be auto, true or false", self.device_resident
+            )
+        if self.image_size is not None and not 8 <= self.image_size <= 512:
+            raise ConfigError("data.image_size", "must be in [8, 512] pixels", self.image_size)
+        for name in ("max_train_samples", "max_test_samples"):
+            v = getattr(self, name)
+            if v is not None and v < 10:
+                raise ConfigError(f"data.{name}", "must be >= 10", v)
+        if self.num_classes < 2:
+            raise ConfigError("data.num_classes", "must be >= 2", self.num_classes)
+        if self.synthetic_train_size < 20:
+            raise ConfigError("data.synthetic_train_size", "must be >= 20", self.synthetic_train_size)
+        if self.synthetic_test_size < 10:
+            raise ConfigError("data.synthetic_test_size", "must be >= 10", self.synthetic_test_size)
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers", "must be >= 0", self.num_workers)
+        if self.dataset in ("imagefolder", "imagenet") and not self.root:
+            raise ConfigError(
+                "data.root",
+                f"is required for dataset {self.dataset!r}",
+                self.root,
+                "point it at a folder with train/ and val/ or test/ class folders",
+            )
+
+
+@dataclass(frozen=True)
+class TeacherCacheConfig:
+    """Teacher-logit cache: K augmented views of the train split, logits in fp16."""
+
+    views: int = 32
+    topk: int | None = None  # store only the top-k logits (large label spaces)
+    dir: str | None = None  # shared cache folder; default <run_dir>/<study>/cache
+    batch_size: int = 256  # teacher batch size while building
+    crop_padding: int = 4  # pixels of padding around the stored image for random crops
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.views <= 1024:
+            raise ConfigError("teacher.cache.views", "must be in [1, 1024]", self.views)
+        if self.topk is not None and self.topk < 1:
+            raise ConfigError("teacher.cache.topk", "must be >= 1", self.topk)
+        if self.batch_size < 1:
+            raise ConfigError("teacher.cache.batch_size", "must be >= 1", self.batch_size)
+        if not 0 <= self.crop_padding <= 64:
+            raise ConfigError("teacher.cache.crop_padding", "must be in [0, 64] pixels", self.crop_padding)
+
+
+@dataclass(frozen=True)
+class TeacherFitConfig:
+    """Fitting the teacher to the data set (fine-tune, or from scratch without weights)."""
+
+    enabled: str = "auto"  # auto: fit when classes differ or no pretrained weights; true; false
+    time_s: float = 300.0
+    lr: float = 1e-3  # AdamW
+    weight_decay: float = 0.05
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.enabled not in ("auto", "true", "false"):
+            raise ConfigError("teacher.fit.enabled", "must be auto, true or false", self.enabled)
+        if not 0 < self.lr < 10:
+            raise ConfigError("teacher.fit.lr", "must be in (0, 10)", self.lr)
+        if self.batch_size < 1:
+            raise ConfigError("teacher.fit.batch_size", "must be >= 1", self.batch_size)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """A timm teacher: a model name, ``hf-hub:`` name, or a local checkpoint plus kwargs."""
+
+    name: str = "vit_tiny_patch16_224"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_size: int | None = None  # override the teacher's input resolution (pixels)
+    mode: str = "cached"  # cached | online
+    label: str | None = None  # short name used in tables ("ViT", "CNN"); default: name
+    cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
+    fit: TeacherFitConfig = field(default_factory=TeacherFitConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ConfigError("teacher.name", "must be a timm model name", self.name)
+        if self.mode not in ("cached", "online"):
+            raise ConfigError("teacher.mode", "must be cached or online", self.mode)
+        if self.input_size is not None and not 16 <= self.input_size <= 1024:
+            raise ConfigError("teacher.input_size", "must be in [16, 1024] pixels", self.input_size)
+        if self.checkpoint is not None:
+            suffix = Path(self.checkpoint).suffix
+            if suffix not in (".pth", ".pt", ".bin", ".safetensors"):
+                raise ConfigError(
+                    "teacher.checkpoint", "must be a .pth, .pt, .bin or .safetensors file", self.checkpoint
+                )
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.name
+
+
+
+@dataclass(frozen=True)
+class EarlyStopConfig:
+    enabled: bool = False
+    patience: int = 3  # evaluations without improvement
+    min_delta: float = 0.002  # accuracy
+
+    def __post_init__(self) -> None:
+        if self.patience < 1:
+            raise ConfigError("distill.early_stop.patience", "must be >= 1", self.patience)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Hinton KD: alpha*T^2*KL(teacher_T || student_T) + (1-alpha)*CE, time-boxed."""
+
+    temperature: Space = space_field(Space(choices=(4.0,)), minimum=0.1, maximum=100.0)
+    alpha: Space = space_field(Space(choices=(0.9,)), minimum=0.0, maximum=1.0)
+    lr: Space = space_field(Space(choices=(0.05,)), minimum=1e-6, maximum=10.0)  # peak SGD learning rate
+    optimizer: str = "sgd"  # sgd (nesterov, momentum 0.9) | adamw
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    warmup_fraction: float = 0.05  # of the time box
+    final_lr_fraction: float = 0.0  # cosine decays to peak * this
+    eval_every_fraction: float = 0.25  # validate at these fractions of the box
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    label_smoothing: float = 0.0
+    compile: bool = False
+    amp: bool = True  # bf16 autocast on CUDA; CPU is always fp32
+    channels_last: bool = True  # CUDA only
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError("distill.optimizer", "must be sgd or adamw", self.optimizer)
+        if not 0 <= self.weight_decay < 1:
+            raise ConfigError("distill.weight_decay", "must be in [0, 1)", self.weight_decay)
+        if not 1 <= self.batch_size <= 65536:
+            raise ConfigError("distill.batch_size", "must be in [1, 65536]", self.batch_size)
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError("distill.warmup_fraction", "must be in [0, 1)", self.warmup_fraction)
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ConfigError("distill.final_lr_fraction", "must be in [0, 1]", self.final_lr_fraction)
+        if not 0 < self.eval_every_fraction <= 1:
+            raise ConfigError(
+                "distill.eval_every_fraction", "must be in (0, 1]", self.eval_every_fraction
+            )
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError("distill.label_smoothing", "must be in [0, 1)", self.label_smoothing)
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    batch_sizes: tuple[int, ...] = (1, 64)
+    devices: tuple[str, ...] = ("auto",)  # auto = the trial's device; may add "cpu"
+    cpu_threads: int = 1
+    warmup: int = 5  # iterations before timing
+    min_repeats: int = 10
+    max_repeats: int = 200
+    max_time_s: float = 2.0  # cap on timed repeats per (device, batch)
+    target_iqr_ratio: float = 0.1  # stop once IQR / median falls below this
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ConfigError("measure.latency.batch_sizes", "must be a list of integers >= 1", list(self.batch_sizes))
+        for d in self.devices:
+            if d not in ("auto", "cpu", "cuda"):
+                raise ConfigError("measure.latency.devices", "each must be auto, cpu or cuda", d)
+        if self.cpu_threads < 1:
+            raise ConfigError("measure.latency.cpu_threads", "must be >= 1", self.cpu_threads)
+        if self.min_repeats < 3 or self.max_repeats < self.min_repeats:
+            raise ConfigError(
+                "measure.latency.min_repeats", "must be >= 3 and <= max_repeats", self.min_repeats
+            )
+        if self.max_time_s <= 0:
+            raise ConfigError("measure.latency.max_time", "must be > 0", self.max_time_s)
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
+    enabled: bool = True
+    infer_min_time_s: float = 2.0  # inference loop at least this long (>= 20 counter updates)
+    poll_interval_s: float = 0.02  # power-poll fallback period
+
+    def __post_init__(self) -> None:
+        if self.infer_min_time_s <= 0:
+            raise ConfigError("measure.energy.infer_min_time", "must be > 0", self.infer_min_time_s)
+        if self.poll_interval_s <= 0:
+            raise ConfigError("measure.energy.poll_interval", "must be > 0", self.poll_interval_s)
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.eval_batch_size < 1:
+            raise ConfigError("measure.eval_batch_size", "must be >= 1", self.eval_batch_size)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Facet 4 per trial: freeze features, train the head at a low LR."""
+
+    enabled: bool = False
+    epochs: int = 15
+    lr: float = 1e-3
+    batch_size: int = 128
+    unfreeze_last_block: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("finetune.epochs", "must be >= 1", self.epochs)
+        if not 0 < self.lr < 10:
+            raise ConfigError("finetune.lr", "must be in (0, 10)", self.lr)
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    """Test-only fault injection: ``inject`` one of oom, nan, hang, error at ``inject_trial``."""
+
+    inject: str | None = None
+    inject_trial: int | None = None  # trial number; None = every trial
+
+    def __post_init__(self) -> None:
+        if self.inject is not None and self.inject not in ("oom", "nan", "hang", "error"):
+            raise ConfigError("debug.inject", "must be oom, nan, hang or error", self.inject)
+
+

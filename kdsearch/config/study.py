@@ -1,0 +1,209 @@
+"""The whole study file as one validated :class:`StudyConfig`, and its YAML-shaped form."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdsearch.config.sections import (
+    DataConfig,
+    DebugConfig,
+    DistillConfig,
+    FinetuneConfig,
+    MeasureConfig,
+    StudySection,
+    TeacherConfig,
+)
+from kdsearch.config.space import Space
+from kdsearch.config.student import STUDENT_FAMILIES, VGG_DEPTHS, StudentConfig, VGGSpaceConfig
+from kdsearch.errors import ConfigError
+from kdsearch.metrics import is_known_metric, metric_examples
+
+__all__ = ["StudyConfig", "config_to_dict", "DURATION_KEYS", "TOP_KEYS"]
+
+# YAML key -> (dataclass field, converter). Durations are written as strings in YAML and stored
+# as seconds; these fields get a ``_s`` suffix internally.
+DURATION_KEYS = {
+    ("study", "budget"): "budget_s",
+    ("study", "trial_time"): "trial_time_s",
+    ("study", "grace"): "grace_s",
+    ("teacher.fit", "time"): "time_s",
+    ("measure.latency", "max_time"): "max_time_s",
+    ("measure.energy", "infer_min_time"): "infer_min_time_s",
+    ("measure.energy", "poll_interval"): "poll_interval_s",
+}
+
+TOP_KEYS = ["study", "data", "teacher", "student", "distill", "objectives", "constraints", "measure", "finetune", "debug"]
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    study: StudySection = field(default_factory=StudySection)
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: tuple[TeacherConfig, ...] = field(default_factory=lambda: (TeacherConfig(),))
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    objectives: dict[str, str] = field(default_factory=lambda: {"val_accuracy": "maximize", "macs": "minimize"})
+    constraints: dict[str, float] = field(default_factory=dict)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    source: str | None = field(default=None, compare=False)  # the file it came from (not identity)
+
+    def __post_init__(self) -> None:
+        if not self.objectives:
+            raise ConfigError("objectives", "must name at least one metric", self.objectives)
+        for metric, direction in self.objectives.items():
+            if not is_known_metric(metric, self.measure.latency.batch_sizes):
+                m = difflib.get_close_matches(metric, metric_examples(self.measure.latency.batch_sizes), n=1)
+                raise ConfigError(
+                    f"objectives.{metric}",
+                    "is not a metric kdsearch measures",
+                    metric,
+                    f"did you mean {m[0]!r}?" if m else f"known: {', '.join(metric_examples(self.measure.latency.batch_sizes))}",
+                )
+            if direction not in ("maximize", "minimize"):
+                raise ConfigError(f"objectives.{metric}", "must be maximize or minimize", direction)
+        for metric, limit in self.constraints.items():
+            if not is_known_metric(metric, self.measure.latency.batch_sizes):
+                m = difflib.get_close_matches(metric, metric_examples(self.measure.latency.batch_sizes), n=1)
+                raise ConfigError(
+                    f"constraints.{metric}",
+                    "is not a metric kdsearch measures",
+                    metric,
+                    f"did you mean {m[0]!r}?" if m else None,
+                )
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
+                raise ConfigError(f"constraints.{metric}", "must be a finite number (upper limit)", limit)
+        names = [t.name if t.label is None else t.label for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ConfigError("teacher", "teachers in a list need distinct names or labels", names)
+        fams = self.student.family.values() if self.student.family.choices else []
+        for fam in fams:
+            if fam not in STUDENT_FAMILIES:
+                raise ConfigError("student.family", f"each must be one of {list(STUDENT_FAMILIES)}", fam)
+        presets = self.student.vgg.presets
+        if presets:
+            default = VGGSpaceConfig()
+            if self.student.vgg.depth != default.depth or self.student.vgg.width != default.width:
+                raise ConfigError(
+                    "student.vgg.presets",
+                    "replaces student.vgg.depth and student.vgg.width; remove those two keys",
+                    [p.display_name for p in presets],
+                )
+            names = [p.display_name for p in presets]
+            if len(set(names)) != len(names):
+                raise ConfigError("student.vgg.presets", "need distinct names", names)
+            pairs = [(p.depth, p.width) for p in presets]
+            if len(set(pairs)) != len(pairs):
+                raise ConfigError("student.vgg.presets", "must not repeat a (depth, width) pair", names)
+        for d in self.student.vgg.depth.values() if self.student.vgg.depth.choices else []:
+            if d not in VGG_DEPTHS:
+                raise ConfigError("student.vgg.depth", f"each must be one of {list(VGG_DEPTHS)}", d)
+        if self.student.vgg.depth.choices is None:
+            raise ConfigError("student.vgg.depth", f"must be a list from {list(VGG_DEPTHS)}", self.student.vgg.depth.to_yaml())
+        res = self.student.resolution
+        lo = min(res.values()) if res.choices else res.low
+        hi = max(res.values()) if res.choices else res.high
+        if lo < 16 or hi > 224:
+            raise ConfigError("student.resolution", "must lie in [16, 224] pixels", res.to_yaml())
+        w = self.student.vgg.width
+        wlo = min(w.values()) if w.choices else w.low
+        whi = max(w.values()) if w.choices else w.high
+        if wlo < 1 / 128 or whi > 2.0:
+            raise ConfigError("student.vgg.width", "must lie in [1/128, 2.0]", w.to_yaml())
+        if self.finetune.enabled and self.data.finetune_fraction <= 0:
+            raise ConfigError(
+                "data.finetune_fraction",
+                "must be > 0 when finetune.enabled is true (fine-tuning needs its own images)",
+                self.data.finetune_fraction,
+            )
+        for metric in ("pre_ft_accuracy", "post_ft_accuracy"):
+            if (metric in self.objectives or metric in self.constraints) and not self.finetune.enabled:
+                raise ConfigError(f"objectives.{metric}", "needs finetune.enabled: true", metric)
+        if self.study.sampler == "grid":
+            for name, sp in _iter_spaces(self):
+                if presets and name in ("student.vgg.depth", "student.vgg.width"):
+                    continue  # replaced by the presets, never suggested
+                if sp.choices is None and sp.step is None:
+                    raise ConfigError(
+                        name, "the grid sampler needs a list or a stepped range, not a continuous range", sp.to_yaml()
+                    )
+
+    @property
+    def teacher(self) -> TeacherConfig:
+        """The first (usually the only) teacher."""
+        return self.teachers[0]
+
+    @property
+    def directions(self) -> list[str]:
+        return list(self.objectives.values())
+
+    @property
+    def metric_names(self) -> list[str]:
+        return list(self.objectives.keys())
+
+    def search_signature(self) -> dict[str, Any]:
+        """What must match when a stored study is resumed: the space, objectives, constraints,
+        data, teachers and time box. Budget, trial count, workers and storage may change."""
+        full = config_to_dict(self)
+        return {
+            "objectives": full["objectives"],
+            "constraints": full["constraints"],
+            "student": full["student"],
+            "distill": {k: full["distill"][k] for k in ("temperature", "alpha", "lr")},
+            "teacher": full["teacher"],
+            "data": {k: full["data"][k] for k in ("dataset", "val_fraction", "seed", "finetune_fraction")},
+            "trial_time_s": self.study.trial_time_s,
+            "sampler": self.study.sampler,
+        }
+
+
+def _iter_spaces(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Space]]:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        name = f"{prefix}{f.name}"
+        if isinstance(v, Space):
+            yield name, v
+        elif dataclasses.is_dataclass(v) and f.name in ("student", "distill", "vgg", "vit"):
+            yield from _iter_spaces(v, name + ".")
+
+
+
+
+def config_to_dict(cfg: StudyConfig) -> dict[str, Any]:
+    """The resolved config as YAML-shaped plain data (durations in seconds, spaces in YAML form).
+
+    ``config_from_dict(config_to_dict(cfg))`` rebuilds an equal config.
+    """
+
+    def dump(obj: Any, section: str) -> Any:
+        if isinstance(obj, Space):
+            return obj.to_yaml()
+        if dataclasses.is_dataclass(obj):
+            inv = {v: k for (sec, k), v in DURATION_KEYS.items() if sec == section}
+            out: dict[str, Any] = {}
+            for f in dataclasses.fields(obj):
+                if f.name == "source":
+                    continue
+                key = inv.get(f.name, f.name)
+                out[key] = dump(getattr(obj, f.name), f"{section}.{f.name}" if section else f.name)
+            return out
+        if isinstance(obj, tuple):
+            return [dump(v, section) for v in obj]
+        if isinstance(obj, dict):
+            return {k: dump(v, section) for k, v in obj.items()}
+        return obj
+
+    out: dict[str, Any] = {}
+    for key in TOP_KEYS:
+        if key == "teacher":
+            teachers = [dump(t, "teacher") for t in cfg.teachers]
+            out["teacher"] = teachers[0] if len(teachers) == 1 else teachers
+        else:
+            out[key] = dump(getattr(cfg, key), key)
+    return out
