@@ -1,43 +1,166 @@
-"""Every metric kdsearch stores: its name and unit (a registry; see :func:`metric_unit`)."""
+"""Every metric kdsearch stores, in one registry: name, unit, direction hint, split, what the
+figure includes, and its one formatter.
+
+A metric name is either fixed (``val_accuracy``) or a pattern with a batch size
+(``latency_ms_b{N}``, ``latency_ms_b{N}_cpu``, ``latency_p90_ms_b{N}``,
+``peak_infer_memory_mb_b{N}``). :func:`metric_info` resolves either kind to a :class:`Metric`.
+
+``split`` says which data split a figure is computed on: ``"train"`` for figures of the KD run
+itself (it reads only the training split), ``"val"`` and ``"test"`` for accuracies, ``None`` for
+figures that depend on the architecture and device only (params, MACs, latency, memory). A
+``"test"`` figure is stored for reporting and never steers the search (see
+:func:`is_selectable_metric`).
+
+Display convention (:func:`format_metric`, used by progress, the report, the pivot tables, the
+trial table and the export card): fractions as percent with two decimals (``"41.00%"``);
+counts and MACs in millions with four significant digits and a spaced ``M`` (``"0.123 M"``);
+everything else with four significant digits, a space and its unit (``"1.95 ms"``). A missing or
+non-finite value is ``"—"``.
+
+To add a metric: add one :class:`Metric` to :data:`FIXED_METRICS` (or a pattern to
+:data:`PATTERN_METRICS`) and store it under that name from the code that measures it.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
-__all__ = ["KNOWN_METRICS", "metric_unit", "is_known_metric", "metric_examples"]
+__all__ = [
+    "Direction",
+    "FIXED_METRICS",
+    "KNOWN_METRICS",
+    "MISSING_TEXT",
+    "Metric",
+    "PATTERN_METRICS",
+    "PatternMetric",
+    "Split",
+    "format_metric",
+    "is_known_metric",
+    "is_selectable_metric",
+    "metric_examples",
+    "metric_info",
+    "metric_unit",
+]
 
-FIXED_METRICS: dict[str, str] = {
-    "val_accuracy": "fraction",
-    "test_accuracy": "fraction",
-    "kd_time_s": "s",
-    "params": "count",
-    "macs": "MACs",
-    "model_size_mb": "MB",
-    "activation_peak_mb_b1": "MB",
-    "peak_kd_memory_mb": "MB",
-    "kd_energy_j": "J",
-    "infer_energy_mj_per_image": "mJ/image",
-    "pre_ft_accuracy": "fraction",
-    "post_ft_accuracy": "fraction",
-    "ft_gain": "fraction",
-}
-PATTERN_METRICS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"latency_ms_b(\d+)(_cpu|_cuda)?"), "ms"),
-    (re.compile(r"latency_p90_ms_b(\d+)(_cpu|_cuda)?"), "ms"),
-    (re.compile(r"peak_infer_memory_mb_b(\d+)"), "MB"),
+Direction = Literal["maximize", "minimize"]
+Split = Literal["train", "val", "test"]
+
+MISSING_TEXT = "—"
+"""What :func:`format_metric` shows for a missing (``None``) or non-finite value."""
+
+_MILLIONS_UNITS = frozenset({"count", "MACs"})
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One stored metric.
+
+    ``unit`` is the unit of the stored value (``"fraction"`` for accuracies in [0, 1],
+    ``"count"``, ``"MACs"``, ``"s"``, ``"ms"``, ``"MB"`` = 10^6 bytes, ``"J"``, ``"mJ/image"``).
+    ``direction`` is the usual better way (a hint for reports; the study file decides).
+    ``split`` is the data split it is computed on, or None for architecture/device figures.
+    ``description`` says in one line exactly what the figure includes.
+    """
+
+    name: str
+    unit: str
+    direction: Direction | None
+    split: Split | None
+    description: str
+
+
+@dataclass(frozen=True)
+class PatternMetric:
+    """A family of metric names with a batch size, ``latency_ms_b{N}`` and the like.
+
+    ``description`` may use ``{batch}`` and ``{device}`` (the device suffix: "the trial's device",
+    "the CPU", "CUDA").
+    """
+
+    pattern: re.Pattern[str]
+    unit: str
+    direction: Direction | None
+    split: Split | None
+    description: str
+
+    def match(self, name: str) -> Metric | None:
+        """The :class:`Metric` for ``name`` if it matches this pattern, else None."""
+        m = self.pattern.fullmatch(name)
+        if m is None:
+            return None
+        suffix = m.groupdict().get("device") or None
+        device = {None: "the trial's device", "_cpu": "the CPU", "_cuda": "CUDA"}[suffix]
+        desc = self.description.format(batch=m.group("batch"), device=device)
+        return Metric(name, self.unit, self.direction, self.split, desc)
+
+    def batch_size(self, name: str) -> int | None:
+        """The batch size in ``name`` if it matches this pattern, else None."""
+        m = self.pattern.fullmatch(name)
+        return int(m.group("batch")) if m else None
+
+
+def _fixed(*metrics: Metric) -> dict[str, Metric]:
+    return {m.name: m for m in metrics}
+
+
+FIXED_METRICS: dict[str, Metric] = _fixed(
+    Metric("val_accuracy", "fraction", "maximize", "val",
+           "top-1 accuracy of the distilled student on the validation split carved from the training data"),
+    Metric("test_accuracy", "fraction", "maximize", "test",
+           "top-1 accuracy of the distilled student on the test split; reported, never used for selection"),
+    Metric("kd_time_s", "s", "minimize", "train",
+           "training time of the KD loop (evaluation pauses the clock); at most the time box"),
+    Metric("params", "count", "minimize", None, "parameters of the student (ptflops)"),
+    Metric("macs", "MACs", "minimize", None, "multiply-accumulates of one forward pass, one image (ptflops)"),
+    Metric("model_size_mb", "MB", "minimize", None, "parameters + buffers at their stored dtype, 10^6 bytes"),
+    Metric("activation_peak_mb_b1", "MB", "minimize", None,
+           "largest leaf-module input + output footprint of one forward pass at batch 1"),
+    Metric("peak_kd_memory_mb", "MB", "minimize", "train",
+           "CUDA allocator peak while the KD loop ran (CUDA only)"),
+    Metric("kd_energy_j", "J", "minimize", "train", "NVML board energy while the KD loop ran (CUDA only)"),
+    Metric("infer_energy_mj_per_image", "mJ/image", "minimize", None,
+           "NVML board energy of an inference loop at the largest latency batch size, per image (CUDA only)"),
+    Metric("pre_ft_accuracy", "fraction", "maximize", "test",
+           "top-1 test accuracy of the distilled student before head fine-tuning; reported only"),
+    Metric("post_ft_accuracy", "fraction", "maximize", "test",
+           "top-1 test accuracy after training the head on the finetune split; reported only"),
+    Metric("ft_gain", "fraction", "maximize", "test",
+           "post_ft_accuracy - pre_ft_accuracy, on the test split; reported only"),
 )
-KNOWN_METRICS: dict[str, str] = dict(FIXED_METRICS)
+
+PATTERN_METRICS: tuple[PatternMetric, ...] = (
+    PatternMetric(re.compile(r"latency_ms_b(?P<batch>\d+)(?P<device>_cpu|_cuda)?"), "ms", "minimize", None,
+                  "median latency of one forward pass at batch {batch} on {device}, after warm-up"),
+    PatternMetric(re.compile(r"latency_p90_ms_b(?P<batch>\d+)(?P<device>_cpu|_cuda)?"), "ms", "minimize", None,
+                  "90th-percentile latency of one forward pass at batch {batch} on {device}"),
+    PatternMetric(re.compile(r"peak_infer_memory_mb_b(?P<batch>\d+)"), "MB", "minimize", None,
+                  "CUDA allocator peak of one forward pass at batch {batch}, weights included (CUDA only)"),
+)
+
+KNOWN_METRICS: dict[str, Metric] = dict(FIXED_METRICS)
+"""The fixed metric names in display order (pattern metrics are resolved by :func:`metric_info`)."""
+
+
+def metric_info(name: str) -> Metric | None:
+    """The :class:`Metric` record of ``name``, or None if kdsearch does not store it."""
+    fixed = FIXED_METRICS.get(name)
+    if fixed is not None:
+        return fixed
+    for pat in PATTERN_METRICS:
+        found = pat.match(name)
+        if found is not None:
+            return found
+    return None
 
 
 def metric_unit(name: str) -> str | None:
-    """The unit of a metric name, or None if kdsearch does not measure it."""
-    if name in FIXED_METRICS:
-        return FIXED_METRICS[name]
-    for pat, unit in PATTERN_METRICS:
-        if pat.fullmatch(name):
-            return unit
-    return None
+    """The unit of a metric name, or None if kdsearch does not store it."""
+    info = metric_info(name)
+    return info.unit if info is not None else None
 
 
 def is_known_metric(name: str, batch_sizes: Sequence[int] | None = None) -> bool:
@@ -45,13 +168,18 @@ def is_known_metric(name: str, batch_sizes: Sequence[int] | None = None) -> bool
     batch size from ``batch_sizes`` (``measure.latency.batch_sizes``) when it is given."""
     if name in FIXED_METRICS:
         return True
-    for pat, _ in PATTERN_METRICS:
-        m = pat.fullmatch(name)
-        if m:
-            if batch_sizes is None:
-                return True
-            return int(m.group(1)) in batch_sizes
+    for pat in PATTERN_METRICS:
+        batch = pat.batch_size(name)
+        if batch is not None:
+            return batch_sizes is None or batch in batch_sizes
     return False
+
+
+def is_selectable_metric(name: str) -> bool:
+    """False for a test-split metric: it may be stored and reported, never used as an objective,
+    a constraint or a pick rule. Unknown names are False too."""
+    info = metric_info(name)
+    return info is not None and info.split != "test"
 
 
 def metric_examples(batch_sizes: Sequence[int] | None = None) -> list[str]:
@@ -59,7 +187,32 @@ def metric_examples(batch_sizes: Sequence[int] | None = None) -> list[str]:
     names = list(FIXED_METRICS)
     bs = batch_sizes if batch_sizes is not None else (1, 64)
     for b in bs:
-        names += [f"latency_ms_b{b}", f"latency_ms_b{b}_cpu", f"peak_infer_memory_mb_b{b}"]
+        names += [f"latency_ms_b{b}", f"latency_p90_ms_b{b}", f"latency_ms_b{b}_cpu", f"peak_infer_memory_mb_b{b}"]
     return names
 
 
+def format_metric(name: str, value: Any, *, unit: bool = True) -> str:
+    """``value`` of metric ``name`` as text, the one display convention of kdsearch.
+
+    Fractions as percent (``"41.00%"``), counts and MACs in millions (``"0.123 M"``), anything
+    else with four significant digits and its unit (``"1.95 ms"``); ``unit=False`` leaves the
+    unit off for a table that names it in the header (percent and ``M`` stay: they are part of
+    the number). None, NaN, infinities and non-numbers are ``"—"``. An unknown metric name is
+    shown with four significant digits and no unit.
+    """
+    info = metric_info(name)
+    return _format(info.unit if info is not None else "", value, unit=unit)
+
+
+def _format(metric_unit_: str, value: Any, *, unit: bool) -> str:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return MISSING_TEXT
+    v = float(value)
+    if not math.isfinite(v):
+        return MISSING_TEXT
+    if metric_unit_ == "fraction":
+        return f"{100 * v:.2f}%"
+    if metric_unit_ in _MILLIONS_UNITS:
+        return f"{v / 1e6:.4g} M"
+    text = f"{v:.4g}"
+    return f"{text} {metric_unit_}" if unit and metric_unit_ else text
