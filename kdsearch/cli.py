@@ -146,7 +146,7 @@ def _trial_rows(study: Any, pareto: bool) -> tuple[list[Any], set[int]]:
 
 
 def _print_trials(console: Console, study: Any, pareto: bool) -> None:
-    from kdsearch.progress import _fmt
+    from kdsearch.metrics import format_metric
     from kdsearch.report.pareto import feasible
 
     trials, front = _trial_rows(study, pareto)
@@ -157,14 +157,14 @@ def _print_trials(console: Console, study: Any, pareto: bool) -> None:
         table.add_column(col, justify="right" if col not in ("state", "student", "teacher") else "left")
     for t in trials:
         ua = t.user_attrs
-        vals = [_fmt(v, m) for m, v in zip(names, t.values, strict=True)] if t.values else ["—"] * len(names)
+        vals = [format_metric(m, v) for m, v in zip(names, t.values, strict=True)] if t.values else ["—"] * len(names)
         state = t.state.name
         if state == "COMPLETE" and not feasible(t):
             state = "INFEASIBLE"
         elif state == "FAIL":
             state = f"FAIL ({ua.get('fail_reason', '?')})"
         mark = "*" if t.number in front else ""
-        kd = [_fmt(ua.get("kd_time_s"), "kd_time_s")] if extra else []
+        kd = [format_metric("kd_time_s", ua.get("kd_time_s"))] if extra else []
         table.add_row(str(t.number), state, str(ua.get("student", "")), str(ua.get("teacher", "")), *vals, *kd, mark)
     console.print(table)
     if pareto:

@@ -8,7 +8,6 @@ change and per finished trial, so logs stay readable.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kdsearch.config import StudyConfig, format_duration
-from kdsearch.metrics import metric_unit
+from kdsearch.metrics import format_metric
 
 __all__ = ["SearchDisplay"]
 
@@ -109,7 +108,7 @@ class SearchDisplay:
         ua = trial.user_attrs
         head = f"trial {trial.number:>4} {ua.get('student', '?'):<24}"
         if trial.state == optuna.trial.TrialState.COMPLETE:
-            vals = ", ".join(f"{m}={_fmt(v, m)}" for m, v in zip(self.cfg.metric_names, trial.values or [], strict=False))
+            vals = ", ".join(f"{m}={format_metric(m, v)}" for m, v in zip(self.cfg.metric_names, trial.values or [], strict=False))
             tag = "" if ua.get("feasible", True) else f"  infeasible: {ua.get('infeasible_reason', '')}"
             return f"{head} COMPLETE {vals} ({format_duration(wall_s)}){tag}"
         return f"{head} {trial.state.name} {ua.get('fail_reason', '')}: {ua.get('fail_detail', '')} ({format_duration(wall_s)})"
@@ -134,19 +133,8 @@ class SearchDisplay:
         best.add_column("direction")
         best.add_column("best so far", justify="right")
         for metric, direction in zip(self.cfg.metric_names, self.cfg.directions, strict=True):
-            v = self.best.get(metric)
-            best.add_row(metric, direction, _fmt(v, metric) if v is not None else "—")
+            best.add_row(metric, direction, format_metric(metric, self.best.get(metric)))
         budget_bar = Progress(TextColumn("budget"), BarColumn(), TextColumn(f"{100 * min(used / self.budget_s, 1):3.0f}%"))
         budget_bar.add_task("b", total=self.budget_s, completed=min(used, self.budget_s))
         return Panel(Group(head, budget_bar, self._bar, best), title="kdsearch optimize", border_style="cyan")
 
-
-def _fmt(value: float | None, metric: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    unit = metric_unit(metric) or ""
-    if unit == "fraction":
-        return f"{100 * value:.2f}%"
-    if unit in ("count", "MACs"):
-        return f"{value / 1e6:.3f}M" if value >= 1e5 else f"{value:.0f}"
-    return f"{value:.4g} {unit}".strip()

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from kdsearch import __version__
 from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import format_duration
-from kdsearch.metrics import metric_unit
+from kdsearch.metrics import format_metric, metric_unit
 from kdsearch.report.figures import ReportFigure, all_figures
 from kdsearch.report.pareto import (
     TrialRow,
@@ -97,7 +97,7 @@ def _teachers(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> st
                 for k in ("val_accuracy", "test_accuracy"):
                     v = info.get(k)
                     if isinstance(v, (int, float)):
-                        acc.append(f"{k.split('_')[0]} {100 * v:.2f}%")
+                        acc.append(f"{k.split('_')[0]} {format_metric(k, v)}")
             parts.append(f"{label}" + (f" ({', '.join(acc)})" if acc else ""))
         return "; ".join(parts)
     labels = sorted({str(t.user_attrs["teacher"]) for t in trials if t.user_attrs.get("teacher")})
@@ -118,7 +118,7 @@ def _constraints(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) ->
     cfg = study.user_attrs.get("config")
     con = cfg.get("constraints") if isinstance(cfg, dict) else None
     if isinstance(con, dict) and con:
-        return ", ".join(f"{m} ≤ {v:g} {metric_unit(m) or ''}".strip() for m, v in con.items())
+        return ", ".join(f"{m} ≤ {format_metric(m, v)}" for m, v in con.items())
     keys = sorted({k for t in trials for k in t.constraints})
     return ", ".join(f"{k} (limit not recorded)" for k in keys) or "none"
 

@@ -11,7 +11,7 @@ Feasibility: a COMPLETE trial is feasible when every constraint value Optuna sto
     rule  := ("max" | "min") METRIC [ "where" cond ( "and" cond )* ]
     cond  := METRIC ("<=" | "<" | ">=" | ">" | "==") NUMBER
 
-``METRIC`` must be a metric kdsearch stores (:func:`kdsearch.config.is_known_metric`). A rule
+``METRIC`` must be a metric kdsearch stores (:func:`kdsearch.metrics.is_known_metric`). A rule
 picks from the *feasible Pareto front*: the front trials that meet every condition, then the one
 with the largest (``max``) or smallest (``min``) value of the metric; ties go to the lowest trial
 number. A trial whose metric is missing never meets a condition and is never picked.
@@ -31,8 +31,8 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.metrics import KNOWN_METRICS, is_known_metric, metric_unit
 from kdsearch.errors import ConfigError
+from kdsearch.metrics import KNOWN_METRICS, format_metric, is_known_metric, metric_examples, metric_unit
 
 __all__ = [
     "load_study",
@@ -170,7 +170,7 @@ def _is_metric_attr(key: str, value: Any) -> bool:
 
 def metric_columns(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> list[str]:
     """Metric names to show: the objectives first, then every other stored metric in the order
-    of :data:`kdsearch.config.KNOWN_METRICS`, then the batch-size metrics (latency, memory) sorted."""
+    of :data:`kdsearch.metrics.KNOWN_METRICS`, then the batch-size metrics (latency, memory) sorted."""
     pool = _trials_of(trials if trials is not None else study)
     present: set[str] = set()
     for t in pool:
@@ -194,15 +194,8 @@ class Cell:
     method: str | None = None
 
     def text(self) -> str:
-        """Human text: fractions as %, counts/MACs in millions, else 4 significant digits + unit."""
-        if self.value is None:
-            return "—"
-        v = self.value
-        if self.unit == "fraction":
-            return f"{100 * v:.2f}%"
-        if self.unit in ("count", "MACs"):
-            return f"{v / 1e6:.3f}M" if abs(v) >= 1e5 else f"{v:.0f}"
-        return f"{v:.4g}"
+        """Human text, by :func:`kdsearch.metrics.format_metric`."""
+        return format_metric(self.metric, self.value)
 
 
 @dataclass(frozen=True)
@@ -363,19 +356,12 @@ def _tokenize(rule: str) -> list[_Token]:
     return tokens
 
 
-def _metric_suggestions() -> list[str]:
-    names = list(KNOWN_METRICS)
-    for b in (1, 64):
-        names += [f"latency_ms_b{b}", f"latency_p90_ms_b{b}", f"latency_ms_b{b}_cpu", f"peak_infer_memory_mb_b{b}"]
-    return names
-
-
 def _expect_metric(tok: _Token, rule: str) -> str:
     if tok.kind != "word":
         what = "the end of the rule" if tok.kind == "end" else repr(tok.text)
         raise ConfigError("--pick", f"expected a metric name at position {tok.pos}, found {what}", rule, _EXAMPLE)
     if not is_known_metric(tok.text):
-        m = difflib.get_close_matches(tok.text, _metric_suggestions(), n=1, cutoff=0.5)
+        m = difflib.get_close_matches(tok.text, metric_examples(), n=1, cutoff=0.5)
         fix = f"did you mean {m[0]!r}?" if m else f"known metrics: {', '.join(KNOWN_METRICS)}"
         raise ConfigError("--pick", f"unknown metric {tok.text!r} at position {tok.pos}", rule, fix)
     return tok.text

@@ -20,8 +20,8 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.metrics import metric_unit
 from kdsearch.errors import ConfigError
+from kdsearch.metrics import format_metric, metric_unit
 
 __all__ = ["PivotTable", "pivot_table", "render_markdown", "render_csv", "trial_key"]
 
@@ -108,16 +108,6 @@ def _ordered(labels: set[Any], trials: Sequence[FrozenTrial], key: str) -> list[
     return sorted(labels, key=_sort_key)
 
 
-def _fmt(value: float | None, unit: str) -> str:
-    if value is None:
-        return "—"
-    if unit == "fraction":
-        return f"{100 * value:.2f}%"
-    if unit in ("MACs", "count"):
-        return f"{value / 1e6:.4g} M"
-    return f"{value:.4g}"
-
-
 def render_markdown(table: PivotTable) -> str:
     """A Markdown table; the header names the metric, its unit and the aggregation."""
     unit = f" [{table.unit}]" if table.unit and table.unit != "fraction" else ""
@@ -132,7 +122,7 @@ def render_markdown(table: PivotTable) -> str:
         cells = []
         for c in table.col_labels:
             if (r, c) in table.cells:  # trials exist here; "—" when none had a finite value
-                cells.append(f"{_fmt(table.cells[(r, c)], table.unit)} (n={table.counts[(r, c)]})")
+                cells.append(f"{format_metric(table.metric, table.cells[(r, c)], unit=False)} (n={table.counts[(r, c)]})")
             else:
                 cells.append("")
         lines.append("| " + " | ".join([str(r), *cells]) + " |")
