@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTEST  ?= $(BIN)/python -m pytest
 RUN     ?= runs
 
-.PHONY: install test test-all demo lint bench clean
+.PHONY: install test test-all demo lint bench gpu-check gpu-carry clean
 
 $(BIN)/kdsearch: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,5 +37,18 @@ bench: install
 	$(BIN)/python benchmarks/bench_measure.py
 	$(BIN)/python benchmarks/bench_trial_overhead.py
 
+# Every GPU claim in one prepared run (< 6 min on one H100/H200); see benchmarks/GPU.md.
+# GPU_CHECK_DRY=1: the same steps with tiny sizes on the CPU (< 2 min). No install step: the GPU
+# machine brings its own torch and gets the rest as carried wheels.
+GPU_CHECK_DRY ?=
+GPU_CHECK_OUT ?= gpu-check-out
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	GPU_CHECK_DRY=$(GPU_CHECK_DRY) $(GPU_PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
+
+# Prepare what travels to the GPU machine: wheels in .whl/, JPEG CIFAR-10 in .data/ (both ignored).
+gpu-carry:
+	bash benchmarks/gpu_carry.sh
+
 clean:
-	rm -rf $(VENV) $(RUN) .pytest_cache
+	rm -rf $(VENV) $(RUN) .pytest_cache gpu-check-out

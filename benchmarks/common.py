@@ -23,6 +23,8 @@ __all__ = [
     "summarize",
     "environment_lines",
     "format_table",
+    "vgg_student",
+    "write_json",
 ]
 
 
@@ -110,3 +112,26 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     out = [" | ".join(c.ljust(w) for c, w in zip(cells[0], widths, strict=True)), sep]
     out += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells[1:]]
     return "\n".join(out)
+
+
+def vgg_student(depth: int, width: float, resolution: int, num_classes: int, device: torch.device) -> torch.nn.Module:
+    """A seeded VGG student on ``device`` (channels_last on CUDA, as distill() runs it)."""
+    from kdsearch.models import StudentSpec, build_student
+
+    torch.manual_seed(0)
+    spec = StudentSpec.from_dict(
+        {"family": "vgg", "depth": depth, "width": width, "resolution": resolution, "num_classes": num_classes}
+    )
+    m = build_student(spec).to(device)
+    return m.to(memory_format=torch.channels_last) if device.type == "cuda" else m
+
+
+def write_json(path: str | None, data: object) -> None:
+    """Write ``data`` as indented JSON to ``path`` (when given) and echo it."""
+    import json
+
+    text = json.dumps(data, indent=2, default=str)
+    print(text)
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
