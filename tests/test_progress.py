@@ -46,7 +46,7 @@ def test_plain_mode_writes_readable_lines_and_tracks_the_best() -> None:
     lines = text.splitlines()
     assert sum("cache" in line for line in lines) == 1
     assert any("distil" in line and "#0" in line for line in lines)
-    assert "trial    0 vgg3-w0.1@16" in text and "val_accuracy=80.00%" in text
+    assert "trial    0 vgg3-w0.1@16" in text and "val_accuracy=80.00%, macs=2 M" in text  # metrics.format_metric
     assert "FAIL oom: CUDA out of memory" in text
     assert "infeasible: params=9e+06 > 1e+06" in text
     assert "\x1b[" not in text  # no terminal control codes in logs

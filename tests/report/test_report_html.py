@@ -15,8 +15,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from kdsearch.config import format_duration
-from kdsearch.metrics import metric_unit
 from kdsearch.errors import ConfigError, StorageError
+from kdsearch.metrics import metric_unit
 from kdsearch.report import build_report
 from kdsearch.report.figures import all_figures, reference_point
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from optuna.trial import TrialState
 
-from kdsearch.metrics import metric_unit
 from kdsearch.errors import ConfigError, StorageError
+from kdsearch.metrics import format_metric, metric_unit
 from kdsearch.report.pareto import (
     Condition,
     PickRule,
@@ -80,6 +80,8 @@ def test_trial_rows_carry_units_and_missing_reasons(fixture_study: FixtureStudy)
         assert energy.value is None and energy.text() == "—" and "NVML" in energy.missing_reason
         assert r.artifact_id and r.weights_sha256
     assert rows[0].cells["val_accuracy"].text() == "41.00%"
+    macs = rows[0].cells["macs"]
+    assert macs.text() == format_metric("macs", macs.value) == f"{macs.value / 1e6:.4g} M"  # the one formatter
     assert rows[0].cells["latency_ms_b1"].method == "perf_counter"
     all_rows = trial_rows(study, trials=study.trials)
     assert {r.number: r.state for r in all_rows}[9] == "FAIL"
