@@ -9,6 +9,16 @@ sees bit-identical pixels (:func:`apply_views` is a pure gather, then fixed floa
 
 Everything runs on the images' device and is vectorised over the batch: no Python loop over
 images, no host round trip.
+
+CPU and CUDA agree bit for bit, on purpose. Bytes become floats through a 256-entry float32
+lookup table (:func:`unit_scale_table`: ``v / 255`` divided once, in float64 on the CPU, and
+rounded to float32), gathered on the images' device. A gather is exact on every device, whereas
+``x.div_(255.0)`` is not: CUDA turns a division by a scalar into a multiplication by its
+reciprocal, which is one ulp off for 126 of the 256 byte values. The normalisation that follows,
+``(x - mean) / std`` with per-channel tensors, is an IEEE subtraction and division on both
+devices. The bilinear resize is exact only when it is a no-op (output size = stored size);
+a real resize may differ in the last bits between devices, as CUDA and CPU kernels sum in a
+different order.
 """
 
 from __future__ import annotations
@@ -20,7 +30,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ViewSpec", "sample_views", "identity_views", "apply_views", "preprocess", "gather_crops"]
+from kdsearch.config.sections import INTERPOLATIONS  # resize modes (torch interpolate names)
+
+__all__ = [
+    "ViewSpec",
+    "sample_views",
+    "identity_views",
+    "apply_views",
+    "preprocess",
+    "gather_crops",
+    "unit_scale_table",
+    "INTERPOLATIONS",
+]
+
 
 
 @dataclass(frozen=True)
@@ -80,6 +102,30 @@ _NORM_CACHE: dict[
 ] = {}
 
 
+_LUT_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def unit_scale_table(device: torch.device | str | None = None) -> torch.Tensor:
+    """float32 ``[256]``: entry ``v`` is ``v / 255`` correctly rounded, on ``device`` (cached).
+
+    Computed once on the CPU in float64, then copied: the same 256 values on every device, so
+    mapping bytes through it is bit-identical on the CPU and on CUDA.
+    """
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    hit = _LUT_CACHE.get(dev)
+    if hit is None:
+        table = (torch.arange(256, dtype=torch.float64) / 255.0).to(torch.float32)
+        hit = _LUT_CACHE[dev] = table.to(dev)
+    return hit
+
+
+def _bytes_to_unit(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float32 in [0, 1] through :func:`unit_scale_table` (a gather: exact everywhere)."""
+    table = unit_scale_table(images_u8.device)
+    flat = table.index_select(0, images_u8.reshape(-1).to(torch.int32))
+    return flat.view(images_u8.shape)
+
+
 def _norm_tensors(
     mean: Sequence[float], std: Sequence[float], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,15 +146,23 @@ def _to_model_input(
     std: Sequence[float],
     dtype: torch.dtype,
     channels_last: bool,
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
-    """uint8 [B,3,S,S] -> float, /255, bilinear resize to ``out_size`` px, normalise, cast."""
-    x = images_u8.to(torch.float32).div_(255.0)
+    """uint8 [B,3,S,S] -> float in [0, 1], resize to ``out_size`` px, normalise, cast."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}, got {interpolation!r}")
+    x = _bytes_to_unit(images_u8)
     side = int(images_u8.shape[-1])
     if out_size != side or images_u8.shape[-2] != out_size:
-        # Antialias only matters (and only costs) when shrinking.
-        x = F.interpolate(
-            x, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=out_size < side
-        )
+        if interpolation == "nearest":
+            x = F.interpolate(x, size=(out_size, out_size), mode="nearest")
+        else:
+            # Antialias only matters (and only costs) when shrinking.
+            x = F.interpolate(
+                x, size=(out_size, out_size), mode=interpolation, align_corners=False, antialias=out_size < side
+            )
+            if interpolation == "bicubic":
+                x = x.clamp_(0.0, 1.0)  # cubic overshoots; a resized 8-bit image cannot
     m, s = _norm_tensors(mean, std, x.device)
     x = (x - m) / s
     if dtype != torch.float32:
@@ -144,12 +198,13 @@ def apply_views(
     std: Sequence[float],
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """Model input for ``images_u8`` (uint8 ``[B, 3, S, S]``) seen through ``views`` (``[B, 3]``).
 
     Zero-pad by ``spec.padding`` px, gather the ``S x S`` crop at ``(dy, dx)``, mirror where
-    ``flip`` is 1, scale to [0, 1], resize to ``out_size`` px (bilinear, antialiased when
-    shrinking) and normalise with ``mean``/``std`` (0..1 scale). Runs on the images' device;
+    ``flip`` is 1, scale to [0, 1], resize to ``out_size`` px (``interpolation``: bilinear by
+    default, or bicubic, both antialiased when shrinking, or nearest) and normalise with ``mean``/``std`` (0..1 scale). Runs on the images' device;
     ``views`` is moved there. Returns ``[B, 3, out_size, out_size]`` in ``dtype``.
     ``dy, dx`` must lie in ``[0, 2 * padding]`` (not checked: that would sync the device).
     """
@@ -164,7 +219,7 @@ def apply_views(
     v = views.to(device=images_u8.device, dtype=torch.int64)
     padded = F.pad(images_u8, (p, p, p, p)) if p > 0 else images_u8
     crops = gather_crops(padded, v[:, 0], v[:, 1], v[:, 2] != 0, h, w)
-    return _to_model_input(crops, out_size, mean, std, dtype, channels_last)
+    return _to_model_input(crops, out_size, mean, std, dtype, channels_last, interpolation)
 
 
 def preprocess(
@@ -174,6 +229,7 @@ def preprocess(
     std: Sequence[float],
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """Evaluation input: no crop, no flip; resize to ``out_size`` px and normalise.
 
@@ -181,4 +237,4 @@ def preprocess(
     """
     if images_u8.dim() != 4 or images_u8.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, S, S], got {tuple(images_u8.shape)}")
-    return _to_model_input(images_u8, out_size, mean, std, dtype, channels_last)
+    return _to_model_input(images_u8, out_size, mean, std, dtype, channels_last, interpolation)

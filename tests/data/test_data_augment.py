@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kdsearch.data import ViewSpec, apply_views, gather_crops, identity_views, preprocess, sample_views
+from kdsearch.data.augment import unit_scale_table
 
 MEAN = (0.5, 0.4, 0.3)
 STD = (0.2, 0.25, 0.3)
@@ -102,6 +103,40 @@ def test_apply_views_rejects_wrong_shapes() -> None:
         ViewSpec(image_size=16, padding=-1, flip=False)
 
 
+def test_bytes_map_to_correctly_rounded_unit_floats_by_a_device_independent_gather() -> None:
+    # The table holds v / 255 rounded once from float64: what numpy and a CPU division give.
+    table = unit_scale_table()
+    exact = np.arange(256, dtype=np.float64) / 255.0
+    assert table.dtype == torch.float32 and table.shape == (256,)
+    assert np.array_equal(table.numpy(), exact.astype(np.float32))
+    # A multiplication by the float32 reciprocal (what CUDA makes of div_(255.0)) is one ulp off
+    # for about half the byte values: the reason the table exists.
+    recip = (torch.arange(256, dtype=torch.float32) * torch.tensor(1 / 255, dtype=torch.float32)).numpy()
+    assert 100 < int((recip != table.numpy()).sum()) < 156
+    # Every byte value goes through the table, in any layout: apply_views/preprocess read it.
+    all_bytes = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16).contiguous()
+    out = preprocess(all_bytes, 16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert torch.equal(out[0, 0].reshape(-1), table)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
+def test_interpolation_modes_resize_and_stay_in_range(mode: str) -> None:
+    images = _random_images(2, 16, seed=5)
+    up = preprocess(images, 40, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), interpolation=mode)
+    assert up.shape == (2, 3, 40, 40)
+    assert float(up.min()) >= 0.0 and float(up.max()) <= 1.0  # bicubic overshoot is clamped
+    if mode == "nearest":  # nearest copies stored pixels: every value is one of the table's
+        assert torch.isin(up, unit_scale_table()).all()
+    # The identity view through apply_views is the same resize.
+    spec = ViewSpec(image_size=16, padding=2, flip=False)
+    via_views = apply_views(images, identity_views(2, spec), spec, 40, (0.0,) * 3, (1.0,) * 3, interpolation=mode)
+    assert torch.equal(via_views, up)
+    others = {m: preprocess(images, 40, (0.0,) * 3, (1.0,) * 3, interpolation=m) for m in ("bilinear", "nearest")}
+    assert not torch.equal(others["bilinear"], others["nearest"])
+    with pytest.raises(ValueError, match="interpolation"):
+        preprocess(images, 40, (0.0,) * 3, (1.0,) * 3, interpolation="lanczos")
+
+
 @pytest.mark.gpu
 def test_apply_views_on_cuda_matches_cpu() -> None:
     images = _random_images(32, 32)
@@ -110,6 +145,9 @@ def test_apply_views_on_cuda_matches_cpu() -> None:
     cpu = apply_views(images, views, spec, 32, MEAN, STD)
     gpu = apply_views(images.cuda(), views, spec, 32, MEAN, STD)
     assert gpu.device.type == "cuda"
+    # Bit-identical on purpose (see augment.py): the byte table is a gather, the normalisation
+    # an IEEE subtraction and division on both devices.
     assert torch.equal(cpu, gpu.cpu())
+    assert torch.equal(unit_scale_table("cuda").cpu(), unit_scale_table())
     again = apply_views(images.cuda(), views, spec, 64, MEAN, STD)
     assert torch.equal(again, apply_views(images.cuda(), views, spec, 64, MEAN, STD))
