@@ -156,12 +156,21 @@ class DataConfig:
             )
 
 
+TOPK_AUTO_CLASSES = 100  # topk "auto": label spaces larger than this store only the top-k logits
+TOPK_AUTO_K = 20  # ... and this is the k
+
+
 @dataclass(frozen=True)
 class TeacherCacheConfig:
-    """Teacher-logit cache: K augmented views of the train split, logits in fp16."""
+    """Teacher-logit cache: K augmented views of the train split, logits in fp16.
+
+    ``topk``: ``"auto"`` (default) stores all logits up to :data:`TOPK_AUTO_CLASSES` classes and
+    the top :data:`TOPK_AUTO_K` above (ImageNet-1k: 20 of 1000, 50x smaller); an integer stores
+    that many; ``null`` always stores all logits.
+    """
 
     views: int = 32
-    topk: int | None = None  # store only the top-k logits (large label spaces)
+    topk: Any = "auto"  # "auto" | int >= 1 | None (all logits)
     dir: str | None = None  # shared cache folder; default <run_dir>/<study>/cache
     batch_size: int = 256  # teacher batch size while building
     crop_padding: int = 4  # pixels of padding around the stored image for random crops
@@ -170,12 +179,28 @@ class TeacherCacheConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.views <= 1024:
             raise ConfigError("teacher.cache.views", "must be in [1, 1024]", self.views)
-        if self.topk is not None and self.topk < 1:
-            raise ConfigError("teacher.cache.topk", "must be >= 1", self.topk)
+        topk = self.topk
+        if isinstance(topk, float) and topk.is_integer():
+            object.__setattr__(self, "topk", int(topk))
+            topk = self.topk
+        if not (topk is None or topk == "auto" or (isinstance(topk, int) and not isinstance(topk, bool))):
+            raise ConfigError(
+                "teacher.cache.topk", "must be auto, an integer >= 1, or null (all logits)", topk
+            )
+        if isinstance(topk, int) and topk < 1:
+            raise ConfigError("teacher.cache.topk", "must be >= 1", topk)
         if self.batch_size < 1:
             raise ConfigError("teacher.cache.batch_size", "must be >= 1", self.batch_size)
         if not 0 <= self.crop_padding <= 64:
             raise ConfigError("teacher.cache.crop_padding", "must be in [0, 64] pixels", self.crop_padding)
+
+    def resolved_topk(self, num_classes: int) -> int | None:
+        """The k stored for ``num_classes`` classes (``None``: all logits). See the class docstring."""
+        if self.topk is None:
+            return None
+        if self.topk == "auto":
+            return TOPK_AUTO_K if num_classes > TOPK_AUTO_CLASSES else None
+        return min(int(self.topk), num_classes)
 
 
 @dataclass(frozen=True)
@@ -197,15 +222,47 @@ class TeacherFitConfig:
             raise ConfigError("teacher.fit.batch_size", "must be >= 1", self.batch_size)
 
 
+INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "nearest")
+"""Resize modes the preprocessing supports (``torch.nn.functional.interpolate`` names)."""
+
+
+def _check_channel_triple(name: str, value: Any, *, low: float, high: float, low_open: bool) -> None:
+    """3 numbers on the 0..1 pixel scale, each in [low, high] (``(low, high]`` when ``low_open``)."""
+    if not isinstance(value, tuple) or len(value) != 3:
+        shown = list(value) if isinstance(value, tuple) else value
+        raise ConfigError(name, "must be 3 numbers, one per RGB channel", shown, "e.g. [0.5, 0.5, 0.5]")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise ConfigError(name, "must be 3 numbers, one per RGB channel", list(value))
+        if v > high:
+            raise ConfigError(
+                name, f"must be on the 0..1 pixel scale (each <= {high})", list(value),
+                "values for 0..255 pixels: divide them by 255",
+            )
+        if v < low or (low_open and v == low):
+            rule = f"each must be > {low}" if low_open else f"each must be >= {low}"
+            raise ConfigError(name, rule, list(value))
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
-    """A timm teacher: a model name, ``hf-hub:`` name, or a local checkpoint plus kwargs."""
+    """A timm teacher: a model name, ``hf-hub:`` name, or a local checkpoint plus kwargs.
+
+    ``mean``/``std`` (3 numbers each, 0..1 pixel scale) and ``interpolation`` describe the
+    preprocessing the teacher was trained with; they override timm's ``pretrained_cfg`` for the
+    architecture (mean/std) and kdsearch's default resize (bilinear). ``expected_accuracy``
+    (0..1), when given, is compared with the teacher's validation accuracy at start.
+    """
 
     name: str = "vit_tiny_patch16_224"
     pretrained: bool = False
     checkpoint: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     input_size: int | None = None  # override the teacher's input resolution (pixels)
+    mean: tuple[float, ...] | None = None  # per RGB channel, 0..1 scale; default: timm pretrained_cfg
+    std: tuple[float, ...] | None = None  # per RGB channel, 0..1 scale; default: timm pretrained_cfg
+    interpolation: str = "bilinear"  # resize to input_size: bilinear | bicubic | nearest
+    expected_accuracy: float | None = None  # known val accuracy (0..1); warn when far below
     mode: str = "cached"  # cached | online
     label: str | None = None  # short name used in tables ("ViT", "CNN"); default: name
     cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
@@ -218,6 +275,23 @@ class TeacherConfig:
             raise ConfigError("teacher.mode", "must be cached or online", self.mode)
         if self.input_size is not None and not 16 <= self.input_size <= 1024:
             raise ConfigError("teacher.input_size", "must be in [16, 1024] pixels", self.input_size)
+        if self.mean is not None:
+            _check_channel_triple("teacher.mean", self.mean, low=0.0, high=1.0, low_open=False)
+        if self.std is not None:
+            _check_channel_triple("teacher.std", self.std, low=0.0, high=1.0, low_open=True)
+        if self.interpolation not in INTERPOLATIONS:
+            m = difflib.get_close_matches(str(self.interpolation), INTERPOLATIONS, n=1)
+            raise ConfigError(
+                "teacher.interpolation",
+                f"must be one of {list(INTERPOLATIONS)}",
+                self.interpolation,
+                f"did you mean {m[0]!r}?" if m else None,
+            )
+        if self.expected_accuracy is not None and not 0.0 < self.expected_accuracy <= 1.0:
+            raise ConfigError(
+                "teacher.expected_accuracy", "must be in (0, 1] (a fraction, not a percentage)",
+                self.expected_accuracy,
+            )
         if self.checkpoint is not None:
             suffix = Path(self.checkpoint).suffix
             if suffix not in (".pth", ".pt", ".bin", ".safetensors"):
@@ -282,10 +356,14 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class LatencyConfig:
+    """Latency timing per (device, batch size). ``warmup`` untimed forwards run first, at most
+    ``max_time_s`` seconds of them; then ``min_repeats`` to ``max_repeats`` timed repeats, at most
+    ``max_time_s`` seconds once ``min_repeats`` are done. ``measure.max_time`` bounds it all."""
+
     batch_sizes: tuple[int, ...] = (1, 64)
     devices: tuple[str, ...] = ("auto",)  # auto = the trial's device; may add "cpu"
     cpu_threads: int = 1
-    warmup: int = 5  # iterations before timing
+    warmup: int = 5  # untimed forwards before timing (at most max_time_s of them)
     min_repeats: int = 10
     max_repeats: int = 200
     max_time_s: float = 2.0  # cap on timed repeats per (device, batch)
@@ -320,15 +398,39 @@ class EnergyConfig:
             raise ConfigError("measure.energy.poll_interval", "must be > 0", self.poll_interval_s)
 
 
+MEASURE_MAX_TIME_DEFAULT_S = 60.0  # measure.max_time when unset: at most this ...
+MEASURE_GRACE_SHARE = 0.5  # ... and at most this share of study.grace (the rest: eval, storing)
+
+
 @dataclass(frozen=True)
 class MeasureConfig:
+    """How a trained student is measured.
+
+    ``max_time_s`` (YAML ``measure.max_time``) is the hard time budget of the whole inference
+    measurement phase (latency on every device and batch size, warm-ups included, memory,
+    energy, ops). A figure that cannot finish inside it is stored as missing with its estimate.
+    Unset: half of ``study.grace``, at most 60 s (see :meth:`budget_s`).
+    """
+
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     eval_batch_size: int = 512
+    max_time_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.eval_batch_size < 1:
             raise ConfigError("measure.eval_batch_size", "must be >= 1", self.eval_batch_size)
+        if self.max_time_s is not None and not self.max_time_s > 0:
+            raise ConfigError("measure.max_time", "must be > 0", self.max_time_s)
+
+    def budget_s(self, grace_s: float | None = None) -> float:
+        """The measurement phase's budget in seconds: ``max_time_s``, or when unset
+        ``min(60, grace_s / 2)`` (60 s without a grace)."""
+        if self.max_time_s is not None:
+            return float(self.max_time_s)
+        if grace_s is None:
+            return MEASURE_MAX_TIME_DEFAULT_S
+        return min(MEASURE_MAX_TIME_DEFAULT_S, MEASURE_GRACE_SHARE * float(grace_s))
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ DURATION_KEYS = {
     ("study", "grace"): "grace_s",
     ("teacher.fit", "time"): "time_s",
     ("measure.latency", "max_time"): "max_time_s",
+    ("measure", "max_time"): "max_time_s",
     ("measure.energy", "infer_min_time"): "infer_min_time_s",
     ("measure.energy", "poll_interval"): "poll_interval_s",
 }
@@ -79,6 +80,10 @@ class StudyConfig:
                 )
             if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
                 raise ConfigError(f"constraints.{metric}", "must be a finite number (upper limit)", limit)
+        if self.measure.max_time_s is not None and self.measure.max_time_s >= self.study.grace_s:
+            raise ConfigError("measure.max_time", f"must be shorter than study.grace ({self.study.grace_s:g} s): "
+                              "the trial is killed at box + grace", self.measure.max_time_s,
+                              "lower measure.max_time or raise study.grace")
         names = [t.name if t.label is None else t.label for t in self.teachers]
         if len(set(names)) != len(names):
             raise ConfigError("teacher", "teachers in a list need distinct names or labels", names)
