@@ -17,6 +17,16 @@ metric                            how
                                   the largest batch size, per image (CUDA only)
 ================================  ==================================================================
 
+The whole phase runs under a hard time budget (``budget_s``, by default
+``cfg.budget_s()``, i.e. ``measure.max_time``), warm-ups included, so measuring never pushes a
+trial past its box + grace. The cheap figures run first; then latency per device, batch sizes in
+ascending order: each (device, batch) measurement times its first forward and stops as soon as
+its warm-ups plus minimum repeats cannot finish inside what is left; on the CPU a larger batch
+is refused before its first forward when the smaller batch's time, scaled by the batch ratio,
+says it cannot fit. Peak memory and energy (CUDA) are refused the same way from the latency
+just measured. Each refused figure is missing with reason ``"over budget: ... estimated X s
+(...) > Y s left of measure.max_time"``.
+
 A figure that cannot be measured is ``None`` in ``values`` with a reason in ``missing`` -- never 0.
 One failing measurement (an exception, an OOM) does not stop the others: it is recorded as
 missing with reason ``"error: <Type>: <message>"``. ``methods[metric]`` says how each figure was
@@ -37,7 +47,7 @@ from kdsearch.config import MeasureConfig
 from kdsearch.measure._common import device_label, error_reason, resolve_device
 from kdsearch.measure.complexity import PTFLOPS_BACKEND, measure_complexity
 from kdsearch.measure.energy import measure_inference_energy
-from kdsearch.measure.latency import LatencyResult, measure_latency, measure_latency_on_cpu
+from kdsearch.measure.latency import LatencyResult, OverBudget, measure_latency, measure_latency_on_cpu
 from kdsearch.measure.memory import (
     CUDA_ONLY_REASON,
     activation_peak_mb,
@@ -56,6 +66,7 @@ class Measurements:
     missing: dict[str, str] = field(default_factory=dict)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     elapsed_s: float = 0.0  # wall time of the whole measurement phase
+    budget_s: float | None = None  # the phase's hard time budget (s), None: none
     timings_s: dict[str, float] = field(default_factory=dict)  # wall time per step (name -> s)
 
     def set(self, metric: str, value: float | None, method: dict[str, Any] | None = None) -> None:
@@ -106,6 +117,19 @@ def _latency_method(r: LatencyResult) -> dict[str, Any]:
         "stop_reason": r.stop_reason,
         "dtype": r.dtype,
         "channels_last": r.channels_last,
+        "first_forward_ms": r.first_forward_ms,
+        "budget_s": r.budget_s,
+    }
+
+
+def _over_budget_method(exc: OverBudget, device: str, batch_size: int) -> dict[str, Any]:
+    return {
+        "method": "unmeasured: over the measurement budget",
+        "device": device,
+        "batch_size": batch_size,
+        "estimate_s": exc.estimate_s,
+        "left_s": max(exc.left_s, 0.0),
+        "forward_ms": exc.forward_s * 1e3,
     }
 
 
@@ -114,6 +138,9 @@ def _guard(m: Measurements, metrics: list[str], fn: Callable[[], None]) -> None:
     t = time.perf_counter()
     try:
         fn()
+    except OverBudget as exc:
+        for metric in metrics:
+            m.set_missing(metric, exc.reason, m.methods.get(metric))
     except Exception as exc:  # noqa: BLE001 - one failed figure must not lose the others
         reason = error_reason(exc)
         for metric in metrics:
@@ -130,14 +157,23 @@ def measure_inference(
     device: torch.device | str,
     cfg: MeasureConfig,
     in_chans: int | None = None,
+    *,
+    budget_s: float | None = None,
 ) -> Measurements:
     """Measure a trained student (see the module docstring for every metric).
 
     ``resolution`` is the input side in px, or a :class:`kdsearch.models.spec.StudentSpec` (its
     ``resolution`` and ``in_chans`` are used). ``model`` lives on ``device`` (the trial's device)
-    and is left there, in the train/eval mode it came in.
+    and is left there, in the train/eval mode it came in. ``budget_s`` (s) is the phase's hard
+    time budget; by default ``cfg.budget_s()`` (``measure.max_time``, or 60 s).
     """
     t_start = time.perf_counter()
+    budget = cfg.budget_s() if budget_s is None else float(budget_s)
+    deadline = t_start + budget
+
+    def left() -> float:
+        return deadline - time.perf_counter()
+
     if hasattr(resolution, "resolution"):
         in_chans = in_chans if in_chans is not None else int(getattr(resolution, "in_chans", 3))
         resolution = int(resolution.resolution)
@@ -145,7 +181,7 @@ def measure_inference(
     chans = 3 if in_chans is None else int(in_chans)
     dev = resolve_device(device)
     lat = cfg.latency
-    m = Measurements()
+    m = Measurements(budget_s=budget)
     was_training = model.training
 
     # Cheap, device-independent figures first.
@@ -182,17 +218,41 @@ def measure_inference(
     _guard(m, ["macs", "params"], complexity)
 
     # Latency: one measurement per (device kind, batch); suffixed names alias when they coincide.
-    cache: dict[tuple[str, int], LatencyResult] = {}
+    cache: dict[tuple[str, int], LatencyResult | OverBudget] = {}
+
+    def expected_forward_s(kind: str, b: int) -> float | None:
+        """On the CPU, a forward costs about batch-proportional time: scale the largest smaller
+        batch measured (or judged) on the same device. None on CUDA (far from proportional)."""
+        if kind != "cpu":
+            return None
+        smaller = [(bb, r) for (k, bb), r in cache.items() if k == kind and bb < b]
+        if not smaller:
+            return None
+        bb, r = max(smaller, key=lambda item: item[0])
+        per_forward_s = r.median_ms / 1e3 if isinstance(r, LatencyResult) else r.forward_s
+        return per_forward_s * b / bb
 
     def latency_on(kind: str, b: int) -> LatencyResult:
         if (kind, b) not in cache:
-            if kind == dev.type:
-                cache[(kind, b)] = measure_latency(model, res, b, dev, lat, chans)
-            elif kind == "cpu":
-                cache[(kind, b)] = measure_latency_on_cpu(model, res, b, lat, chans)
-            else:
-                raise AssertionError(kind)
-        return cache[(kind, b)]
+            try:
+                if kind == dev.type:
+                    cache[(kind, b)] = measure_latency(
+                        model, res, b, dev, lat, chans,
+                        budget_s=left(), expected_forward_s=expected_forward_s(kind, b),
+                    )
+                elif kind == "cpu":
+                    cache[(kind, b)] = measure_latency_on_cpu(
+                        model, res, b, lat, chans,
+                        budget_s=left(), expected_forward_s=expected_forward_s(kind, b),
+                    )
+                else:
+                    raise AssertionError(kind)
+            except OverBudget as exc:
+                cache[(kind, b)] = exc
+        r = cache[(kind, b)]
+        if isinstance(r, OverBudget):
+            raise r
+        return r
 
     targets: list[tuple[str, str]] = []  # (suffix, device kind)
     if "auto" in lat.devices:
@@ -200,7 +260,8 @@ def measure_inference(
     for name in ("cpu", "cuda"):
         if name in lat.devices:
             targets.append((f"_{name}", name))
-    for b in lat.batch_sizes:
+    # Ascending batch sizes: a small batch is cheap and its time predicts the larger ones.
+    for b in sorted(lat.batch_sizes):
         for suffix, kind in targets:
             med, p90 = f"latency_ms_b{b}{suffix}", f"latency_p90_ms_b{b}{suffix}"
             if kind == "cuda" and dev.type != "cuda":
@@ -210,12 +271,35 @@ def measure_inference(
                 continue
 
             def one(b: int = b, kind: str = kind, med: str = med, p90: str = p90) -> None:
-                r = latency_on(kind, b)
+                try:
+                    r = latency_on(kind, b)
+                except OverBudget as exc:
+                    how = _over_budget_method(exc, "cpu" if kind == "cpu" else device_label(dev), b)
+                    m.methods[med] = how
+                    m.methods[p90] = how
+                    raise
                 how = _latency_method(r)
                 m.set(med, r.median_ms, how)
                 m.set(p90, r.p90_ms, how)
 
             _guard(m, [med, p90], one)
+
+    def forward_s_on_device(b: int) -> float | None:
+        """The measured median forward (s) of batch ``b`` on the trial's device, if known."""
+        r = cache.get((dev.type, b))
+        if isinstance(r, LatencyResult):
+            return r.median_ms / 1e3
+        if isinstance(r, OverBudget):
+            return r.forward_s
+        return None
+
+    def refuse_unless_fits(what: str, b: int, forwards: int, fixed_s: float = 0.0) -> None:
+        """Raise OverBudget when ``fixed_s`` plus ``forwards`` forwards of batch ``b`` cannot fit."""
+        per = forward_s_on_device(b)
+        estimate = fixed_s + forwards * (per or 0.0)
+        if estimate > left():
+            known = f"{forwards} forwards x {per * 1e3:.4g} ms" if per is not None else "forward time unknown"
+            raise OverBudget(what, estimate, left(), per or 0.0, f"{fixed_s:.3g} s + {known}")
 
     # CUDA peak inference memory.
     for b in lat.batch_sizes:
@@ -225,6 +309,7 @@ def measure_inference(
             continue
 
         def peak(b: int = b, name: str = name) -> None:
+            refuse_unless_fits(f"peak memory at batch {b}", b, 2)
             m.set(
                 name,
                 peak_inference_memory_mb(model, res, b, dev, chans),
@@ -241,6 +326,9 @@ def measure_inference(
     # Energy per image at the largest batch size (throughput regime).
     def energy() -> None:
         b = max(lat.batch_sizes)
+        if dev.type == "cuda" and cfg.energy.enabled:
+            # A >= infer_min_time_s loop, 3 warm-up forwards and up to one burst of 8 past the end.
+            refuse_unless_fits(f"inference energy at batch {b}", b, 11, cfg.energy.infer_min_time_s)
         mj, r = measure_inference_energy(model, res, b, dev, cfg.energy, chans)
         how = r.to_dict()
         how["batch_size"] = b

@@ -7,7 +7,7 @@ import torch
 
 from kdsearch.config import LatencyConfig
 from kdsearch.measure import LatencyResult, measure_latency, measure_latency_on_cpu
-from kdsearch.measure.latency import latency_stats
+from kdsearch.measure.latency import OverBudget, latency_stats
 
 from .nets import SleepNet, small_cnn
 
@@ -98,6 +98,58 @@ def test_real_cnn_batches_and_cpu_copy_leaves_original() -> None:
     assert r8.batch_size == 8 and r1.batch_size == 1
     assert r8.median_ms > r1.median_ms > 0  # 8 images cost more than 1
     assert [p for p in net.parameters()] == params_before
+
+
+def test_budget_stops_after_the_first_slow_forward_with_its_estimate() -> None:
+    # 0.3 s per forward; 2 warm-ups + 5 repeats need 2.1 s; the budget is 1 s.
+    net = SleepNet(ms=300.0)
+    cfg = LatencyConfig(warmup=2, min_repeats=5, max_repeats=50, max_time_s=5.0)
+    t = time.perf_counter()
+    with pytest.raises(OverBudget) as info:
+        measure_latency(net, 8, 4, "cpu", cfg, budget_s=1.0)
+    wall = time.perf_counter() - t
+    assert net.calls == 1  # judged after the first forward, not after the warm-ups
+    assert wall < 0.6
+    exc = info.value
+    assert exc.estimate_s == pytest.approx(7 * 0.3, rel=0.15)
+    assert exc.forward_s == pytest.approx(0.3, rel=0.15)
+    assert exc.reason.startswith("over budget: batch 4 estimated 2.")
+    assert "2 warm-up + 5 repeats x 30" in exc.reason and "left of measure.max_time" in exc.reason
+
+
+def test_expected_forward_refuses_before_any_forward() -> None:
+    net = SleepNet(ms=1.0)
+    cfg = LatencyConfig(warmup=3, min_repeats=10, max_time_s=5.0)
+    with pytest.raises(OverBudget, match="estimated 6.5 s"):
+        measure_latency(net, 8, 64, "cpu", cfg, budget_s=2.0, expected_forward_s=0.5)
+    assert net.calls == 0
+    # A prediction that fits runs normally.
+    r = measure_latency(net, 8, 1, "cpu", cfg, budget_s=2.0, expected_forward_s=0.001)
+    assert r.repeats >= 10 and r.budget_s == 2.0
+
+
+def test_warmups_are_capped_by_time() -> None:
+    net = SleepNet(ms=20.0)
+    cfg = LatencyConfig(warmup=1000, min_repeats=3, max_repeats=3, max_time_s=0.2)
+    t = time.perf_counter()
+    r = measure_latency(net, 8, 1, "cpu", cfg)
+    wall = time.perf_counter() - t
+    assert 5 <= r.warmup <= 12  # about 0.2 s / 20 ms, never 1000
+    assert r.repeats == 3 and net.calls == r.warmup + 3
+    assert wall < 0.6
+    assert r.first_forward_ms is not None and r.first_forward_ms >= 19.0
+
+
+def test_budget_ends_the_repeats_past_the_minimum() -> None:
+    # Noisy (never stable) and no repeat or time cap in reach: only the budget stops it.
+    net = SleepNet(ms=10.0, jitter_ms=9.0)
+    cfg = LatencyConfig(warmup=1, min_repeats=3, max_repeats=100_000, max_time_s=60.0, target_iqr_ratio=0.001)
+    t = time.perf_counter()
+    r = measure_latency(net, 8, 1, "cpu", cfg, budget_s=0.4)
+    wall = time.perf_counter() - t
+    assert r.stop_reason == "budget"
+    assert r.repeats >= 3 and wall < 0.4 + 0.1  # one forward (<= 19 ms) past the deadline, plus slack
+    assert r.elapsed_s <= wall
 
 
 @pytest.mark.gpu

@@ -2,17 +2,39 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import torch
 from torch import nn
 
 from kdsearch.config import EnergyConfig, LatencyConfig, MeasureConfig
-from kdsearch.metrics import KNOWN_METRICS, metric_unit
 from kdsearch.measure import Measurements, measure_inference, measure_latency
+from kdsearch.metrics import KNOWN_METRICS, metric_unit
 from kdsearch.models.spec import StudentSpec
 
 from .nets import small_cnn
+
+
+class SlowStudent(nn.Module):
+    """A real small CNN whose every forward also sleeps: ``fixed_s`` per forward plus
+    ``per_image_s`` per image, like a large student on a slow CPU. Forwards on the ``meta``
+    device (shape-only counting) do no arithmetic, so they do not sleep. Counts the real
+    forwards per batch size."""
+
+    def __init__(self, fixed_s: float = 0.0, per_image_s: float = 0.0) -> None:
+        super().__init__()
+        self.net = small_cnn()
+        self.fixed_s = fixed_s
+        self.per_image_s = per_image_s
+        self.forwards: dict[int, int] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "meta":
+            b = int(x.shape[0])
+            self.forwards[b] = self.forwards.get(b, 0) + 1
+            time.sleep(self.fixed_s + self.per_image_s * b)
+        return self.net(x)
 
 FAST = LatencyConfig(batch_sizes=(1, 4), warmup=1, min_repeats=3, max_repeats=10, max_time_s=0.2)
 
@@ -113,6 +135,58 @@ def test_a_model_that_fails_to_run_is_missing_everywhere_it_must_be() -> None:
     for name in ("latency_ms_b1", "latency_p90_ms_b4", "activation_peak_mb_b1", "macs"):
         assert m.values[name] is None and m.missing[name].startswith("error: "), name
     assert all(v is None or v != 0 for v in m.values.values())
+
+
+SLOW_LATENCY = LatencyConfig(
+    batch_sizes=(1, 64), devices=("auto", "cpu"), warmup=2, min_repeats=5, max_repeats=50, max_time_s=2.0
+)
+
+
+def test_a_slow_forward_ends_the_phase_inside_its_budget() -> None:
+    # 0.3 s per forward: batch 1 needs (2 warm-up + 5 repeats) x 0.3 s = 2.1 s, batch 64 far more.
+    net = SlowStudent(fixed_s=0.3)
+    budget = 1.0
+    t = time.perf_counter()
+    m = measure_inference(net, 32, "cpu", MeasureConfig(latency=SLOW_LATENCY), budget_s=budget)
+    wall = time.perf_counter() - t
+    assert m.elapsed_s <= wall < budget + 0.3  # inside the budget, plus a small tolerance
+    assert m.budget_s == budget
+    # The cheap figures are there; every latency figure is missing with its estimate.
+    assert m.values["macs"] > 0 and m.values["model_size_mb"] > 0
+    for name in ("latency_ms_b1", "latency_ms_b64", "latency_p90_ms_b64", "latency_ms_b64_cpu"):
+        assert m.values[name] is None, name
+        assert m.missing[name].startswith("over budget: batch "), m.missing[name]
+        assert "estimated" in m.missing[name] and "left of measure.max_time" in m.missing[name]
+    assert m.methods["latency_ms_b64"]["estimate_s"] > budget
+    # Batch 1 ran one forward to learn its cost; batch 64 was judged from it, without a forward.
+    assert net.forwards == {1: 1}
+    assert all(v is None or v != 0 for v in m.values.values())
+
+
+def test_a_batch_that_cannot_fit_is_missing_and_the_smaller_one_is_measured() -> None:
+    # 4 ms per image: batch 1 costs 7 x 4 ms; batch 64 would cost 7 x 256 ms = 1.8 s > 1 s budget.
+    net = SlowStudent(per_image_s=0.004)
+    t = time.perf_counter()
+    m = measure_inference(net, 32, "cpu", MeasureConfig(latency=SLOW_LATENCY), budget_s=1.0)
+    wall = time.perf_counter() - t
+    assert wall < 1.0 + 0.3
+    assert m.values["latency_ms_b1"] == pytest.approx(4.0, rel=0.5)
+    assert m.methods["latency_ms_b1"]["budget_s"] is not None
+    assert m.values["latency_ms_b64"] is None
+    reason = m.missing["latency_ms_b64"]
+    assert reason.startswith("over budget: batch 64 estimated ") and "per forward" in reason
+    est = m.methods["latency_ms_b64"]["estimate_s"]
+    assert 1.0 < est < 4.0  # 7 forwards at about 64 x 4 ms
+    assert 64 not in net.forwards  # refused before its first forward
+
+
+def test_default_budget_comes_from_the_config() -> None:
+    assert MeasureConfig().budget_s() == 60.0
+    assert MeasureConfig().budget_s(grace_s=30.0) == 15.0
+    assert MeasureConfig().budget_s(grace_s=600.0) == 60.0
+    assert MeasureConfig(max_time_s=5.0).budget_s(grace_s=600.0) == 5.0
+    m = measure_inference(small_cnn(), 16, "cpu", MeasureConfig(latency=FAST, max_time_s=7.0))
+    assert m.budget_s == 7.0 and m.values["latency_ms_b4"] is not None
 
 
 def test_measurements_need_a_reason_for_none() -> None:
