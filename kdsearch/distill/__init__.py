@@ -8,7 +8,8 @@ Data flows one way: this package uses ``kdsearch.data`` (views, batches) and ``k
 from __future__ import annotations
 
 from kdsearch.distill.fit import fit_key, fit_teacher
-from kdsearch.distill.loop import INJECT_STEP, DistillResult, KDHyper, distill, param_groups
+from kdsearch.distill.hooks import INJECT_STEP, EvalHook, FaultInjector, PlateauStop, StepHook, any_stop
+from kdsearch.distill.loop import DistillResult, KDHyper, distill, param_groups
 from kdsearch.distill.loss import TopKTargets, kd_loss, kd_loss_topk
 from kdsearch.distill.online import OnlineTeacher
 from kdsearch.distill.schedule import lr_factor
@@ -28,6 +29,11 @@ __all__ = [
     "DistillResult",
     "distill",
     "param_groups",
+    "EvalHook",
+    "StepHook",
+    "PlateauStop",
+    "FaultInjector",
+    "any_stop",
     "INJECT_STEP",
     "fit_teacher",
     "fit_key",

@@ -11,9 +11,14 @@ Time accounting (the contract every caller relies on):
 * The LR is ``peak * lr_factor(elapsed / box)``: linear warm-up over ``warmup_fraction`` then a
   cosine to ``final_lr_fraction``, so every box length gets a complete schedule. The loop stops
   at the first step boundary where the elapsed training time reaches the box (so ``kd_time_s``
-  exceeds the box by at most one step plus, on CUDA, the queued kernels), or earlier on a plateau
-  when ``cfg.early_stop.enabled``. With ``cfg.compile`` the compilation happens in the first
-  steps and counts as training time: it is part of what distilling this student costs.
+  exceeds the box by at most one step plus, on CUDA, the queued kernels), or earlier when a
+  stopping rule asks to. With ``cfg.compile`` the compilation happens in the first steps and
+  counts as training time: it is part of what distilling this student costs.
+* Hooks (:mod:`kdsearch.distill.hooks`): ``on_eval(train_s, fraction, val_accuracy) -> stop?``
+  runs after every validation while the clock is paused, so its cost is not training time; the
+  plateau stop of ``cfg.early_stop`` is one, composed with the caller's. ``on_step(step, loss)
+  -> loss`` runs inside the timed step, before the backward pass. ``stopped_early`` is True only
+  when a rule stopped the loop while box time was left.
 * Per-step time checks read the host clock without synchronising (a sync per step would stall
   the launch queue); on CUDA the loss is read back, and checked for NaN/Inf, every
   ``_CUDA_CHECK_EVERY`` steps and at the end. On the CPU it is checked every step.
@@ -38,6 +43,7 @@ from torch import nn
 
 from kdsearch.config import DistillConfig
 from kdsearch.data import ViewSpec, apply_views, sample_views
+from kdsearch.distill.hooks import EvalHook, PlateauStop, StepHook, any_stop, plain_step
 from kdsearch.distill.loss import TopKTargets, kd_loss, kd_loss_topk
 from kdsearch.distill.online import OnlineTeacher
 from kdsearch.distill.schedule import lr_factor
@@ -47,9 +53,8 @@ from kdsearch.errors import TrialFailure
 if TYPE_CHECKING:
     from kdsearch.data import BatchSource, DataBundle, ImageSplit
 
-__all__ = ["KDHyper", "DistillResult", "distill", "param_groups", "INJECT_STEP"]
+__all__ = ["KDHyper", "DistillResult", "distill", "param_groups"]
 
-INJECT_STEP = 3  # debug.inject fires at this (1-based) training step
 _CUDA_CHECK_EVERY = 8  # steps between loss read-backs (NaN check) on CUDA
 _PROGRESS_EVERY_S = 0.5  # seconds of training between progress callbacks
 
@@ -72,7 +77,7 @@ class DistillResult:
     final_train_loss: float  # mean over the last (up to) 50 steps
     best_val_accuracy: float | None
     val_history: list[tuple[float, float]] = field(default_factory=list)  # (training s, val accuracy)
-    stopped_early: bool = False
+    stopped_early: bool = False  # a stopping rule ended the loop before the box was used
     teacher_forward_count: int = 0  # teacher forward passes during this call (0 with a cache)
 
 
@@ -109,8 +114,9 @@ def distill(
     seed: int,
     view_spec: ViewSpec,
     progress: Callable[[float, str], None] | None = None,
-    inject: str | None = None,
     eval_batch_size: int = 512,
+    on_eval: EvalHook | None = None,
+    on_step: StepHook | None = None,
 ) -> DistillResult:
     """Distil ``teacher_source`` into ``student`` (trained in place) for ``time_box_s`` of training.
 
@@ -118,8 +124,9 @@ def distill(
     and the cache); ``val`` is evaluated at every ``cfg.eval_every_fraction`` of the box and at
     the end; ``bundle`` gives the student normalisation (``mean``/``std``); ``view_spec`` is the
     augmentation family (it must equal the cache's). ``teacher_source`` None trains on labels
-    only (CE). ``inject`` (debug) is one of nan, oom, hang, error, fired at step ``INJECT_STEP``.
-    Raises :class:`TrialFailure` ("diverged") on a NaN/Inf loss.
+    only (CE). ``on_eval`` is a stopping rule, combined with ``cfg.early_stop`` when that is
+    enabled; ``on_step`` sees (and may replace) each step's loss: see
+    :mod:`kdsearch.distill.hooks`. Raises :class:`TrialFailure` ("diverged") on a NaN/Inf loss.
     """
     from kdsearch.measure import evaluate_accuracy  # noqa: PLC0415 - measure/ sits after distill/
 
@@ -127,8 +134,6 @@ def distill(
     on_cuda = device.type == "cuda"
     if time_box_s <= 0:
         raise ValueError(f"time_box_s must be > 0 s, got {time_box_s}")
-    if inject not in (None, "nan", "oom", "hang", "error"):
-        raise ValueError(f"inject must be nan, oom, hang or error, got {inject!r}")
     n = train.num_images
     cached = isinstance(teacher_source, TeacherCache)
     if cached and teacher_source.view_spec != view_spec:
@@ -159,13 +164,15 @@ def distill(
     mean, std = bundle.mean, bundle.std
     check_every = _CUDA_CHECK_EVERY if on_cuda else 1
     forwards_before = teacher_source.teacher_forward_count if teacher_source is not None else 0
+    should_stop = any_stop(PlateauStop.from_config(cfg.early_stop), on_eval)
+    step_hook = on_step or plain_step
 
     steps = images_seen = 0
     recent_losses: deque[torch.Tensor] = deque(maxlen=50)
     last_loss = float("nan")
     val_history: list[tuple[float, float]] = []
     best_acc: float | None = None
-    plateau_ref, evals_without_gain, stopped_early = -math.inf, 0, False
+    stopped_early = False
     next_eval = cfg.eval_every_fraction  # as a fraction of the box
     train_s = 0.0  # training time accumulated before the current segment
     last_progress = 0.0
@@ -203,16 +210,7 @@ def distill(
             else:
                 loss = kd_loss(logits, targets, labels, T, alpha, ls)
             steps += 1
-            if inject is not None and steps == INJECT_STEP:
-                if inject == "nan":
-                    loss = loss * float("nan")
-                elif inject == "oom":
-                    raise torch.cuda.OutOfMemoryError("injected")
-                elif inject == "error":
-                    raise RuntimeError("injected error")
-                elif inject == "hang":
-                    while True:  # only a supervisor's kill ends this
-                        time.sleep(1.0)
+            loss = step_hook(steps, loss)
 
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -235,12 +233,8 @@ def distill(
                 model.train()
                 val_history.append((train_s, acc))
                 best_acc = acc if best_acc is None else max(best_acc, acc)
-                if acc > plateau_ref + cfg.early_stop.min_delta:
-                    plateau_ref, evals_without_gain = acc, 0
-                else:
-                    evals_without_gain += 1
-                if cfg.early_stop.enabled and evals_without_gain >= cfg.early_stop.patience:
-                    stopped_early = stop = True
+                if should_stop(train_s, train_s / time_box_s, acc) and not stop:
+                    stopped_early = stop = True  # only while box time is left
                 next_eval = (
                     math.floor(train_s / time_box_s / cfg.eval_every_fraction) + 1
                 ) * cfg.eval_every_fraction

@@ -26,6 +26,7 @@ from kdsearch.config import StudyConfig, TeacherConfig
 from kdsearch.data import BatchSource, DataBundle, ViewSpec, load_data, make_batch_source, should_be_resident
 from kdsearch.distill import (
     DistillResult,
+    FaultInjector,
     OnlineTeacher,
     TeacherCache,
     build_or_load_cache,
@@ -186,6 +187,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     inject = cfg.debug.inject
     if cfg.debug.inject_trial is not None and cfg.debug.inject_trial != trial.number:
         inject = None
+    fault = FaultInjector(inject) if inject is not None else None  # test-only (debug.inject)
 
     seed = cfg.study.seed * 100_003 + trial.number
     kd_memory = KDMemoryTracker(device)
@@ -209,8 +211,8 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
                 seed=seed,
                 view_spec=ctx.view_spec,
                 progress=lambda frac, msg: progress("distil", frac, msg),
-                inject=inject,
                 eval_batch_size=cfg.measure.eval_batch_size,
+                on_step=fault,
             )
     except TrialFailure as exc:
         raise _fail(trial, exc.reason, exc.detail, exc.attrs) from None

@@ -1,4 +1,4 @@
-"""distill(): time box, schedule, teacher sources, divergence and fault injection."""
+"""distill(): time box, schedule, teacher sources, divergence, its hooks and fault injection."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import pytest
 import torch
 from distill_helpers import tiny_bundle, tiny_student, tiny_teacher
 
+import kdsearch.distill.hooks as hooks_mod
 import kdsearch.distill.loop as loop_mod
 from kdsearch.config import DistillConfig, EarlyStopConfig, TeacherCacheConfig, TeacherFitConfig
 from kdsearch.data import ViewSpec, make_batch_source
 from kdsearch.distill import (
     INJECT_STEP,
     DistillResult,
+    FaultInjector,
     KDHyper,
     OnlineTeacher,
     build_or_load_cache,
@@ -148,7 +150,7 @@ def test_lr_follows_a_complete_schedule_for_any_box(world, monkeypatch, box_s: f
 
 def test_nan_loss_is_a_diverged_trial_failure(world) -> None:
     with pytest.raises(TrialFailure) as exc:
-        _run(world, world[2], 30.0, resolution=16, inject="nan")
+        _run(world, world[2], 30.0, resolution=16, on_step=FaultInjector("nan"))
     assert exc.value.reason == "diverged" and f"step {INJECT_STEP}" in exc.value.detail
 
 
@@ -161,9 +163,9 @@ def test_a_huge_learning_rate_diverges(world) -> None:
 
 def test_injected_faults(world, monkeypatch) -> None:
     with pytest.raises(torch.OutOfMemoryError, match="injected"):
-        _run(world, world[2], 30.0, resolution=16, inject="oom")
+        _run(world, world[2], 30.0, resolution=16, on_step=FaultInjector("oom"))
     with pytest.raises(RuntimeError, match="injected error"):
-        _run(world, world[2], 30.0, resolution=16, inject="error")
+        _run(world, world[2], 30.0, resolution=16, on_step=FaultInjector("error"))
 
     # "hang" sleeps in a loop until killed: make sleep count its calls and escape after a few.
     sleeps: list[float] = []
@@ -176,9 +178,9 @@ def test_injected_faults(world, monkeypatch) -> None:
         if len(sleeps) >= 5:
             raise Escaped
 
-    monkeypatch.setattr(loop_mod.time, "sleep", fake_sleep)
+    monkeypatch.setattr(hooks_mod.time, "sleep", fake_sleep)
     with pytest.raises(Escaped):
-        _run(world, world[2], 30.0, resolution=16, inject="hang")
+        _run(world, world[2], 30.0, resolution=16, on_step=FaultInjector("hang"))
     assert len(sleeps) == 5
 
 
@@ -189,6 +191,55 @@ def test_early_stop_on_plateau_ends_before_the_box(world) -> None:
     r = _run(world, world[2], 4.0, cfg=cfg, resolution=16)
     assert r.stopped_early and len(r.val_history) == 3  # 1 reference + 2 without a 100 % gain
     assert r.kd_time_s < 0.3 * 4.0 + SLACK_S
+
+
+def test_on_eval_sees_every_evaluation_and_can_stop_the_loop(world) -> None:
+    box = 4.0
+    calls: list[tuple[float, float, float]] = []
+
+    def stop_at_second(train_s: float, fraction: float, val_accuracy: float) -> bool:
+        calls.append((train_s, fraction, val_accuracy))
+        return len(calls) >= 2
+
+    r = _run(world, world[2], box, cfg=DistillConfig(eval_every_fraction=0.1), resolution=16, on_eval=stop_at_second)
+    assert r.stopped_early and len(calls) == 2
+    assert [(t, a) for t, _, a in calls] == r.val_history  # the same evaluations, in order
+    assert all(f == pytest.approx(t / box) for t, f, _ in calls)
+    assert 0.2 * box <= r.kd_time_s < 0.2 * box + SLACK_S  # stopped at the second evaluation
+
+
+def test_a_stop_asked_at_the_final_evaluation_is_not_an_early_stop(world) -> None:
+    fractions: list[float] = []
+
+    def only_at_the_end(train_s: float, fraction: float, val_accuracy: float) -> bool:
+        fractions.append(fraction)
+        return fraction >= 1.0
+
+    r = _run(world, world[2], 1.0, resolution=16, on_eval=only_at_the_end)
+    assert not r.stopped_early and r.kd_time_s >= 1.0
+    assert len(fractions) == len(r.val_history) == 4 and fractions[-1] >= 1.0 > fractions[-2]
+
+
+def test_the_plateau_stop_and_a_caller_rule_both_see_every_evaluation(world) -> None:
+    cfg = DistillConfig(
+        eval_every_fraction=0.1, early_stop=EarlyStopConfig(enabled=True, patience=3, min_delta=1.0)
+    )
+    seen: list[float] = []
+    r = _run(world, world[2], 4.0, cfg=cfg, resolution=16, on_eval=lambda t, f, a: seen.append(a) is not None)
+    assert r.stopped_early and len(r.val_history) == 4  # the plateau rule stopped it, not the caller's
+    assert seen == [a for _, a in r.val_history]
+
+
+def test_on_step_sees_every_step_and_its_loss(world) -> None:
+    seen: list[tuple[int, float]] = []
+
+    def record(step: int, loss: torch.Tensor) -> torch.Tensor:
+        seen.append((step, float(loss.detach())))
+        return loss
+
+    r = _run(world, world[2], 0.5, resolution=16, on_step=record)
+    assert [s for s, _ in seen] == list(range(1, r.steps + 1)) and r.steps > 0
+    assert all(loss > 0 for _, loss in seen)
 
 
 def test_a_cache_for_other_views_is_refused(world) -> None:
