@@ -85,6 +85,8 @@ def fit_key(loaded: LoadedTeacher, bundle: DataBundle, cfg: TeacherFitConfig) ->
         "dataset_fingerprint": bundle.fingerprint,
         "fit": dataclasses.asdict(cfg),
     }
+    if loaded.interpolation != "bilinear":  # bilinear was the only mode before: its keys stay
+        ident["interpolation"] = loaded.interpolation
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
@@ -197,7 +199,8 @@ def _fit(
         for idx, images, labels in source.epoch(batch_size, gen, shuffle=True, drop_last=True):
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * lr_factor(elapsed / box, _WARMUP_FRACTION, 0.0)
-            x = apply_views(images, views_all[idx], spec, loaded.input_size, loaded.mean, loaded.std)
+            x = apply_views(images, views_all[idx], spec, loaded.input_size, loaded.mean, loaded.std,
+                            interpolation=loaded.interpolation)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), labels)

@@ -38,7 +38,8 @@ class OnlineTeacher:
         t = self.teacher
         use_cuda = images_u8.device.type == "cuda"
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
-            x = apply_views(images_u8, views, self.view_spec, t.input_size, t.mean, t.std)
+            x = apply_views(images_u8, views, self.view_spec, t.input_size, t.mean, t.std,
+                            interpolation=t.interpolation)
             logits = t.model(x).float()
         self.teacher_forward_count += 1
         # Leave inference mode: the result feeds a loss whose graph autograd records.

@@ -21,13 +21,14 @@ def evaluate_accuracy(
     std: Sequence[float],
     device: torch.device | str,
     batch_size: int = 512,
+    interpolation: str = "bilinear",
 ) -> float:
     """Fraction (0..1) of ``split`` whose arg-max logit equals the label.
 
     ``split`` has ``.images`` (uint8 ``[N, 3, H, W]``, on any device) and ``.labels`` (int64
     ``[N]``), e.g. a :class:`kdsearch.data.ImageSplit`. Each batch is moved to ``device`` and
-    passed through :func:`kdsearch.data.augment.preprocess` (resize to ``resolution`` px,
-    normalise with ``mean``/``std``; no crop or flip). fp32, eval mode, inference mode; the
+    passed through :func:`kdsearch.data.augment.preprocess` (resize to ``resolution`` px with
+    ``interpolation``, normalise with ``mean``/``std``; no crop or flip). fp32, eval mode, inference mode; the
     model's train/eval mode is restored afterwards. ``model`` must already be on ``device``.
     """
     from kdsearch.data.augment import preprocess  # noqa: PLC0415 - data/ is optional at import time
@@ -50,7 +51,7 @@ def evaluate_accuracy(
             for i in range(0, n, batch_size):
                 xb = images[i : i + batch_size].to(dev, non_blocking=True)
                 yb = labels[i : i + batch_size].to(dev, non_blocking=True)
-                x = preprocess(xb, resolution, mean, std, channels_last=channels_last)
+                x = preprocess(xb, resolution, mean, std, channels_last=channels_last, interpolation=interpolation)
                 logits = model(x)
                 correct += (logits.argmax(dim=1) == yb).sum()
     finally:

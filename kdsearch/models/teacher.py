@@ -18,12 +18,20 @@ that do not fit). Where the weights come from:
 * ``pretrained: true``: timm downloads the weights (Hugging Face Hub). When ``num_classes``
   differs from the pretrained classifier, timm resets the head (``head_reset=True``).
 * neither: random init (``pretrained=False`` on the result; the teacher needs fitting).
+
+Preprocessing: the teacher sees images resized to ``input_size`` px with ``interpolation`` and
+normalised with ``mean``/``std`` (0..1 pixel scale). ``teacher.mean``/``teacher.std`` override
+timm's ``pretrained_cfg`` for the architecture -- a teacher trained on the user's data with its
+own normalisation needs them -- and ``LoadedTeacher.norm_source`` says which was used.
+:func:`weak_teacher_warning` names normalisation and input size when the accuracy says the
+teacher is not seeing what it was trained on.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,7 +52,15 @@ __all__ = [
     "teacher_needs_fit",
     "state_dict_sha256",
     "load_checkpoint_state_dict",
+    "weak_teacher_warning",
+    "CHANCE_FACTOR",
+    "EXPECTED_SHORTFALL",
 ]
+
+log = logging.getLogger(__name__)
+
+CHANCE_FACTOR = 1.5  # val accuracy <= this / num_classes counts as near chance
+EXPECTED_SHORTFALL = 0.10  # val accuracy this far (absolute) below teacher.expected_accuracy warns
 
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "model_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -64,6 +80,8 @@ class LoadedTeacher:
     pretrained: bool  # had real weights (pretrained download or checkpoint)
     head_reset: bool = False  # classifier re-initialised for num_classes; it needs fitting
     checkpoint: str | None = None  # the local file the weights came from, if any
+    interpolation: str = "bilinear"  # resize mode to input_size (teacher.interpolation)
+    norm_source: str = "timm pretrained_cfg"  # where mean/std came from: or "teacher.mean/std"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +286,12 @@ def _create_model(cfg: TeacherConfig, num_classes: int, pretrained: bool) -> nn.
         raise TeacherError(
             f"teacher.model_kwargs.num_classes: is set from the data set ({num_classes} classes); remove it"
         )
-    for key in ("pretrained", "checkpoint_path", "pretrained_cfg_overlay"):
+    if "pretrained_cfg_overlay" in kwargs:
+        raise TeacherError(
+            "teacher.model_kwargs.pretrained_cfg_overlay: is not allowed; set teacher.mean, teacher.std, "
+            "teacher.interpolation and teacher.input_size instead"
+        )
+    for key in ("pretrained", "checkpoint_path"):
         if key in kwargs:
             raise TeacherError(
                 f"teacher.model_kwargs.{key}: is not allowed; use teacher.pretrained or teacher.checkpoint"
@@ -315,7 +338,9 @@ def _as_triple(value: Any, default: tuple[float, float, float]) -> tuple[float, 
 
 def _resolve_input(
     cfg: TeacherConfig, model: nn.Module
-) -> tuple[int, tuple[float, float, float], tuple[float, float, float]]:
+) -> tuple[int, tuple[float, float, float], tuple[float, float, float], str]:
+    """Input size (px), mean, std and where mean/std came from: ``teacher.mean``/``teacher.std``
+    when given (each overrides on its own), else timm's pretrained_cfg, else ImageNet's."""
     data_cfg = resolve_model_data_config(model)
     size = int(data_cfg["input_size"][-1])
     img_size = cfg.model_kwargs.get("img_size")
@@ -325,7 +350,15 @@ def _resolve_input(
         size = int(cfg.input_size)
     mean = _as_triple(data_cfg.get("mean"), (0.485, 0.456, 0.406))
     std = _as_triple(data_cfg.get("std"), (0.229, 0.224, 0.225))
-    return size, mean, std
+    sources = []
+    if cfg.mean is not None:
+        mean = _as_triple(cfg.mean, mean)
+        sources.append("teacher.mean")
+    if cfg.std is not None:
+        std = _as_triple(cfg.std, std)
+        sources.append("teacher.std")
+    source = " + ".join(sources) + (" (rest: timm pretrained_cfg)" if len(sources) == 1 else "")
+    return size, mean, std, source or "timm pretrained_cfg"
 
 
 def create_teacher(
@@ -353,7 +386,7 @@ def create_teacher(
         head_reset = src_classes is not None and int(src_classes) != num_classes
 
     model.eval()
-    input_size, mean, std = _resolve_input(cfg, model)
+    input_size, mean, std, norm_source = _resolve_input(cfg, model)
     if check_forward:
         _dry_run(model, cfg, input_size, num_classes)
     sha = state_dict_sha256(model)
@@ -370,6 +403,8 @@ def create_teacher(
         pretrained=use_checkpoint or pretrained,
         head_reset=head_reset,
         checkpoint=cfg.checkpoint,
+        interpolation=cfg.interpolation,
+        norm_source=norm_source,
     )
 
 
@@ -408,3 +443,32 @@ def teacher_needs_fit(cfg: TeacherConfig, loaded: LoadedTeacher, num_classes: in
     if enabled == "false":
         return False
     return (not loaded.pretrained) or loaded.head_reset or loaded.num_classes != num_classes
+
+
+def weak_teacher_warning(
+    loaded: LoadedTeacher, val_accuracy: float, expected_accuracy: float | None = None
+) -> str | None:
+    """Log (``logging.warning``, one line) and return a warning when the teacher's validation
+    accuracy (0..1) is near chance (<= 1.5 / num_classes) or more than 10 points below
+    ``expected_accuracy``; None when it looks sound.
+
+    A teacher that scores far below what it is known to reach is most often fed differently
+    from how it was trained: another normalisation or another input size.
+    """
+    chance = 1.0 / max(loaded.num_classes, 1)
+    if val_accuracy <= CHANCE_FACTOR * chance:
+        what = f"is near chance ({100 * chance:.3g}% for {loaded.num_classes} classes)"
+    elif expected_accuracy is not None and val_accuracy < expected_accuracy - EXPECTED_SHORTFALL:
+        what = f"is far below teacher.expected_accuracy {100 * expected_accuracy:.4g}%"
+    else:
+        return None
+    mean = ", ".join(f"{v:.4g}" for v in loaded.mean)
+    std = ", ".join(f"{v:.4g}" for v in loaded.std)
+    msg = (
+        f"teacher {loaded.label}: val accuracy {100 * val_accuracy:.4g}% {what}; the usual causes are the "
+        f"normalisation (mean [{mean}], std [{std}] from {loaded.norm_source}: set teacher.mean/teacher.std "
+        f"to the ones it was trained with) and the input size ({loaded.input_size} px, "
+        f"{loaded.interpolation}: set teacher.input_size/teacher.interpolation)"
+    )
+    log.warning(msg)
+    return msg

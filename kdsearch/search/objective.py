@@ -44,6 +44,7 @@ from kdsearch.measure import (
     measure_inference,
 )
 from kdsearch.models import LoadedTeacher, build_student, create_teacher, teacher_needs_fit
+from kdsearch.models.teacher import weak_teacher_warning
 from kdsearch.search.space import Proposal, suggest
 from kdsearch.search.study import RunPaths, artifact_store
 
@@ -136,8 +137,11 @@ def _prepare_teacher(
         )
     loaded.model.eval()
     batch = cfg.measure.eval_batch_size
-    val_acc = evaluate_accuracy(loaded.model, bundle.val, loaded.input_size, loaded.mean, loaded.std, device, batch)
-    test_acc = evaluate_accuracy(loaded.model, bundle.test, loaded.input_size, loaded.mean, loaded.std, device, batch)
+    val_acc = evaluate_accuracy(loaded.model, bundle.val, loaded.input_size, loaded.mean, loaded.std, device, batch,
+                                interpolation=loaded.interpolation)
+    test_acc = evaluate_accuracy(loaded.model, bundle.test, loaded.input_size, loaded.mean, loaded.std, device, batch,
+                                 interpolation=loaded.interpolation)
+    weak_teacher_warning(loaded, val_acc, tcfg.expected_accuracy)
     source: TeacherCache | OnlineTeacher
     if tcfg.mode == "cached":
         source = build_or_load_cache(
@@ -275,7 +279,8 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
         m.set("ft_gain", post - pre, ft_method)
 
     progress("measure", 0.3, "latency, memory, energy, ops")
-    m.update(measure_inference(student, spec.resolution, device, cfg.measure))
+    m.update(measure_inference(student, spec.resolution, device, cfg.measure,
+                               budget_s=cfg.measure.budget_s(cfg.study.grace_s)))
     values = m.values
     missing = m.missing
 
@@ -349,6 +354,8 @@ def teacher_summary(ctx: WorkerContext) -> dict[str, Any]:
             "test_accuracy": t.test_accuracy,
             "weights_sha256": t.loaded.weights_sha256,
             "input_size": t.loaded.input_size,
+            "mean": list(t.loaded.mean), "std": list(t.loaded.std), "norm_source": t.loaded.norm_source,
+            "interpolation": t.loaded.interpolation,
             "pretrained": t.loaded.pretrained,
             "mode": "cached" if isinstance(t.source, TeacherCache) else "online",
             "fit": t.fit_info,

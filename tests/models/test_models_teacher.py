@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 from pathlib import Path
@@ -13,8 +14,11 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import save_file
 
 from kdsearch.config import TeacherConfig, TeacherFitConfig
+from kdsearch.data import ImageSplit
 from kdsearch.errors import CheckpointError, TeacherError
+from kdsearch.measure import evaluate_accuracy
 from kdsearch.models import LoadedTeacher, create_teacher, state_dict_sha256, teacher_needs_fit
+from kdsearch.models.teacher import weak_teacher_warning
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 3}
 
@@ -226,3 +230,112 @@ def test_weights_sha256_is_deterministic_and_sensitive() -> None:
         model.fc.weight[0, 0] -= 1e-3
     # Same values in another dtype are other weights.
     assert state_dict_sha256({k: v.half() for k, v in model.state_dict().items()}) != h1
+
+
+# ----------------------------------------------------------------------------------------------
+# The user's own teacher, with its own normalisation
+
+OWN_MEAN = (0.2, 0.8, 0.5)  # far from timm's (0.5, 0.5, 0.5) for this ViT
+OWN_STD = (0.1, 0.05, 0.1)
+TINY_VIT16 = {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2}
+
+
+def _colour_classes(n: int, gen: torch.Generator, centres: torch.Tensor) -> ImageSplit:
+    """``n`` 16 px uint8 images; class c is a noisy field around the RGB colour ``centres[c]``."""
+    labels = torch.arange(n) % centres.shape[0]
+    x = centres[labels][:, :, None, None] + torch.randn(n, 3, 16, 16, generator=gen) * 25
+    return ImageSplit(x.clamp(0, 255).round().to(torch.uint8), labels)
+
+
+def _normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (images.float() / 255 - m) / s
+
+
+@pytest.fixture(scope="module")
+def own_teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ImageSplit, float]:
+    """A tiny timm ViT trained in plain PyTorch on OWN_MEAN/OWN_STD-normalised data: its weights
+    file, a validation split, and its validation accuracy measured in plain PyTorch."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randint(40, 216, (4, 3), generator=gen).float()
+    train, val = _colour_classes(256, gen, centres), _colour_classes(128, gen, centres)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=4, **TINY_VIT16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = _normalise(train.images, OWN_MEAN, OWN_STD)
+    for _ in range(40):  # full batch: ~2 s on a CPU
+        loss = torch.nn.functional.cross_entropy(model(x), train.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        plain = (model(_normalise(val.images, OWN_MEAN, OWN_STD)).argmax(1) == val.labels).float().mean()
+    path = tmp_path_factory.mktemp("own") / "teacher.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path, val, float(plain)
+
+
+def _kdsearch_val_accuracy(loaded: LoadedTeacher, val: ImageSplit) -> float:
+    # The call the objective makes for every teacher (kdsearch/search/objective.py).
+    return evaluate_accuracy(loaded.model, val, loaded.input_size, loaded.mean, loaded.std, "cpu", 512,
+                             interpolation=loaded.interpolation)
+
+
+def test_own_normalisation_scores_the_same_through_kdsearch(own_teacher, caplog: pytest.LogCaptureFixture) -> None:
+    path, val, plain = own_teacher
+    assert plain >= 0.9  # it learnt the task
+    cfg = TeacherConfig(name="vit_tiny_patch16_224", model_kwargs=TINY_VIT16, checkpoint=str(path),
+                        mean=OWN_MEAN, std=OWN_STD)
+    own = create_teacher(cfg, 4, "cpu")
+    assert (own.mean, own.std, own.norm_source) == (OWN_MEAN, OWN_STD, "teacher.mean + teacher.std")
+    assert own.input_size == 16 and not teacher_needs_fit(cfg, own, 4)
+    assert _kdsearch_val_accuracy(own, val) == plain  # exactly: same pixels, same arithmetic
+    with caplog.at_level(logging.WARNING, logger="kdsearch.models.teacher"):
+        assert weak_teacher_warning(own, plain, expected_accuracy=0.95) is None
+    assert not caplog.records
+
+    # Without teacher.mean/std, timm's pretrained_cfg normalisation is used: the teacher is lost.
+    default = create_teacher(TeacherConfig(name="vit_tiny_patch16_224", model_kwargs=TINY_VIT16,
+                                           checkpoint=str(path)), 4, "cpu")
+    assert default.norm_source == "timm pretrained_cfg" and default.mean != OWN_MEAN
+    wrong = _kdsearch_val_accuracy(default, val)
+    assert wrong <= plain - 0.4
+    with caplog.at_level(logging.WARNING, logger="kdsearch.models.teacher"):
+        msg = weak_teacher_warning(default, wrong, expected_accuracy=plain)
+    assert msg is not None and caplog.records[-1].getMessage() == msg and "\n" not in msg
+    assert "normalisation" in msg and "teacher.mean/teacher.std" in msg and "input size (16 px" in msg
+    assert "timm pretrained_cfg" in msg
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "expected", "warns", "fragment"),
+    [
+        (0.10, None, True, "near chance (10% for 10 classes)"),
+        (0.15, None, True, "near chance"),  # 1.5 / 10 classes
+        (0.16, None, False, ""),
+        (0.70, 0.95, True, "far below teacher.expected_accuracy 95%"),
+        (0.86, 0.95, False, ""),  # within 10 points
+    ],
+)
+def test_weak_teacher_warning_thresholds(accuracy: float, expected: float | None, warns: bool, fragment: str) -> None:
+    t = create_teacher(TeacherConfig(name="test_resnet", input_size=32, interpolation="bicubic"), 10, "cpu")
+    assert t.interpolation == "bicubic"
+    msg = weak_teacher_warning(t, accuracy, expected)
+    assert (msg is not None) == warns
+    if warns:
+        assert fragment in msg and "32 px, bicubic" in msg
+
+
+def test_one_of_mean_or_std_overrides_alone() -> None:
+    t = create_teacher(TeacherConfig(name="test_resnet", input_size=32, std=(0.3, 0.3, 0.3)), 10, "cpu")
+    ref = create_teacher(TeacherConfig(name="test_resnet", input_size=32), 10, "cpu")
+    assert t.std == (0.3, 0.3, 0.3) and t.mean == ref.mean
+    assert t.norm_source == "teacher.std (rest: timm pretrained_cfg)"
+
+
+def test_pretrained_cfg_overlay_points_to_the_teacher_keys() -> None:
+    cfg = TeacherConfig(name="test_resnet", model_kwargs={"pretrained_cfg_overlay": {"mean": (0.1, 0.1, 0.1)}})
+    with pytest.raises(TeacherError, match="set teacher.mean, teacher.std, teacher.interpolation"):
+        create_teacher(cfg, 10, "cpu")
