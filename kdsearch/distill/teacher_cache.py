@@ -15,6 +15,12 @@ On disk (``<cache_dir>/<key[:16]>/``):
 * ``manifest.json``: the full key, what went into it, shapes and dtypes, the data file's sha256,
   the build id, host, pid and creation time. Written last, so its presence marks a finished build.
 
+Size and place: :mod:`kdsearch.distill.cache_size` estimates the cache before anything runs (the
+preflight refuses one whose build cannot fit in host memory) and resolves ``topk: auto`` (top 20
+above 100 classes). After the build or load, the views go to the device; the logits go there too
+when they fit (:func:`~kdsearch.distill.cache_size.choose_placement`), else they stay on the
+host, pinned, and each batch's rows are gathered on the host and copied to the device.
+
 Concurrency: the build and the load run under ``filelock.FileLock(<cache_dir>/<key[:16]>.lock)``;
 files are written to temp files and renamed into place. A second process waits on the lock, then
 loads what the first one built. On load the manifest key and the data file's sha256 are checked;
@@ -44,6 +50,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from kdsearch.checkpoint import atomic_write_bytes, atomic_write_text, sha256_file
 from kdsearch.config import TeacherCacheConfig
 from kdsearch.data import ViewSpec, apply_views, make_batch_source, sample_views
+from kdsearch.distill.cache_size import choose_placement, resolve_topk
 from kdsearch.distill.loss import TopKTargets
 
 if TYPE_CHECKING:
@@ -93,6 +100,9 @@ class TeacherCache:
         self.built = built  # True if this call built the cache, False if it loaded it
         self.rebuild_reason = rebuild_reason  # why an existing cache was not used (None: none existed)
         self.build_forward_count = build_forward_count  # teacher forward passes spent building (0 on load)
+        self.placement = "host"  # where the logits live: "device" or "host" (see place())
+        self.placement_reason = "not placed yet"
+        self.pinned = False  # host logits in pinned memory (gathered per batch, copied asynchronously)
 
     # -- description ---------------------------------------------------------------------------
     @property
@@ -118,10 +128,22 @@ class TeacherCache:
 
     @property
     def device(self) -> torch.device:
+        """Where the views live (the training device once placed)."""
         return self.views.device
+
+    @property
+    def logits_device(self) -> torch.device:
+        """Where the logits live: the training device, or the host when they did not fit there."""
+        t = self.logits if self.logits is not None else self.topk_values
+        assert t is not None
+        return t.device
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    def logits_nbytes(self) -> int:
+        """Bytes of the logit tensors (everything but the views)."""
+        return sum(t.numel() * t.element_size() for n, t in self._tensors().items() if n != "views")
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         names = ("views", "logits", "topk_values", "topk_indices", "rest_logit")
@@ -131,20 +153,61 @@ class TeacherCache:
         """Move every stored tensor to ``device`` (in place; returns self)."""
         for name, t in self._tensors().items():
             setattr(self, name, t.to(device))
+        self.pinned = False
+        self.placement, self.placement_reason = "device", f"moved to {device}"
+        return self
+
+    def place(self, device: torch.device | str, free_bytes: int | None = None) -> TeacherCache:
+        """Put the cache where training on ``device`` can use it (in place; returns self).
+
+        The views always go to ``device``. The logits go too when
+        :func:`~kdsearch.distill.cache_size.choose_placement` says they fit (``free_bytes``: the
+        device's free memory, read now when not given); otherwise they stay on the host, pinned
+        when ``device`` is CUDA, and look-ups gather each batch there and copy it over.
+        """
+        dev = torch.device(device)
+        where, why = choose_placement(self.logits_nbytes(), dev, free_bytes)
+        if where == "device":
+            self.to(dev)
+        else:
+            self.views = self.views.to(dev)
+            for name, t in self._tensors().items():
+                if name == "views":
+                    continue
+                t = t.to("cpu")
+                if dev.type == "cuda" and not t.is_pinned():
+                    t = t.pin_memory()
+                setattr(self, name, t)
+            self.pinned = dev.type == "cuda"
+        self.placement, self.placement_reason = where, why
+        log.info("teacher cache %s: logits on the %s (%s)", self.path, where, why)
         return self
 
     # -- look-ups ------------------------------------------------------------------------------
+    def _rows(self, t: torch.Tensor, vi: torch.Tensor, ii: torch.Tensor, out: torch.device) -> torch.Tensor:
+        """``t[vi, ii]`` on ``out``, in ``t``'s dtype. Host-held logits are gathered on the host
+        into pinned memory and copied asynchronously (the caching host allocator keeps the
+        buffer alive until the copy is done)."""
+        if t.device == out:
+            return t[vi, ii]
+        flat_idx = vi.to(t.device) * t.shape[1] + ii.to(t.device)
+        flat = t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+        if self.pinned and out.type == "cuda":
+            buf = torch.empty((flat_idx.shape[0], *t.shape[2:]), dtype=t.dtype, pin_memory=True)
+            torch.index_select(flat, 0, flat_idx, out=buf)
+            return buf.to(out, non_blocking=True)
+        return flat.index_select(0, flat_idx).to(out)
+
     def teacher_targets(self, view_ids: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | TopKTargets:
         """What the loss needs: dense fp32 logits ``[B, C]``, or :class:`TopKTargets` (top-k cache)."""
         out_dev = indices.device
-        vi, ii = view_ids.to(self.device), indices.to(self.device)
         if self.logits is not None:
-            return self.logits[vi, ii].to(out_dev, torch.float32)
+            return self._rows(self.logits, view_ids, indices, out_dev).to(torch.float32)
         assert self.topk_values is not None and self.topk_indices is not None and self.rest_logit is not None
         return TopKTargets(
-            values=self.topk_values[vi, ii].to(out_dev, torch.float32),
-            indices=self.topk_indices[vi, ii].to(out_dev, torch.int64),
-            rest_logit=self.rest_logit[vi, ii].to(out_dev, torch.float32),
+            values=self._rows(self.topk_values, view_ids, indices, out_dev).to(torch.float32),
+            indices=self._rows(self.topk_indices, view_ids, indices, out_dev).to(torch.int64),
+            rest_logit=self._rows(self.rest_logit, view_ids, indices, out_dev).to(torch.float32),
         )
 
     def teacher_logits(self, view_ids: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -182,8 +245,12 @@ def cache_key(
         "split": split,
         "view_spec": view_spec.to_dict(),
         "views": int(cfg.views),
-        "topk": cfg.topk,
+        # "auto" enters as the k it resolves to (None: all logits), so the default keeps the keys
+        # of caches built before "auto" existed; an explicit k enters as written, as it always did.
+        "topk": cfg.topk if cfg.topk != "auto" else cfg.resolved_topk(bundle.num_classes),
     }
+    if teacher.interpolation != "bilinear":  # bilinear was the only mode before: its keys stay
+        ident["interpolation"] = teacher.interpolation
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -199,7 +266,9 @@ def build_or_load_cache(
     device: torch.device | str,
     progress: ProgressCallback | None = None,
 ) -> TeacherCache:
-    """Load the cache for (teacher, train split, view spec, K, top-k) or build it; return it on ``device``.
+    """Load the cache for (teacher, train split, view spec, K, top-k) or build it; return it
+    placed for training on ``device`` (:meth:`TeacherCache.place`: the logits stay on the host,
+    pinned, when they do not fit on the device).
 
     ``progress(done, total)`` is called while building, in teacher-view evaluations (K * N).
     """
@@ -223,7 +292,7 @@ def build_or_load_cache(
                 log.info("teacher cache %s: building", folder)
             cache = _build(teacher, bundle, cfg, view_spec, key, folder, device, progress)
             cache.rebuild_reason = None if reason == "absent" else reason
-    return cache.to(device)
+    return cache.place(device)
 
 
 def _try_load(
@@ -293,7 +362,7 @@ def _build(
 ) -> TeacherCache:
     split = bundle.train
     n, num_views, num_classes = len(split), cfg.views, bundle.num_classes
-    k = None if cfg.topk is None else min(cfg.topk, num_classes)
+    k = resolve_topk(cfg, num_classes, n)
     # Views are drawn on the CPU from a seed derived from the key: same key, same views, anywhere.
     gen = torch.Generator(device="cpu").manual_seed(int(key[:15], 16))
     views = sample_views(n, num_views, view_spec, gen)  # int16 [K, N, 3]
@@ -323,7 +392,10 @@ def _build(
         for idx, images, _labels in source.epoch(cfg.batch_size, order_gen, shuffle=False, drop_last=False):
             i = idx.to("cpu")
             for v in range(num_views):
-                x = apply_views(images, views[v, i], view_spec, teacher.input_size, teacher.mean, teacher.std)
+                x = apply_views(
+                    images, views[v, i], view_spec, teacher.input_size, teacher.mean, teacher.std,
+                    interpolation=teacher.interpolation,
+                )
                 logits = model(x).float()
                 forwards += 1
                 if k is None:
@@ -367,6 +439,8 @@ def _build(
             "input_size": int(teacher.input_size),
             "mean": list(teacher.mean),
             "std": list(teacher.std),
+            "norm_source": teacher.norm_source,
+            "interpolation": teacher.interpolation,
         },
         "dataset": bundle.name,
         "dataset_fingerprint": bundle.fingerprint,

@@ -11,6 +11,7 @@ import torch
 
 from kdsearch.config import Space, StudyConfig
 from kdsearch.data import load_data
+from kdsearch.distill.cache_size import check_caches_fit
 from kdsearch.errors import ConfigError
 from kdsearch.models import create_teacher, vit_patch_size
 
@@ -22,6 +23,7 @@ def preflight(cfg: StudyConfig) -> int:
     checked when the study is opened, which writes nothing until the URL has opened."""
     _check_vit_resolutions(cfg)
     bundle = load_data(cfg.data)
+    check_caches_fit([t.cache for t in cfg.teachers if t.mode == "cached"], len(bundle.train), bundle.num_classes)
     for tcfg in cfg.teachers:
         # Builds the model on the CPU: catches unknown names, bad kwargs and checkpoints that do
         # not fit. The weights are dropped at once; workers build their own on their device.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing as mp
@@ -12,10 +13,17 @@ import pytest
 import torch
 from distill_helpers import build_in_child, perturbed, tiny_bundle, tiny_teacher
 
-from kdsearch.config import TeacherCacheConfig
+from kdsearch.config import TeacherCacheConfig, load_config
 from kdsearch.data import ViewSpec
-from kdsearch.distill import OnlineTeacher, build_or_load_cache, kd_loss, kd_loss_topk
+from kdsearch.distill import OnlineTeacher, build_or_load_cache, cache_key, kd_loss, kd_loss_topk
+from kdsearch.distill.cache_size import (
+    check_caches_fit,
+    choose_placement,
+    estimate_cache_size,
+    host_available_bytes,
+)
 from kdsearch.distill.teacher_cache import DATA_FILE, MANIFEST_FILE
+from kdsearch.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +112,7 @@ def test_topk_cache_matches_online_teacher(tmp_path: Path, bundle, teacher) -> N
 
 @pytest.mark.parametrize(
     "change",
-    ["weights", "padding", "flip", "views", "topk", "input_size"],
+    ["weights", "padding", "flip", "views", "topk", "input_size", "mean", "std", "interpolation"],
 )
 def test_key_changes_trigger_a_new_build(tmp_path: Path, bundle, teacher, change: str) -> None:
     base = build_or_load_cache(teacher, bundle, CFG, tmp_path, "cpu")
@@ -120,9 +128,13 @@ def test_key_changes_trigger_a_new_build(tmp_path: Path, bundle, teacher, change
     elif change == "topk":
         cfg = TeacherCacheConfig(views=3, batch_size=64, topk=4)
     elif change == "input_size":
-        import dataclasses
-
         t = dataclasses.replace(teacher, input_size=48)  # timm ViT with dynamic size would differ; key only
+    elif change == "mean":
+        t = dataclasses.replace(teacher, mean=(0.1, 0.2, 0.3))
+    elif change == "std":
+        t = dataclasses.replace(teacher, std=(0.1, 0.2, 0.3))
+    elif change == "interpolation":
+        t = dataclasses.replace(teacher, interpolation="bicubic")
     other_key = __import__("kdsearch.distill", fromlist=["cache_key"]).cache_key(
         t, bundle, cfg, ViewSpec(bundle.image_size, cfg.crop_padding, cfg.flip)
     )
@@ -183,3 +195,102 @@ def test_two_processes_build_once(tmp_path: Path) -> None:
     n = len(tiny_bundle(train_size=96).train)
     assert sum(r[2] for r in results) == 4 * -(-n // 32)  # the teacher batches of ONE build
     assert len(list(tmp_path.glob("*/manifest.json"))) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Size, top-k default, placement, refusal
+
+IMAGENET_TRAIN = 1_281_167
+
+
+def test_imagenet_defaults_estimate_and_refusal() -> None:
+    dense = estimate_cache_size(IMAGENET_TRAIN, 32, 1000, None)
+    assert dense.logits_bytes == IMAGENET_TRAIN * 32 * 1000 * 2  # ~82 GB
+    assert 81.9e9 < dense.logits_bytes < 82.1e9
+    assert dense.views_bytes == IMAGENET_TRAIN * 32 * 3 * 2
+    assert dense.build_peak_bytes == 2 * dense.total_bytes
+    assert dense.describe().startswith("82.2 GB (1,281,167 images x 32 views x 1000 logits x 2 B")
+    # All logits (topk: null) on a 256 GB host: the build needs 164 GB -> fits; on 128 GB: refused.
+    full = TeacherCacheConfig(topk=None)
+    assert check_caches_fit([full], IMAGENET_TRAIN, 1000, host_bytes=256 * 10**9)[0] == dense
+    with pytest.raises(ConfigError) as info:
+        check_caches_fit([full], IMAGENET_TRAIN, 1000, host_bytes=128 * 10**9)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("teacher.cache: the teacher-logit cache needs 82.2 GB")
+    assert "164 GB of host memory, but 128 GB is available" in msg
+    assert "teacher.cache.views (now 32)" in msg and "teacher.cache.topk (e.g. 20)" in msg
+
+
+def test_topk_defaults_to_20_for_large_label_spaces(caplog: pytest.LogCaptureFixture) -> None:
+    auto = TeacherCacheConfig()
+    assert auto.topk == "auto"
+    assert auto.resolved_topk(1000) == 20
+    assert auto.resolved_topk(100) is None and auto.resolved_topk(10) is None  # CIFAR: all logits
+    assert TeacherCacheConfig(topk=50).resolved_topk(10) == 10 and TeacherCacheConfig(topk=None).resolved_topk(1000) is None
+    with caplog.at_level(logging.INFO, logger="kdsearch.distill.cache_size"):
+        (size,) = check_caches_fit([auto], IMAGENET_TRAIN, 1000, host_bytes=128 * 10**9)
+    assert size.topk == 20
+    # 20 fp16 values + 20 int16 indices + one fp32 rest logit per view and image.
+    assert size.logits_bytes == IMAGENET_TRAIN * 32 * (20 * 4 + 4)
+    assert 3.4e9 < size.total_bytes < 3.8e9
+    assert any("storing the top 20 of 1000 logits" in r.getMessage() and "82.2 GB" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_the_estimate_is_the_size_of_a_real_cache(tmp_path: Path, bundle, teacher) -> None:
+    n, c = len(bundle.train), bundle.num_classes
+    for cfg in (TeacherCacheConfig(views=2, batch_size=64), TeacherCacheConfig(views=2, topk=3, batch_size=64)):
+        cache = build_or_load_cache(teacher, bundle, cfg, tmp_path, "cpu")
+        est = estimate_cache_size(n, cfg.views, c, cfg.resolved_topk(c))
+        assert cache.nbytes() == est.total_bytes
+        assert cache.logits_nbytes() == est.logits_bytes
+        assert (cache.placement, cache.logits_device.type) == ("device", "cpu")
+
+
+def test_topk_auto_keeps_the_keys_of_all_logit_caches(bundle, teacher) -> None:
+    spec = ViewSpec(bundle.image_size, 4, True)
+    auto = cache_key(teacher, bundle, TeacherCacheConfig(views=3), spec)
+    assert auto == cache_key(teacher, bundle, TeacherCacheConfig(views=3, topk=None), spec)
+    assert auto != cache_key(teacher, bundle, TeacherCacheConfig(views=3, topk=20), spec)
+
+
+def test_placement_rule() -> None:
+    assert choose_placement(10**12, "cpu")[0] == "device"  # the host is the device
+    assert choose_placement(4 * 10**9, "cuda", free_bytes=10 * 10**9)[0] == "device"
+    where, why = choose_placement(6 * 10**9, "cuda", free_bytes=10 * 10**9)
+    assert where == "host" and "pinned" in why
+    avail = host_available_bytes()
+    assert avail is None or avail > 0
+
+
+def test_preflight_refuses_a_cache_that_fits_nowhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdsearch.search.preflight import preflight
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "studies" / "smoke.yaml")
+    # The smoke cache: 256 train images x 4 views x 4 logits x 2 B + views.
+    monkeypatch.setattr("kdsearch.distill.cache_size.host_available_bytes", lambda: 1000)
+    with pytest.raises(ConfigError, match=r"teacher.cache: the teacher-logit cache needs .* but 1e-06 GB is available"):
+        preflight(cfg)
+    monkeypatch.setattr("kdsearch.distill.cache_size.host_available_bytes", lambda: 10**9)
+    assert preflight(cfg) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_pinned_cache_serves_the_same_targets_as_a_device_one(tmp_path: Path, bundle, teacher) -> None:
+    dev = torch.device("cuda", 0)
+    for cfg in (TeacherCacheConfig(views=2, batch_size=64), TeacherCacheConfig(views=2, topk=3, batch_size=64)):
+        build_or_load_cache(teacher, bundle, cfg, tmp_path, "cpu")  # built with the CPU teacher
+        on_device = build_or_load_cache(teacher, bundle, cfg, tmp_path, dev)  # loaded, placed on CUDA
+        assert on_device.placement == "device" and on_device.logits_device.type == "cuda"
+        on_host = build_or_load_cache(teacher, bundle, cfg, tmp_path, "cpu").place(dev, free_bytes=0)
+        assert on_host.placement == "host" and on_host.pinned and on_host.logits_device.type == "cpu"
+        assert on_host.views.device.type == "cuda"  # the loop indexes the views with device tensors
+        idx = torch.randperm(len(bundle.train), device=dev)[:50]
+        vid = torch.randint(0, 2, (50,), device=dev)
+        a, b = on_device.teacher_targets(vid, idx), on_host.teacher_targets(vid, idx)
+        pairs = [(a, b)] if isinstance(a, torch.Tensor) else [
+            (getattr(a, f), getattr(b, f)) for f in ("values", "indices", "rest_logit")
+        ]
+        for x, y in pairs:
+            assert x.device == y.device == idx.device and x.dtype == y.dtype and torch.equal(x, y)
