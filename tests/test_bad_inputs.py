@@ -69,6 +69,14 @@ CASES = [
     ("vit-resolution-without-patch-size", lambda t, r: ["optimize", "--config", SMOKE, "--run-dir", r, "--set", "student.family=[vgg, vit]", "--set", "student.resolution={low: 17, high: 40}"], "a ViT student needs a resolution"),
     ("unknown-command", lambda t, r: ["optimise"], "invalid choice"),
     ("optimize-without-config", lambda t, r: ["optimize"], "--config"),
+    ("teacher-std-zero", lambda t, r: ["optimize", "--config", SMOKE, "--set", "teacher.std=[0.2, 0, 0.2]"], "teacher.std: each must be > 0"),
+    ("teacher-mean-0-255", lambda t, r: ["optimize", "--config", SMOKE, "--set", "teacher.mean=[125, 122, 104]"], "divide them by 255"),
+    ("teacher-mean-length", lambda t, r: ["optimize", "--config", SMOKE, "--set", "teacher.mean=[0.5, 0.5]"], "teacher.mean: must be 3 numbers"),
+    ("teacher-interpolation", lambda t, r: ["optimize", "--config", SMOKE, "--set", "teacher.interpolation=bicubik"], "did you mean 'bicubic'"),
+    ("teacher-expected-accuracy-percent", lambda t, r: ["optimize", "--config", SMOKE, "--set", "teacher.expected_accuracy=93"], "a fraction, not a percentage"),
+    ("cache-topk-word", lambda t, r: ["optimize", "--config", SMOKE, "--set", "teacher.cache.topk=all"], "teacher.cache.topk: must be auto"),
+    ("measure-max-time-over-grace", lambda t, r: ["optimize", "--config", SMOKE, "--set", "measure.max_time=2m"], "measure.max_time: must be shorter than study.grace"),
+    ("measure-max-time-zero", lambda t, r: ["optimize", "--config", SMOKE, "--set", "measure.max_time=0s"], "measure.max_time"),
 ]
 
 

@@ -132,7 +132,8 @@ def _build_section(cls: type, raw: Any, section: str) -> Any:
         fname_full = f"{section}.{key}"
         tp = hints[fname]
         if (_norm_section(section), key) in DURATION_KEYS:
-            kwargs[fname] = parse_duration(value, fname_full)
+            optional = value is None and type(None) in typing.get_args(tp)  # e.g. measure.max_time unset
+            kwargs[fname] = None if optional else parse_duration(value, fname_full)
         elif tp is Space or (typing.get_origin(tp) is None and tp == "Space"):
             rule = _FIELDS[cls][fname].metadata.get("space", {"kind": float})
             kwargs[fname] = Space.parse(value, fname_full, **rule)
