@@ -49,9 +49,8 @@ from kdsearch.distill import (
     distill,
     kd_loss,
     kd_loss_topk,
-    param_groups,
 )
-from kdsearch.models import StudentSpec, build_student, create_teacher
+from kdsearch.models import StudentSpec, build_student, create_teacher, param_groups
 
 from common import Summary, environment_lines, format_table, pick_device, summarize, time_interleaved
 
@@ -124,7 +123,7 @@ def make_step(
 def student(depth: int, width: float, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
     m = build_student(
-        StudentSpec(family="vgg", depth=depth, width=width, resolution=32, num_classes=NUM_CLASSES)
+        StudentSpec(family="vgg", resolution=32, num_classes=NUM_CLASSES, arch={"depth": depth, "width": width})
     )
     m = m.to(device)
     return m.to(memory_format=torch.channels_last) if device.type == "cuda" else m

@@ -62,7 +62,7 @@ def build_model() -> tuple[nn.Module, str]:
     try:
         from kdsearch.models import StudentSpec, build_student
 
-        spec = StudentSpec("vgg", 8, 32, 10, width=0.25)
+        spec = StudentSpec("vgg", 32, 10, {"depth": 8, "width": 0.25})
         return build_student(spec), f"kdsearch.models {spec.label}"
     except Exception as exc:  # noqa: BLE001 - the inline model is the same architecture
         return _inline_vgg8(), f"inline vgg8-w0.25@32 (kdsearch.models unavailable: {type(exc).__name__})"

@@ -48,7 +48,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from kdsearch.checkpoint import save_student
-from kdsearch.models.registry import build_student
+from kdsearch.models import build_student
 from kdsearch.models.spec import StudentSpec
 
 __all__ = ["FixtureStudy", "build_fixture_study", "FIXTURE_ROWS", "LATENCY_LIMIT_MS"]
@@ -180,7 +180,7 @@ def build_fixture_study(
             "alpha": trial.suggest_float("alpha", 0.0, 1.0),
             "lr": trial.suggest_float("lr", 1e-4, 1e-2, log=True),
         }
-        spec = StudentSpec("vgg", int(p["vgg_depth"]), int(p["resolution"]), NUM_CLASSES, width=float(p["vgg_width"]))
+        spec = StudentSpec("vgg", int(p["resolution"]), NUM_CLASSES, {"depth": int(p["vgg_depth"]), "width": float(p["vgg_width"])})
         trial.set_user_attr("spec", spec.to_dict())
         trial.set_user_attr("student", spec.label)
         trial.set_user_attr("teacher", teacher)

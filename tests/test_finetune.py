@@ -17,10 +17,10 @@ from kdsearch.checkpoint import save_student, sha256_file
 from kdsearch.data.splits import ImageSplit
 from kdsearch.errors import ConfigError, DataError
 from kdsearch.finetune import finetune_checkpoint, finetune_model, indices_sha256, load_finetune_pool
-from kdsearch.models.registry import build_student
+from kdsearch.models import build_student
 from kdsearch.models.spec import StudentSpec
 
-SPEC = StudentSpec("vgg", depth=3, resolution=16, num_classes=10, width=0.125)
+SPEC = StudentSpec("vgg", resolution=16, num_classes=10, arch={"depth": 3, "width": 0.125})
 
 
 @pytest.fixture()
@@ -128,7 +128,7 @@ def test_imagefolder_without_splits_is_pooled(tmp_path: Path) -> None:
         for i in range(10):
             arr = np.clip(rng.normal(60 + 120 * c, 30, (20, 20, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(root / name / f"{i}.png")
-    spec = StudentSpec("vgg", depth=2, resolution=16, num_classes=2, width=0.25)
+    spec = StudentSpec("vgg", resolution=16, num_classes=2, arch={"depth": 2, "width": 0.25})
     torch.manual_seed(0)
     save_student(build_student(spec), spec, tmp_path / "src.safetensors")
     res = finetune_checkpoint(tmp_path / "src.safetensors", f"imagefolder:{root}", tmp_path / "out", epochs=3,
@@ -157,7 +157,7 @@ def test_user_mistakes_are_one_line_errors(source: Path, tmp_path: Path, kwargs:
 
 
 def test_class_count_mismatch_is_a_data_error(tmp_path: Path) -> None:
-    spec = StudentSpec("vgg", depth=2, resolution=16, num_classes=3, width=0.125)
+    spec = StudentSpec("vgg", resolution=16, num_classes=3, arch={"depth": 2, "width": 0.125})
     save_student(build_student(spec), spec, tmp_path / "s.safetensors")
     with pytest.raises(DataError, match="has 10 classes but the student has 3 outputs"):
         finetune_checkpoint(tmp_path / "s.safetensors", "digits", tmp_path / "o", epochs=1)

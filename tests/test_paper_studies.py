@@ -16,8 +16,10 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from kdsearch.config import ViTSpaceConfig, config_from_dict, load_config
-from kdsearch.models import StudentSpec, build_student, student_param_count, vgg_width_for_params
+from kdsearch.config import config_from_dict, load_config
+from kdsearch.models import StudentSpec, build_student, student_param_count
+from kdsearch.models.families.vgg import vgg_width_for_params
+from kdsearch.models.families.vit import ViTSpaceConfig
 from kdsearch.search.space import grid_search_space, param_distributions, suggest
 from kdsearch.search.study import default_storage_url, load_study
 
@@ -75,10 +77,10 @@ def test_table2_students_match_the_paper_sizes(name: str) -> None:
     cfg = load_config(STUDY_FILES["table2-capacity-resolution"])
     preset = next(p for p in cfg.student.vgg.presets if p.name == name)
     target = PAPER_SIZES[name]
-    count = student_param_count(StudentSpec("vgg", preset.depth, 32, 10, width=preset.width))
+    count = student_param_count(StudentSpec("vgg", 32, 10, {"depth": preset.depth, "width": preset.width}))
     assert abs(count - target) / target < 0.02, (name, count, target)
     best = vgg_width_for_params(preset.depth, target, num_classes=10)
-    assert count == student_param_count(StudentSpec("vgg", preset.depth, 32, 10, width=best))
+    assert count == student_param_count(StudentSpec("vgg", 32, 10, {"depth": preset.depth, "width": best}))
 
 
 def test_table3_splits_kd_finetune_and_evaluation() -> None:
@@ -130,8 +132,9 @@ def test_vit_space_builds_every_sampled_spec(resolution: int) -> None:
         trial = optuna.trial.FixedTrial({"vit_depth": depth, "vit_embed_dim": dim, "vit_num_heads": heads,
                                          "vit_patches_per_side": pps})
         spec = suggest(trial, cfg, 10).spec
-        assert spec.resolution % spec.patch_size == 0 and spec.embed_dim % spec.num_heads == 0
-        assert resolution // spec.patch_size >= pps
+        a = spec.arch
+        assert spec.resolution % a.patch_size == 0 and a.embed_dim % a.num_heads == 0
+        assert resolution // a.patch_size >= pps
         build_student(spec)
         specs.append(spec)
     for spec in (min(specs, key=student_param_count), max(specs, key=student_param_count)):
@@ -143,7 +146,7 @@ def test_vit_space_builds_every_sampled_spec(resolution: int) -> None:
 def test_table1_vit_student_at_its_resolution() -> None:
     cfg = load_config(STUDY_FILES["table1-arch"])
     spec = suggest(optuna.trial.FixedTrial({"teacher": "ViT", "family": "vit"}), cfg, 10).spec
-    assert (spec.depth, spec.embed_dim, spec.num_heads, spec.patch_size) == (4, 64, 2, 4)
+    assert (spec.arch.depth, spec.arch.embed_dim, spec.arch.num_heads, spec.arch.patch_size) == (4, 64, 2, 4)
     assert student_param_count(spec) == 208_074
 
 
@@ -261,14 +264,14 @@ def test_presets_are_one_categorical_param() -> None:
     # The default width is a continuous range, but presets replace it: the grid is still valid.
     assert grid_search_space(cfg) == {"resolution": [32, 224], "vgg_preset": ["XS", "d8-w0.4697"]}
     p = suggest(optuna.trial.FixedTrial({"resolution": 224, "vgg_preset": "d8-w0.4697"}), cfg, 10)
-    assert (p.spec.family, p.spec.depth, p.spec.width, p.spec.resolution) == ("vgg", 8, 0.4697, 224)
+    assert (p.spec.family, p.spec.arch.depth, p.spec.arch.width, p.spec.resolution) == ("vgg", 8, 0.4697, 224)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(12):
         trial = study.ask()
         spec = suggest(trial, cfg, 10).spec
         assert set(trial.params) == {"resolution", "vgg_preset"}
-        seen.add((spec.depth, spec.width))
+        seen.add((spec.arch.depth, spec.arch.width))
         study.tell(trial, 0.0)
     assert seen == {(4, 0.0996), (8, 0.4697)}  # only the listed pairs, never a cross product
 
@@ -280,7 +283,7 @@ def test_presets_with_family_search_and_a_single_preset() -> None:
     assert p.spec.family == "vit"
     one = config_from_dict({"student": {"resolution": 32, "vgg": {"presets": PRESETS[:1]}}})
     trial = optuna.create_study().ask()
-    assert suggest(trial, one, 10).spec.depth == 4 and trial.params == {}  # fixed: not suggested
+    assert suggest(trial, one, 10).spec.arch.depth == 4 and trial.params == {}  # fixed: not suggested
 
 
 def test_presets_round_trip_and_change_the_signature() -> None:

@@ -13,8 +13,9 @@ Searchable values (:class:`Space`) are written in one of three forms::
 
 Modules, by concept: ``durations`` (``90s`` -> seconds), ``space`` (:class:`Space` and the rule
 of a searchable key), ``sections`` (one dataclass per section), ``student`` (the student
-section), ``study`` (:class:`StudyConfig`, cross-section rules, the YAML form) and ``loader``
-(YAML, overrides on the raw mapping, building).
+section; each ``student.<family>`` section is declared and validated in its family file under
+``kdsearch/models/families/``), ``study`` (:class:`StudyConfig`, cross-section rules, the YAML
+form) and ``loader`` (YAML, overrides on the raw mapping, building).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from kdsearch.config.sections import (
     validate_storage_url,
 )
 from kdsearch.config.space import Space, space_field
-from kdsearch.config.student import VGG_DEPTHS, StudentConfig, VGGPreset, VGGSpaceConfig, ViTSpaceConfig
+from kdsearch.config.student import StudentConfig
 from kdsearch.config.study import StudyConfig, config_to_dict
 
 __all__ = [
@@ -50,9 +51,6 @@ __all__ = [
     "TeacherCacheConfig",
     "TeacherFitConfig",
     "TeacherConfig",
-    "VGGPreset",
-    "VGGSpaceConfig",
-    "ViTSpaceConfig",
     "StudentConfig",
     "EarlyStopConfig",
     "DistillConfig",
@@ -71,7 +69,6 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "validate_storage_url",
-    "VGG_DEPTHS",
     "DATASETS",
     "SAMPLERS",
 ]

@@ -24,7 +24,7 @@ from kdsearch.config.sections import (
     TeacherConfig,
 )
 from kdsearch.config.space import Space
-from kdsearch.config.student import StudentConfig
+from kdsearch.config.student import STUDENT_KEYS, StudentConfig, student_family, student_family_names
 from kdsearch.config.study import DURATION_KEYS, TOP_KEYS, StudyConfig, config_to_dict
 from kdsearch.errors import ConfigError, unknown_key_error
 
@@ -147,6 +147,29 @@ def _build_section(cls: type, raw: Any, section: str) -> Any:
         raise ConfigError(section, str(exc)) from None
 
 
+def _build_student(raw: Any) -> StudentConfig:
+    """The ``student`` section: ``family`` and ``resolution`` by their field rules, and every other
+    key a registered family whose section dataclass (declared in the family file) builds it."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("student", "must be a mapping of keys to values", raw)
+    families = student_family_names()
+    kwargs: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in STUDENT_KEYS:
+            rule = dict(_FIELDS[StudentConfig][key].metadata["space"])
+            if key == "family":
+                rule["allowed"] = tuple(families)
+            kwargs[key] = Space.parse(value, f"student.{key}", **rule)
+        elif key in families:
+            sections[key] = _build_section(student_family(key).section, value, f"student.{key}")
+        else:
+            raise unknown_key_error("student", key, [*STUDENT_KEYS, *families])
+    return StudentConfig(**kwargs, sections=sections)
+
+
 def _as_number(value: Any) -> Any:
     """YAML 1.1 reads ``1e6`` as text; accept numeric text for limits, leave the rest to validation."""
     if isinstance(value, str):
@@ -167,7 +190,7 @@ def config_from_dict(raw: Mapping[str, Any], source: str | None = None) -> Study
     kwargs: dict[str, Any] = {}
     for key, cls in _SECTION_TYPES.items():
         if key in raw:
-            kwargs[key] = _build_section(cls, raw[key], key)
+            kwargs[key] = _build_student(raw[key]) if cls is StudentConfig else _build_section(cls, raw[key], key)
     if "teacher" in raw:
         t = raw["teacher"]
         if isinstance(t, list):

@@ -1,68 +1,112 @@
-"""The ``student`` section."""
+"""The ``student`` section: the family choice, the resolution, and one section per student family.
+
+YAML::
+
+    student:
+      family: [vgg, mobilenetv3]    # registered family names (kdsearch.models.families)
+      resolution: [16, 32]          # px
+      vgg: {depth: [2, 4], width: {low: 0.05, high: 0.5, log: true}}
+      mobilenetv3: {...}
+
+Each ``student.<name>`` section is the family's own dataclass, declared and validated in the
+family file (``kdsearch/models/families/<name>.py``). This floor therefore reads the family
+registry: the family modules are imported when a student section is first built, never when
+this module is imported (they import ``kdsearch.config.space`` themselves).
+"""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from kdsearch.config.space import Space, space_field
 from kdsearch.errors import ConfigError
 
-VGG_DEPTHS: tuple[int, ...] = (2, 3, 4, 5, 8, 11, 13, 16, 19)
-STUDENT_FAMILIES: tuple[str, ...] = ("vgg", "vit")
+if TYPE_CHECKING:
+    from kdsearch.models.registry import StudentFamily
+
+__all__ = ["StudentConfig", "student_family", "student_family_names", "STUDENT_KEYS"]
+
+STUDENT_KEYS: tuple[str, ...] = ("family", "resolution")
+"""The ``student`` keys that are not a family section."""
 
 
-@dataclass(frozen=True)
-class VGGPreset:
-    """One named VGG student, ``(depth, width)``, for ``student.vgg.presets``.
+def student_family_names() -> list[str]:
+    """Every registered student family (importing the family modules on first use)."""
+    from kdsearch.models.families import family_names  # noqa: PLC0415 - the families import this floor
 
-    ``name`` is the value of the categorical ``vgg_preset`` param (default ``d{depth}-w{width}``).
-    """
-
-    depth: int | None = None  # required; None only so a missing key gets a one-line error
-    width: float | None = None  # required
-    name: str | None = None
-
-    def __post_init__(self) -> None:
-        for key in ("depth", "width"):
-            if getattr(self, key) is None:
-                raise ConfigError(f"student.vgg.presets.{key}", "is required in every preset", None,
-                                  "write each preset as {depth: 5, width: 0.2, name: S}")
-        if self.depth not in VGG_DEPTHS:
-            raise ConfigError("student.vgg.presets.depth", f"must be one of {list(VGG_DEPTHS)}", self.depth)
-        if not 1 / 128 <= self.width <= 2.0:
-            raise ConfigError("student.vgg.presets.width", "must lie in [1/128, 2.0]", self.width)
-        if self.name is not None and not self.name.strip():
-            raise ConfigError("student.vgg.presets.name", "must not be empty", self.name)
-
-    @property
-    def display_name(self) -> str:
-        return self.name or f"d{self.depth}-w{self.width:g}"
+    return family_names()
 
 
-@dataclass(frozen=True)
-class VGGSpaceConfig:
-    """VGG students: ``depth`` x ``width``, or a fixed list of ``presets`` (one categorical
-    ``vgg_preset`` param) when only some (depth, width) pairs make sense together, e.g. students
-    sized to given parameter counts. ``presets`` replaces ``depth`` and ``width``."""
+def student_family(name: str, field_name: str = "student.family") -> StudentFamily:
+    """The registered family ``name``; an unknown name is a one-line ConfigError with a suggestion."""
+    from kdsearch.models.families import get_family  # noqa: PLC0415 - the families import this floor
+    from kdsearch.models.registry import UnknownFamilyError  # noqa: PLC0415
 
-    depth: Space = space_field(Space(choices=VGG_DEPTHS, integer=True), kind=int, allowed=VGG_DEPTHS)
-    width: Space = space_field(Space(low=1 / 64, high=1.0, log=True), minimum=1 / 128, maximum=2.0)
-    presets: tuple[VGGPreset, ...] = ()
+    try:
+        return get_family(name)
+    except UnknownFamilyError:
+        known = student_family_names()
+        close = difflib.get_close_matches(str(name), known, n=1)
+        raise ConfigError(
+            field_name, f"each must be one of {known}", name, f"did you mean {close[0]!r}?" if close else None
+        ) from None
 
 
-@dataclass(frozen=True)
-class ViTSpaceConfig:
-    depth: Space = space_field(Space(choices=(2, 4, 6), integer=True), kind=int, minimum=1, maximum=24)
-    embed_dim: Space = space_field(Space(choices=(64, 96, 128, 192), integer=True), kind=int, minimum=8, maximum=1024)
-    num_heads: Space = space_field(Space(choices=(2, 3, 4), integer=True), kind=int, minimum=1, maximum=16)
-    patches_per_side: Space = space_field(Space(choices=(4, 8), integer=True), kind=int, minimum=1, maximum=32)  # patch = res // this
+def _default_sections() -> dict[str, Any]:
+    return {name: student_family(name).section() for name in student_family_names()}
 
 
 @dataclass(frozen=True)
 class StudentConfig:
-    family: Space = space_field(Space(choices=("vgg",)), kind=str, allowed=STUDENT_FAMILIES)
-    resolution: Space = space_field(Space(choices=(32, 64, 96, 128, 160, 224), integer=True), kind=int, minimum=16, maximum=224)
-    vgg: VGGSpaceConfig = field(default_factory=VGGSpaceConfig)
-    vit: ViTSpaceConfig = field(default_factory=ViTSpaceConfig)
+    """``family`` (searchable), ``resolution`` (searchable, px) and ``sections``: every registered
+    family's ``student.<name>`` section by name (defaults for the ones the study file leaves out).
 
+    ``cfg.student.vgg`` is ``cfg.student.section("vgg")``.
+    """
 
+    family: Space = space_field(Space(choices=("vgg",)), kind=str)
+    resolution: Space = space_field(
+        Space(choices=(32, 64, 96, 128, 160, 224), integer=True), kind=int, minimum=16, maximum=224
+    )
+    sections: Mapping[str, Any] = field(default_factory=_default_sections)
+
+    def __post_init__(self) -> None:
+        if self.family.choices is None:
+            raise ConfigError("student.family", "must be a name or a list of names", self.family.to_yaml())
+        for name in self.family.choices:
+            student_family(name)
+        sections = dict(self.sections)
+        for name in sections:
+            student_family(name, f"student.{name}")
+        for name in student_family_names():
+            fam = student_family(name)
+            sec = sections.setdefault(name, fam.section())
+            if not isinstance(sec, fam.section):
+                raise ConfigError(f"student.{name}", f"must be a {fam.section.__name__}", type(sec).__name__)
+        object.__setattr__(self, "sections", {name: sections[name] for name in sorted(sections)})
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: ``cfg.student.vgg`` is the ``vgg`` section.
+        sections = self.__dict__.get("sections")
+        if sections is not None and not name.startswith("_") and name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute or family section {name!r}")
+
+    def section(self, name: str) -> Any:
+        """The ``student.<name>`` section (a ConfigError for an unknown family)."""
+        student_family(name, f"student.{name}")
+        return self.sections[name]
+
+    @property
+    def families(self) -> list[str]:
+        """The families a trial can be proposed, in the order the study file lists them."""
+        return list(self.family.choices or ())
+
+    def yaml_items(self) -> Iterator[tuple[str, Any]]:
+        """``(YAML key, value)`` pairs: family, resolution, then each family section by name."""
+        yield "family", self.family
+        yield "resolution", self.resolution
+        yield from self.sections.items()

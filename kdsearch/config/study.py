@@ -19,7 +19,7 @@ from kdsearch.config.sections import (
     TeacherConfig,
 )
 from kdsearch.config.space import Space
-from kdsearch.config.student import STUDENT_FAMILIES, VGG_DEPTHS, StudentConfig, VGGSpaceConfig
+from kdsearch.config.student import StudentConfig, student_family
 from kdsearch.errors import ConfigError
 from kdsearch.metrics import is_known_metric, metric_examples
 
@@ -87,40 +87,13 @@ class StudyConfig:
         names = [t.name if t.label is None else t.label for t in self.teachers]
         if len(set(names)) != len(names):
             raise ConfigError("teacher", "teachers in a list need distinct names or labels", names)
-        fams = self.student.family.values() if self.student.family.choices else []
-        for fam in fams:
-            if fam not in STUDENT_FAMILIES:
-                raise ConfigError("student.family", f"each must be one of {list(STUDENT_FAMILIES)}", fam)
-        presets = self.student.vgg.presets
-        if presets:
-            default = VGGSpaceConfig()
-            if self.student.vgg.depth != default.depth or self.student.vgg.width != default.width:
-                raise ConfigError(
-                    "student.vgg.presets",
-                    "replaces student.vgg.depth and student.vgg.width; remove those two keys",
-                    [p.display_name for p in presets],
-                )
-            names = [p.display_name for p in presets]
-            if len(set(names)) != len(names):
-                raise ConfigError("student.vgg.presets", "need distinct names", names)
-            pairs = [(p.depth, p.width) for p in presets]
-            if len(set(pairs)) != len(pairs):
-                raise ConfigError("student.vgg.presets", "must not repeat a (depth, width) pair", names)
-        for d in self.student.vgg.depth.values() if self.student.vgg.depth.choices else []:
-            if d not in VGG_DEPTHS:
-                raise ConfigError("student.vgg.depth", f"each must be one of {list(VGG_DEPTHS)}", d)
-        if self.student.vgg.depth.choices is None:
-            raise ConfigError("student.vgg.depth", f"must be a list from {list(VGG_DEPTHS)}", self.student.vgg.depth.to_yaml())
+        # The family names and each family's section rules are checked by StudentConfig and the
+        # family's section dataclass (kdsearch/models/families/<name>.py).
         res = self.student.resolution
         lo = min(res.values()) if res.choices else res.low
         hi = max(res.values()) if res.choices else res.high
         if lo < 16 or hi > 224:
             raise ConfigError("student.resolution", "must lie in [16, 224] pixels", res.to_yaml())
-        w = self.student.vgg.width
-        wlo = min(w.values()) if w.choices else w.low
-        whi = max(w.values()) if w.choices else w.high
-        if wlo < 1 / 128 or whi > 2.0:
-            raise ConfigError("student.vgg.width", "must lie in [1/128, 2.0]", w.to_yaml())
         if self.finetune.enabled and self.data.finetune_fraction <= 0:
             raise ConfigError(
                 "data.finetune_fraction",
@@ -132,8 +105,6 @@ class StudyConfig:
                 raise ConfigError(f"objectives.{metric}", "needs finetune.enabled: true", metric)
         if self.study.sampler == "grid":
             for name, sp in _iter_spaces(self):
-                if presets and name in ("student.vgg.depth", "student.vgg.width"):
-                    continue  # replaced by the presets, never suggested
                 if sp.choices is None and sp.step is None:
                     raise ConfigError(
                         name, "the grid sampler needs a list or a stepped range, not a continuous range", sp.to_yaml()
@@ -156,10 +127,13 @@ class StudyConfig:
         """What must match when a stored study is resumed: the space, objectives, constraints,
         data, teachers and time box. Budget, trial count, workers and storage may change."""
         full = config_to_dict(self)
+        # Only the sections of the families the study can propose: adding a family to kdsearch, or
+        # editing the section of a family the study does not list, changes no study's search.
+        listed = {"family", "resolution", *self.student.families}
         return {
             "objectives": full["objectives"],
             "constraints": full["constraints"],
-            "student": full["student"],
+            "student": {k: v for k, v in full["student"].items() if k in listed},
             "distill": {k: full["distill"][k] for k in ("temperature", "alpha", "lr")},
             "teacher": full["teacher"],
             "data": {k: full["data"][k] for k in ("dataset", "val_fraction", "seed", "finetune_fraction")},
@@ -168,14 +142,23 @@ class StudyConfig:
         }
 
 
-def _iter_spaces(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Space]]:
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        name = f"{prefix}{f.name}"
-        if isinstance(v, Space):
-            yield name, v
-        elif dataclasses.is_dataclass(v) and f.name in ("student", "distill", "vgg", "vit"):
-            yield from _iter_spaces(v, name + ".")
+def _iter_spaces(cfg: StudyConfig) -> typing.Iterator[tuple[str, Space]]:
+    """``(YAML name, Space)`` of every value a trial may suggest: the student's family and
+    resolution, the searched keys of each listed family's section (a family names its Optuna
+    params ``<family>_<section key>``), and the distill section's."""
+    yield "student.family", cfg.student.family
+    yield "student.resolution", cfg.student.resolution
+    for fam_name in cfg.student.families:
+        section = cfg.student.section(fam_name)
+        searched = student_family(fam_name).params(section)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, Space) and f"{fam_name}_{f.name}" in searched:
+                yield f"student.{fam_name}.{f.name}", value
+    for f in dataclasses.fields(cfg.distill):
+        value = getattr(cfg.distill, f.name)
+        if isinstance(value, Space):
+            yield f"distill.{f.name}", value
 
 
 
@@ -189,6 +172,8 @@ def config_to_dict(cfg: StudyConfig) -> dict[str, Any]:
     def dump(obj: Any, section: str) -> Any:
         if isinstance(obj, Space):
             return obj.to_yaml()
+        if isinstance(obj, StudentConfig):  # family sections are keys of their own
+            return {key: dump(value, f"student.{key}") for key, value in obj.yaml_items()}
         if dataclasses.is_dataclass(obj):
             inv = {v: k for (sec, k), v in DURATION_KEYS.items() if sec == section}
             out: dict[str, Any] = {}

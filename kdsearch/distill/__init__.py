@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kdsearch.distill.fit import fit_key, fit_teacher
 from kdsearch.distill.hooks import INJECT_STEP, EvalHook, FaultInjector, PlateauStop, StepHook, any_stop
-from kdsearch.distill.loop import DistillResult, KDHyper, distill, param_groups
+from kdsearch.distill.loop import DistillResult, KDHyper, distill
 from kdsearch.distill.loss import TopKTargets, kd_loss, kd_loss_topk
 from kdsearch.distill.online import OnlineTeacher
 from kdsearch.distill.schedule import lr_factor
@@ -28,7 +28,6 @@ __all__ = [
     "KDHyper",
     "DistillResult",
     "distill",
-    "param_groups",
     "EvalHook",
     "StepHook",
     "PlateauStop",

@@ -36,9 +36,9 @@ from safetensors.torch import save as save_safetensors_bytes
 from kdsearch.checkpoint import atomic_write_bytes
 from kdsearch.config import TeacherFitConfig
 from kdsearch.data import ViewSpec, apply_views, sample_views
-from kdsearch.distill.loop import param_groups
 from kdsearch.distill.schedule import lr_factor
 from kdsearch.errors import TeacherError
+from kdsearch.models import param_groups
 
 if TYPE_CHECKING:
     from kdsearch.data import DataBundle

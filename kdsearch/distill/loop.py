@@ -49,11 +49,12 @@ from kdsearch.distill.online import OnlineTeacher
 from kdsearch.distill.schedule import lr_factor
 from kdsearch.distill.teacher_cache import TeacherCache
 from kdsearch.errors import TrialFailure
+from kdsearch.models import param_groups
 
 if TYPE_CHECKING:
     from kdsearch.data import BatchSource, DataBundle, ImageSplit
 
-__all__ = ["KDHyper", "DistillResult", "distill", "param_groups"]
+__all__ = ["KDHyper", "DistillResult", "distill"]
 
 _CUDA_CHECK_EVERY = 8  # steps between loss read-backs (NaN check) on CUDA
 _PROGRESS_EVERY_S = 0.5  # seconds of training between progress callbacks
@@ -79,19 +80,6 @@ class DistillResult:
     val_history: list[tuple[float, float]] = field(default_factory=list)  # (training s, val accuracy)
     stopped_early: bool = False  # a stopping rule ended the loop before the box was used
     teacher_forward_count: int = 0  # teacher forward passes during this call (0 with a cache)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv/linear weights only; none on norms, biases, position embeddings, tokens."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _sync(device: torch.device) -> None:

@@ -1,27 +1,32 @@
-"""kdsearch.models: students (VGG, ViT) built from a StudentSpec, and timm teachers.
+"""kdsearch.models: students built from a StudentSpec through their family, and timm teachers.
 
-Imports stay one-way: this package depends on ``kdsearch.config`` and ``kdsearch.errors`` only.
+One file per student family under :mod:`kdsearch.models.families` (its layer table, model,
+study-file section, ``suggest``, preflight check, label and parameter groups); the registry
+(:mod:`kdsearch.models.registry`) imports nothing. Imports stay one-way: this package depends on
+``kdsearch.config`` and ``kdsearch.errors`` only.
 """
 
 from __future__ import annotations
 
-from kdsearch.models.registry import build_student, register_student, student_families, student_param_count
+from kdsearch.models.families import StudentFamily, UnknownFamilyError, family_names, get_family
 from kdsearch.models.spec import StudentSpec
+from kdsearch.models.students import build_student, param_groups, student_families, student_param_count
+from kdsearch.models.suggest import suggest_space
 from kdsearch.models.teacher import LoadedTeacher, create_teacher, state_dict_sha256, teacher_needs_fit
-from kdsearch.models.vgg import vgg_width_for_params
-from kdsearch.models.vit import validate_vit_spec, vit_patch_size
 
 __all__ = [
     "StudentSpec",
+    "StudentFamily",
+    "UnknownFamilyError",
     "build_student",
-    "register_student",
+    "family_names",
+    "get_family",
+    "param_groups",
     "student_families",
     "student_param_count",
+    "suggest_space",
     "LoadedTeacher",
     "create_teacher",
     "teacher_needs_fit",
     "state_dict_sha256",
-    "vgg_width_for_params",
-    "vit_patch_size",
-    "validate_vit_spec",
 ]

@@ -1,61 +1,121 @@
-"""Student family registry: ``family`` name -> builder of an ``nn.Module`` from a StudentSpec.
+"""Student families: one :class:`StudentFamily` record per family name, as timm's ``_registry``.
 
-Every student model exposes ``forward_features(x)``, ``forward_head(features)`` and the
-attributes ``features`` (the feature extractor), ``head`` (the classifier) and
-``last_block`` (the last feature block, which fine-tuning may unfreeze).
+This module imports nothing from kdsearch: each family file (``kdsearch/models/families/<name>.py``)
+imports it and calls :func:`register_family` once, and ``kdsearch.models.families`` imports every
+family file, so importing that package fills the registry. Look families up through
+``kdsearch.models.families`` (which guarantees they are all imported), not through this module.
+
+The student contract. Every student model a family builds exposes:
+
+* ``forward_features(x)`` and ``forward_head(features, pre_logits=False)``, with
+  ``forward(x) == forward_head(forward_features(x))``;
+* ``features`` (the feature extractor) and ``head`` (the classifier): two disjoint modules that
+  together hold every parameter, so fine-tuning can train ``head`` alone;
+* ``last_block`` (the last feature block, which fine-tuning may unfreeze; a property, so it is
+  not registered twice in the ``state_dict``);
+* ``student_family``: the family name, so :func:`kdsearch.models.param_groups` can find the
+  family's own weight-decay rule from the model alone.
+
+A family's architecture record (``arch``) is a frozen dataclass whose field names never clash with
+the keys every :class:`~kdsearch.models.StudentSpec` has (:data:`SPEC_KEYS`): a spec serialises
+flat, ``{family, resolution, num_classes, in_chans, <arch fields>}``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-import torch
-from torch import nn
+__all__ = [
+    "SPEC_KEYS",
+    "StudentFamily",
+    "UnknownFamilyError",
+    "register_family",
+    "get_family",
+    "family_names",
+]
 
-from kdsearch.models.spec import StudentSpec
-
-__all__ = ["register_student", "build_student", "student_families", "student_param_count"]
-
-StudentBuilder = Callable[[StudentSpec], nn.Module]
-_REGISTRY: dict[str, StudentBuilder] = {}
-
-
-def register_student(family: str) -> Callable[[StudentBuilder], StudentBuilder]:
-    """Decorator: register ``builder`` for ``family``. A second registration is an error."""
-
-    def deco(builder: StudentBuilder) -> StudentBuilder:
-        if family in _REGISTRY:
-            raise ValueError(f"student family {family!r} is already registered")
-        _REGISTRY[family] = builder
-        return builder
-
-    return deco
+SPEC_KEYS: tuple[str, ...] = ("family", "resolution", "num_classes", "in_chans")
+"""Keys every serialised StudentSpec has; no family's architecture field may use one."""
 
 
-def student_families() -> list[str]:
-    _import_families()
+def _no_preflight(section: Any, resolutions: Sequence[int]) -> None:
+    """The default preflight: nothing to check beyond the section's own rules."""
+
+
+@dataclass(frozen=True)
+class StudentFamily:
+    """Everything kdsearch needs to search, build and train one family of students.
+
+    Callables take plain objects so this module needs no imports: ``spec`` is a
+    ``kdsearch.models.StudentSpec``, ``section`` an instance of :attr:`section`, ``trial`` an Optuna
+    trial, ``model`` an ``nn.Module``.
+    """
+
+    name: str  # the value of ``student.family`` and the key of the ``student.<name>`` section
+    section: type  # frozen dataclass of the study file's ``student.<name>`` section; defaults = default space
+    arch: type  # frozen dataclass: the architecture record inside a StudentSpec (validated on creation)
+    build: Callable[[Any], Any]  # spec -> nn.Module with random init (seed torch first)
+    params: Callable[[Any], dict[str, Any]]  # section -> {Optuna param name: Space} that suggest may ask
+    suggest: Callable[[Any, Any, int], Any]  # (trial, section, resolution px) -> arch record
+    label: Callable[[Any], str]  # spec -> short human label, e.g. ``vgg8-w0.25@32``
+    param_groups: Callable[[Any, float], list[dict[str, Any]]]  # (model, weight decay) -> optimizer groups
+    preflight: Callable[[Any, Sequence[int]], None] = _no_preflight  # (section, resolutions px) -> raise ConfigError
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier() or self.name != self.name.lower():
+            raise ValueError(f"student family name {self.name!r}: must be a lower-case identifier")
+        for attr in ("section", "arch"):
+            if not dataclasses.is_dataclass(getattr(self, attr)):
+                raise TypeError(f"student family {self.name!r}: {attr} must be a dataclass")
+        clash = [f.name for f in dataclasses.fields(self.arch) if f.name in SPEC_KEYS]
+        if clash:
+            raise ValueError(f"student family {self.name!r}: arch fields {clash} clash with the spec keys {SPEC_KEYS}")
+
+    def arch_from_dict(self, data: Mapping[str, Any]) -> Any:
+        """The architecture record from its fields; unknown or missing fields are a ValueError."""
+        names = [f.name for f in dataclasses.fields(self.arch)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"{self.name} architecture: unknown fields {unknown}; known: {names}")
+        required = [
+            f.name for f in dataclasses.fields(self.arch)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        ]
+        missing = [n for n in required if n not in data]
+        if missing:
+            raise ValueError(f"{self.name} architecture: missing fields {missing}")
+        return self.arch(**data)
+
+
+class UnknownFamilyError(ValueError):
+    """A student family name nobody registered."""
+
+
+_REGISTRY: dict[str, StudentFamily] = {}
+
+
+def register_family(family: StudentFamily) -> StudentFamily:
+    """Register ``family`` under its name. A second registration of a name is an error."""
+    if family.name in _REGISTRY:
+        raise ValueError(f"student family {family.name!r} is already registered")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def family_names() -> list[str]:
+    """The registered family names, sorted."""
     return sorted(_REGISTRY)
 
 
-def build_student(spec: StudentSpec) -> nn.Module:
-    """Build the student that ``spec`` describes (random init; seed torch first for determinism)."""
-    _import_families()
-    if spec.family not in _REGISTRY:
-        raise ValueError(f"unknown student family {spec.family!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[spec.family](spec)
-
-
-def student_param_count(spec: StudentSpec) -> int:
-    """Number of parameters of the student ``spec`` describes.
-
-    The model is built on the ``meta`` device: no memory is allocated and weight init does no
-    work, so this is cheap enough to call inside a bisection or a search-space filter.
-    """
-    with torch.device("meta"):
-        model = build_student(spec)
-    return sum(p.numel() for p in model.parameters())
-
-
-def _import_families() -> None:
-    # Importing the family modules registers them; done lazily to keep imports one-way.
-    from kdsearch.models import vgg, vit  # noqa: F401
+def get_family(name: str) -> StudentFamily:
+    """The family called ``name``; an unknown name raises :class:`UnknownFamilyError` (one line)."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UnknownFamilyError(f"unknown student family {name!r}; known: {family_names()}{hint}") from None

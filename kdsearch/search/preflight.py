@@ -12,16 +12,19 @@ import torch
 from kdsearch.config import Space, StudyConfig
 from kdsearch.data import load_data
 from kdsearch.distill.cache_size import check_caches_fit
-from kdsearch.errors import ConfigError
-from kdsearch.models import create_teacher, vit_patch_size
+from kdsearch.models import create_teacher, get_family
 
 __all__ = ["preflight"]
 
 
 def preflight(cfg: StudyConfig) -> int:
-    """Validate the ViT space, data and teachers; return the data set's class count. Storage is
-    checked when the study is opened, which writes nothing until the URL has opened."""
-    _check_vit_resolutions(cfg)
+    """Run each listed student family's preflight check, then validate the data and teachers;
+    return the data set's class count. Storage is checked when the study is opened, which writes
+    nothing until the URL has opened."""
+    resolutions = _int_values(cfg.student.resolution)
+    for name in cfg.student.families:
+        # e.g. a ViT needs a patch size that divides every resolution the study can propose
+        get_family(name).preflight(cfg.student.section(name), resolutions)
     bundle = load_data(cfg.data)
     check_caches_fit([t.cache for t in cfg.teachers if t.mode == "cached"], len(bundle.train), bundle.num_classes)
     for tcfg in cfg.teachers:
@@ -37,23 +40,3 @@ def _int_values(space: Space) -> list[int]:
         return [int(v) for v in space.choices]
     step = int(space.step or 1)
     return list(range(int(space.low), int(space.high) + 1, step))  # type: ignore[arg-type]
-
-
-def _check_vit_resolutions(cfg: StudyConfig) -> None:
-    """Every resolution a ViT trial can be proposed must have a patch size for every
-    ``patches_per_side`` choice; otherwise trials would be wasted on invalid students."""
-    if "vit" not in cfg.student.family.values():
-        return
-    per_side = _int_values(cfg.student.vit.patches_per_side)
-    for res in _int_values(cfg.student.resolution):
-        for n in per_side:
-            try:
-                vit_patch_size(res, n)
-            except ValueError:
-                raise ConfigError(
-                    "student.resolution",
-                    f"a ViT student needs a resolution with a patch size that divides it ({res} px has none "
-                    f"for patches_per_side={n})",
-                    cfg.student.resolution.to_yaml(),
-                    "use a list or a range with step: 8",
-                ) from None

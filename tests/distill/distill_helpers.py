@@ -54,7 +54,7 @@ def tiny_student(
 ):
     torch.manual_seed(seed)
     return build_student(
-        StudentSpec(family="vgg", depth=depth, width=width, resolution=resolution, num_classes=num_classes)
+        StudentSpec(family="vgg", resolution=resolution, num_classes=num_classes, arch={"depth": depth, "width": width})
     )
 
 

@@ -88,7 +88,7 @@ def test_measure_inference_on_cpu_fills_every_metric() -> None:
 
 
 def test_student_spec_and_cpu_alias() -> None:
-    spec = StudentSpec("vgg", 2, 16, 10)
+    spec = StudentSpec("vgg", 16, 10, {"depth": 2})
     cfg = MeasureConfig(
         latency=LatencyConfig(
             batch_sizes=(2,),

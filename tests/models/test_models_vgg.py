@@ -6,23 +6,23 @@ import pytest
 import torch
 from torch import nn
 
-from kdsearch.config import VGG_DEPTHS
-from kdsearch.models import (
-    StudentSpec,
-    build_student,
-    student_families,
-    student_param_count,
+from kdsearch.models import StudentSpec, build_student, param_groups, student_families, student_param_count
+from kdsearch.models.families.vgg import (
+    VGG_CFGS,
+    VGG_DEPTHS,
+    VGG_NUM_FC,
+    ConvBlock,
+    VGGArch,
     vgg_width_for_params,
 )
-from kdsearch.models.vgg import VGG_CFGS, VGG_NUM_FC, ConvBlock
 
 
 def _spec(depth: int, width: float = 1 / 16, resolution: int = 32, num_classes: int = 10) -> StudentSpec:
-    return StudentSpec("vgg", depth, resolution, num_classes, width=width)
+    return StudentSpec("vgg", resolution, num_classes, VGGArch(depth, width))
 
 
-def test_table_covers_the_config_depths_and_depth_counts_weight_layers() -> None:
-    assert sorted(VGG_CFGS) == sorted(VGG_DEPTHS)
+def test_table_gives_the_depths_and_depth_counts_weight_layers() -> None:
+    assert VGG_DEPTHS == (2, 3, 4, 5, 8, 11, 13, 16, 19) == tuple(sorted(VGG_CFGS))
     for depth in VGG_DEPTHS:
         model = build_student(_spec(depth))
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -128,7 +128,7 @@ def test_bad_depth_and_width_are_rejected() -> None:
 def test_registry_knows_families_and_rejects_unknown() -> None:
     assert {"vgg", "vit"} <= set(student_families())
     with pytest.raises(ValueError, match="unknown student family 'resnet'"):
-        build_student(StudentSpec("resnet", 18, 32, 10))
+        build_student(StudentSpec("resnet", 32, 10, {"depth": 18}))
 
 
 PAPER_TARGETS = [0.0042e6, 0.016e6, 0.062e6, 0.25e6, 0.98e6]
@@ -150,3 +150,15 @@ def test_width_for_params_depth2_and_deep_and_unreachable() -> None:
     assert abs(student_param_count(_spec(19, w, num_classes=100)) - 0.98e6) / 0.98e6 < 0.10
     with pytest.raises(ValueError, match="cannot reach"):
         vgg_width_for_params(2, 0.98e6)  # one conv cannot hold ~1M weights at width <= 16
+
+
+def test_label_and_param_groups() -> None:
+    spec = _spec(8, 0.25)
+    assert spec.label == "vgg8-w0.25@32"
+    model = build_student(spec)
+    groups = param_groups(model, 5e-4)
+    by_decay = {g["weight_decay"]: g["params"] for g in groups}
+    assert set(by_decay) == {0.0, 5e-4}
+    assert all(p.ndim == 4 or p.ndim == 2 for p in by_decay[5e-4])  # conv and linear weights
+    assert all(p.ndim == 1 for p in by_decay[0.0])  # BatchNorm weights and biases, linear biases
+    assert sum(len(v) for v in by_decay.values()) == len(list(model.parameters()))

@@ -15,7 +15,7 @@ def test_fixed_values_are_not_suggested() -> None:
     trial = study.ask()
     p = suggest(trial, cfg, num_classes=10)
     assert trial.params == {}
-    assert (p.spec.family, p.spec.depth, p.spec.width, p.spec.resolution, p.spec.num_classes) == ("vgg", 5, 0.25, 32, 10)
+    assert (p.spec.family, p.spec.arch.depth, p.spec.arch.width, p.spec.resolution, p.spec.num_classes) == ("vgg", 5, 0.25, 32, 10)
     assert (p.hyper.temperature, p.hyper.alpha) == (4.0, 0.9)
 
 
@@ -28,7 +28,7 @@ def test_searched_values_stay_in_their_space() -> None:
     for _ in range(20):
         trial = study.ask()
         p = suggest(trial, cfg, 10)
-        assert p.spec.depth in (2, 3, 8) and 0.05 <= p.spec.width <= 0.5 and p.spec.resolution in (16, 32)
+        assert p.spec.arch.depth in (2, 3, 8) and 0.05 <= p.spec.arch.width <= 0.5 and p.spec.resolution in (16, 32)
         assert 1 <= p.hyper.temperature <= 8 and p.hyper.alpha in (0.5, 0.9)
         assert set(trial.params) == {"resolution", "vgg_depth", "vgg_width", "temperature", "alpha"}
         study.tell(trial, 0.0)
@@ -47,8 +47,8 @@ def test_family_search_only_suggests_the_chosen_family() -> None:
         other = "vgg_" if prefix == "vit_" else "vit_"
         assert not any(k.startswith(other) for k in trial.params)
         if p.spec.family == "vit":
-            assert p.spec.embed_dim % p.spec.num_heads == 0  # rounded up to a multiple of heads
-            assert p.spec.resolution % p.spec.patch_size == 0
+            assert p.spec.arch.embed_dim % p.spec.arch.num_heads == 0  # rounded up to a multiple of heads
+            assert p.spec.resolution % p.spec.arch.patch_size == 0
         study.tell(trial, 0.0)
     assert families == {"vgg", "vit"}
 

@@ -76,8 +76,8 @@ def test_every_sampler_proposes_valid_students(tmp_path: Path, sampler: str) -> 
         for i in range(6):
             trial = study.ask()
             p = suggest(trial, cfg, num_classes=4)
-            assert p.spec.depth in (2, 3, 4, 5) and p.spec.resolution in (16, 24, 32)
+            assert p.spec.arch.depth in (2, 3, 4, 5) and p.spec.resolution in (16, 24, 32)
             seen.append(p.spec)
-            study.tell(trial, [0.1 * i + p.spec.width, float(p.spec.depth)])
+            study.tell(trial, [0.1 * i + p.spec.arch.width, float(p.spec.arch.depth)])
         proposals.append(seen)
     assert proposals[0] == proposals[1]

@@ -1,7 +1,10 @@
-"""VGG students of any depth in {2, 3, 4, 5, 8, 11, 13, 16, 19} and any width multiplier.
+"""The ``vgg`` student family: any depth in {2, 3, 4, 5, 8, 11, 13, 16, 19}, any width multiplier.
 
 Laid out like a timm model file: the table of layer configs, then the blocks, then the model
-(``forward_features`` / ``forward_head``), then the registration.
+(``forward_features`` / ``forward_head``), then the family: its architecture record
+(:class:`VGGArch`), its study-file section (:class:`VGGSpaceConfig`, ``student.vgg``), its
+``suggest`` (Optuna params ``vgg_depth`` and ``vgg_width``, or ``vgg_preset``), label and
+parameter groups, and the registration.
 
 **Depth counts weight layers** (convolutions + linear layers), as in the VGG paper's names:
 
@@ -43,14 +46,34 @@ Design choices (all documented because they change parameter counts):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from kdsearch.models.registry import register_student, student_param_count
-from kdsearch.models.spec import StudentSpec
+from kdsearch.config.space import Space, space_field
+from kdsearch.errors import ConfigError
+from kdsearch.models.registry import StudentFamily, register_family
+from kdsearch.models.suggest import suggest_space
 
-__all__ = ["VGG", "VGG_CFGS", "VGG_NUM_FC", "vgg_width_for_params", "scaled_channels"]
+if TYPE_CHECKING:
+    import optuna
+
+    from kdsearch.models.spec import StudentSpec
+
+__all__ = [
+    "VGG",
+    "VGG_CFGS",
+    "VGG_DEPTHS",
+    "VGG_NUM_FC",
+    "VGGArch",
+    "VGGPreset",
+    "VGGSpaceConfig",
+    "vgg_width_for_params",
+    "scaled_channels",
+]
 
 # ----------------------------------------------------------------------------------------------
 # Layer configs: ints are 3x3 conv widths (before the width multiplier), "M" is a 2x2 max-pool.
@@ -68,6 +91,7 @@ VGG_CFGS: dict[int, list[int | str]] = {
 }
 # Number of linear layers in the classifier for each depth (depth = convs + linears).
 VGG_NUM_FC: dict[int, int] = {2: 1, 3: 1, 4: 1, 5: 1, 8: 3, 11: 3, 13: 3, 16: 3, 19: 3}
+VGG_DEPTHS: tuple[int, ...] = tuple(sorted(VGG_CFGS))  # every depth the table builds
 FC_HIDDEN = 512  # classifier hidden width at width 1.0 (CIFAR-style; ImageNet VGG uses 4096)
 DROP_RATE = 0.2
 
@@ -123,6 +147,7 @@ class VGG(nn.Module):
     """A VGG student. ``features`` holds the conv blocks and pools, ``head`` the classifier."""
 
     __jit_unused_properties__ = ["last_block"]
+    student_family = "vgg"
 
     def __init__(
         self,
@@ -186,12 +211,148 @@ class VGG(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Registration and helpers
+# Architecture record and the study file's ``student.vgg`` section
+
+WIDTH_MIN, WIDTH_MAX = 1 / 128, 2.0  # width multipliers a study may search
 
 
-@register_student("vgg")
+@dataclass(frozen=True)
+class VGGArch:
+    """A VGG student's architecture: ``depth`` weight layers, channel ``width`` multiplier."""
+
+    depth: int
+    width: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.depth, bool) or self.depth not in VGG_CFGS:
+            raise ValueError(f"student.vgg.depth: must be one of {list(VGG_DEPTHS)} (got {self.depth!r})")
+        w = self.width
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
+            raise ValueError(f"student.vgg.width: must be a positive number (got {w!r})")
+        object.__setattr__(self, "depth", int(self.depth))
+        object.__setattr__(self, "width", float(w))
+
+
+@dataclass(frozen=True)
+class VGGPreset:
+    """One named VGG student, ``(depth, width)``, for ``student.vgg.presets``.
+
+    ``name`` is the value of the categorical ``vgg_preset`` param (default ``d{depth}-w{width}``).
+    """
+
+    depth: int | None = None  # required; None only so a missing key gets a one-line error
+    width: float | None = None  # required
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("depth", "width"):
+            if getattr(self, key) is None:
+                raise ConfigError(f"student.vgg.presets.{key}", "is required in every preset", None,
+                                  "write each preset as {depth: 5, width: 0.2, name: S}")
+        if self.depth not in VGG_DEPTHS:
+            raise ConfigError("student.vgg.presets.depth", f"must be one of {list(VGG_DEPTHS)}", self.depth)
+        if not WIDTH_MIN <= self.width <= WIDTH_MAX:  # type: ignore[operator]
+            raise ConfigError("student.vgg.presets.width", "must lie in [1/128, 2.0]", self.width)
+        if self.name is not None and not self.name.strip():
+            raise ConfigError("student.vgg.presets.name", "must not be empty", self.name)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"d{self.depth}-w{self.width:g}"
+
+
+DEFAULT_DEPTH = Space(choices=VGG_DEPTHS, integer=True)
+DEFAULT_WIDTH = Space(low=1 / 64, high=1.0, log=True)
+
+
+@dataclass(frozen=True)
+class VGGSpaceConfig:
+    """``student.vgg``: ``depth`` x ``width``, or a fixed list of ``presets`` (one categorical
+    ``vgg_preset`` param) when only some (depth, width) pairs make sense together, e.g. students
+    sized to given parameter counts. ``presets`` replaces ``depth`` and ``width``."""
+
+    depth: Space = space_field(DEFAULT_DEPTH, kind=int, allowed=VGG_DEPTHS)
+    width: Space = space_field(DEFAULT_WIDTH, minimum=WIDTH_MIN, maximum=WIDTH_MAX)
+    presets: tuple[VGGPreset, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.depth.choices is None:
+            raise ConfigError("student.vgg.depth", f"must be a list from {list(VGG_DEPTHS)}", self.depth.to_yaml())
+        for d in self.depth.choices:
+            if d not in VGG_DEPTHS:
+                raise ConfigError("student.vgg.depth", f"each must be one of {list(VGG_DEPTHS)}", d)
+        w = self.width
+        wlo = min(w.choices) if w.choices else w.low
+        whi = max(w.choices) if w.choices else w.high
+        if wlo < WIDTH_MIN or whi > WIDTH_MAX:  # type: ignore[operator]
+            raise ConfigError("student.vgg.width", "must lie in [1/128, 2.0]", w.to_yaml())
+        if self.presets:
+            names = [p.display_name for p in self.presets]
+            if self.depth != DEFAULT_DEPTH or self.width != DEFAULT_WIDTH:
+                raise ConfigError(
+                    "student.vgg.presets", "replaces student.vgg.depth and student.vgg.width; remove those two keys", names
+                )
+            if len(set(names)) != len(names):
+                raise ConfigError("student.vgg.presets", "need distinct names", names)
+            pairs = [(p.depth, p.width) for p in self.presets]
+            if len(set(pairs)) != len(pairs):
+                raise ConfigError("student.vgg.presets", "must not repeat a (depth, width) pair", names)
+
+
+# ----------------------------------------------------------------------------------------------
+# The family: search, build, label, parameter groups
+
+
+def vgg_params(section: VGGSpaceConfig) -> dict[str, Space]:
+    """Optuna params: ``vgg_preset`` when the study lists presets, else ``vgg_depth`` and ``vgg_width``."""
+    if section.presets:  # named (depth, width) pairs: one categorical instead of a cross product
+        return {"vgg_preset": Space(choices=tuple(p.display_name for p in section.presets))}
+    return {"vgg_depth": section.depth, "vgg_width": section.width}
+
+
+def suggest_vgg(trial: optuna.trial.BaseTrial, section: VGGSpaceConfig, resolution: int) -> VGGArch:
+    """Depth then width (or one preset); the resolution does not constrain a VGG."""
+    spaces = vgg_params(section)
+    if "vgg_preset" in spaces:
+        name = suggest_space(trial, "vgg_preset", spaces["vgg_preset"])
+        preset = next(p for p in section.presets if p.display_name == name)
+        return VGGArch(depth=int(preset.depth), width=float(preset.width))  # type: ignore[arg-type]
+    depth = int(suggest_space(trial, "vgg_depth", spaces["vgg_depth"]))
+    width = float(suggest_space(trial, "vgg_width", spaces["vgg_width"]))
+    return VGGArch(depth=depth, width=width)
+
+
 def build_vgg(spec: StudentSpec) -> VGG:
-    return VGG(depth=spec.depth, num_classes=spec.num_classes, width=spec.width, in_chans=spec.in_chans)
+    arch: VGGArch = spec.arch
+    return VGG(depth=arch.depth, num_classes=spec.num_classes, width=arch.width, in_chans=spec.in_chans)
+
+
+def vgg_label(spec: StudentSpec) -> str:
+    """``vgg{depth}-w{width}@{resolution}``, e.g. ``vgg8-w0.25@32``."""
+    return f"vgg{spec.arch.depth}-w{spec.arch.width:.3g}@{spec.resolution}"
+
+
+def vgg_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay on conv and linear weights; none on BatchNorm weights and biases (timm's rule)."""
+    return param_groups_weight_decay(model, weight_decay)
+
+
+register_family(
+    StudentFamily(
+        name="vgg",
+        section=VGGSpaceConfig,
+        arch=VGGArch,
+        build=build_vgg,
+        params=vgg_params,
+        suggest=suggest_vgg,
+        label=vgg_label,
+        param_groups=vgg_param_groups,
+    )
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizing
 
 
 def vgg_width_for_params(
@@ -210,8 +371,8 @@ def vgg_width_for_params(
     width. Of the two widths that bracket the target, the closer count wins; the width returned
     is the shortest decimal that gives exactly that count (e.g. ``0.4`` rather than
     ``0.40039...``). ``resolution`` does not change the count (global-pool head) and is kept for
-    the spec. Raises ``ValueError`` when the target is outside what ``[min_width, max_width]``
-    can reach.
+    the signature's symmetry with the spec. Raises ``ValueError`` when the target is outside what
+    ``[min_width, max_width]`` can reach.
     """
     if depth not in VGG_CFGS:
         raise ValueError(f"depth: must be one of {sorted(VGG_CFGS)} (got {depth!r})")
@@ -219,9 +380,9 @@ def vgg_width_for_params(
         raise ValueError(f"target_params: must be > 0 (got {target_params!r})")
 
     def count(w: float) -> int:
-        return student_param_count(
-            StudentSpec("vgg", depth, resolution, num_classes, width=w, in_chans=in_chans)
-        )
+        with torch.device("meta"):
+            model = VGG(depth=depth, num_classes=num_classes, width=w, in_chans=in_chans)
+        return sum(p.numel() for p in model.parameters())
 
     lo, hi = float(min_width), float(max_width)
     c_lo, c_hi = count(lo), count(hi)
