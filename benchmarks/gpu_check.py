@@ -128,7 +128,7 @@ def _unpack_cifar(dry: bool) -> tuple[Path | None, str]:
 
 def build_steps(out: Path, dry: bool, py: str) -> list[Step]:
     kd = [py, str(BENCH / "bench_kd_step.py")]
-    kd += ["--device", "cpu", "--figures", "P1", "--steps", "3", "--warmup", "1", "--loop-box", "0"] if dry else [
+    kd += ["--device", "cpu", "--figures", "P1", "--steps", "20", "--warmup", "1", "--loop-box", "0"] if dry else [
         "--device", "cuda", "--figures", "P1,P2,P3", "--steps", "30", "--loop-box", "0"]
     study_out = out / "study"
     cifar, _why = _unpack_cifar(dry)
@@ -147,7 +147,7 @@ def build_steps(out: Path, dry: bool, py: str) -> list[Step]:
         Step("memory", mem, 30 if dry else 45, needs_cuda=False, outputs=["memory.json"]),
         Step("energy", energy, 30 if dry else 40, needs_cuda=False, outputs=["energy.json"]),
         Step("latency-cap", cap, 30 if dry else 40, outputs=["latency-cap.json"]),
-        Step("study", study, 90 if dry else 230, outputs=["study/trials.json", "study/report.html"]),
+        Step("study", study, 60 if dry else 230, outputs=["study/trials.json", "study/report.html"]),
     ]
 
 
@@ -210,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "gpu-check-out"), help="folder for every output (created)")
     ap.add_argument("--dry", action="store_true", help="tiny sizes on the CPU; CUDA-only figures are skipped")
-    ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole check (default 330, dry 110)")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole check (default 330, dry 170)")
     ap.add_argument("--steps", default=None, help="comma-separated subset of step names (default: all)")
     args = ap.parse_args(argv)
     dry = args.dry or os.environ.get("GPU_CHECK_DRY", "") not in ("", "0")
-    deadline_s = args.deadline or (110.0 if dry else 330.0)
+    deadline_s = args.deadline or (170.0 if dry else 330.0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
