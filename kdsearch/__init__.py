@@ -1,17 +1,25 @@
 """kdsearch: multi-objective search for the best small CNN student to distil from a large teacher.
 
 See README.md and docs/ARCHITECTURE.md. ``load_student(DIR)`` rebuilds an exported student.
+
+This module imports only :mod:`kdsearch._version` when it loads, so ``import kdsearch`` (and
+``kdsearch --help``) does not pull in torch. ``load_student`` comes from
+:mod:`kdsearch.checkpoint` on first use; no kdsearch module imports this one back.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import Any
+
+from kdsearch._version import __version__
 
 __all__ = ["__version__", "load_student"]
 
 
-def load_student(path: str):  # noqa: ANN201 - returns torch.nn.Module; imported lazily
-    """Rebuild an exported student from a folder (``model.safetensors`` + ``card.json``) or a file."""
-    from kdsearch.export import load_student as _load
+def __getattr__(name: str) -> Any:
+    # PEP 562: the checkpoint format (and torch with it) loads only when load_student is asked for.
+    if name == "load_student":
+        from kdsearch.checkpoint import load_student
 
-    return _load(path)
+        return load_student
+    raise AttributeError(f"module 'kdsearch' has no attribute {name!r}")

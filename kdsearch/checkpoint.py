@@ -1,12 +1,18 @@
 """Student checkpoints: safetensors weights with the StudentSpec in the file's metadata.
 
 One format serves the per-trial Optuna artifact and the exported ``model.safetensors``, so a
-student can always be rebuilt from the file alone.
+student can always be rebuilt from the file alone. An export folder (``kdsearch export``,
+``kdsearch finetune``) holds that file as :data:`MODEL_FILE` next to :data:`CARD_FILE`, whose
+``files`` table records the weights' sha256: :func:`load_student` checks it.
+
+Floor: this module sits with ``kdsearch.models`` (it rebuilds students through the registry); it
+never imports the package root, storage, search or the commands.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -18,12 +24,23 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdsearch.errors import CheckpointError
-from kdsearch.models.registry import build_student
-from kdsearch.models.spec import StudentSpec
+from kdsearch.models import StudentSpec, build_student  # importing kdsearch.models registers every family
 
-__all__ = ["save_student", "load_student_file", "sha256_file", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "MODEL_FILE",
+    "CARD_FILE",
+    "save_student",
+    "load_student_file",
+    "load_student",
+    "load_student_with_card",
+    "sha256_file",
+    "atomic_write_bytes",
+    "atomic_write_text",
+]
 
 SPEC_KEY = "kdsearch_spec"
+MODEL_FILE = "model.safetensors"  # the weights inside an export folder
+CARD_FILE = "card.json"  # the model card; its "files" table holds every model file's sha256
 
 
 def sha256_file(path: str | Path) -> str:
@@ -108,3 +125,37 @@ def _diff_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[s
     unexpected = sorted(set(state) - set(own))
     bad_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     return missing + [f"{k} (shape)" for k in bad_shape], unexpected
+
+
+def load_student_with_card(path: str | Path) -> tuple[nn.Module, StudentSpec, dict[str, Any]]:
+    """Like :func:`load_student`, also returning the spec and the folder's card (``{}`` if none)."""
+    p = Path(path)
+    card: dict[str, Any] = {}
+    if p.is_dir():
+        ckpt = p / MODEL_FILE
+        if not ckpt.is_file():
+            raise CheckpointError(
+                f"load_student: no {MODEL_FILE} in folder {str(p)!r}; pass a kdsearch export folder or a .safetensors file"
+            )
+        card_path = p / CARD_FILE
+        if card_path.is_file():
+            try:
+                card = json.loads(card_path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"load_student: {str(card_path)!r} is not valid JSON ({exc})") from None
+    elif p.is_file() and p.suffix == ".safetensors":
+        ckpt = p
+    elif p.exists():
+        raise CheckpointError(f"load_student: expected a folder or a .safetensors file (got {str(p)!r})")
+    else:
+        raise CheckpointError(f"load_student: no such file or folder (got {str(p)!r})")
+    expected = (card.get("files") or {}).get(MODEL_FILE) if card else None
+    model, spec = load_student_file(ckpt, expected_sha256=expected)
+    return model.eval(), spec, card
+
+
+def load_student(path: str | Path) -> nn.Module:
+    """Rebuild a student from an export folder (``model.safetensors``, hash checked against
+    ``card.json`` when present) or a ``.safetensors`` checkpoint file; returns it in eval mode."""
+    model, _spec, _card = load_student_with_card(path)
+    return model

@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kdsearch import __version__
+from kdsearch._version import __version__
 from kdsearch.errors import ConfigError, KDSearchError
 
 __all__ = ["main", "build_parser"]
@@ -38,7 +38,7 @@ def _add_storage_args(p: argparse.ArgumentParser, *, required_name: bool = True)
 
 
 def _storage_url(args: argparse.Namespace) -> str:
-    from kdsearch.search.study import default_storage_url
+    from kdsearch.storage import default_storage_url
 
     if args.storage:
         from kdsearch.config import validate_storage_url
@@ -52,7 +52,7 @@ def _storage_url(args: argparse.Namespace) -> str:
 
 
 def _artifact_dir(args: argparse.Namespace, study: Any = None) -> Path:
-    from kdsearch.search.study import run_paths
+    from kdsearch.storage import run_paths
 
     return run_paths(args.run_dir, args.study_name).artifacts
 
@@ -172,7 +172,7 @@ def _print_trials(console: Console, study: Any, pareto: bool) -> None:
 
 
 def cmd_trials(args: argparse.Namespace, console: Console) -> int:
-    from kdsearch.search.study import load_study
+    from kdsearch.storage import load_study
 
     _check_study_name(args.study_name)
     study = load_study(_storage_url(args), args.study_name)
@@ -243,7 +243,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_dashboard(args: argparse.Namespace, console: Console) -> int:
     from kdsearch.dashboard import start_dashboard
-    from kdsearch.search.study import load_study
+    from kdsearch.storage import load_study
 
     _check_study_name(args.study_name)
     url = _storage_url(args)
@@ -279,7 +279,7 @@ def cmd_finetune(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_table(args: argparse.Namespace, console: Console) -> int:
     from kdsearch.report.table import pivot_table, render_csv, render_markdown
-    from kdsearch.search.study import load_study
+    from kdsearch.storage import load_study
 
     _check_study_name(args.study_name)
     study = load_study(_storage_url(args), args.study_name)
@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_worker(args: argparse.Namespace, console: Console) -> int:
     """Join an existing study (usually on RDB storage) from this host with the stored config."""
     from kdsearch.config import config_from_dict, parse_duration
-    from kdsearch.search.study import load_study
+    from kdsearch.storage import load_study
 
     _check_study_name(args.study_name)
     url = _storage_url(args)

@@ -111,7 +111,7 @@ def start_dashboard(
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
-    from kdsearch.search.study import open_storage
+    from kdsearch.storage import open_storage
 
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise ConfigError("--port", "must be an integer in [0, 65535] (0 = any free port)", port)

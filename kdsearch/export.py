@@ -32,7 +32,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
-from kdsearch import __version__
+from kdsearch._version import __version__
 from kdsearch.checkpoint import atomic_write_text, load_student_file, sha256_file
 from kdsearch.metrics import metric_unit
 from kdsearch.errors import CheckpointError, ConfigError, ExportError
@@ -453,7 +453,7 @@ def export_trial(
     Raises :class:`ConfigError` for a bad trial/rule/format/output and :class:`ExportError` for a
     checkpoint that is missing, altered (sha256 mismatch) or an export that does not verify.
     """
-    from kdsearch.report.pareto import load_study
+    from kdsearch.storage import load_study
 
     if fmt not in FORMATS:
         raise ConfigError("--format", f"must be one of {list(FORMATS)}", fmt)

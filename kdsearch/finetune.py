@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdsearch import __version__
+from kdsearch._version import __version__
 from kdsearch.checkpoint import atomic_write_text, save_student, sha256_file
 from kdsearch.errors import ConfigError, DataError
 

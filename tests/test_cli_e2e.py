@@ -11,7 +11,7 @@ import torch
 from optuna.trial import TrialState
 
 import kdsearch
-from kdsearch.search.study import default_storage_url, load_study
+from kdsearch.storage import default_storage_url, load_study
 
 from cli_helpers import SMOKE, run_cli
 

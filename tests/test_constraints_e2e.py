@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kdsearch.search.study import default_storage_url, load_study
+from kdsearch.storage import default_storage_url, load_study
 
 from cli_helpers import SMOKE, run_cli
 

@@ -13,9 +13,9 @@ import torch
 from optuna.artifacts import FileSystemArtifactStore, download_artifact
 
 import kdsearch
-from kdsearch.checkpoint import load_student_file, sha256_file
+from kdsearch.checkpoint import load_student, load_student_file, sha256_file
 from kdsearch.errors import CheckpointError, ConfigError, ExportError
-from kdsearch.export import TOLERANCE, export_trial, load_student
+from kdsearch.export import TOLERANCE, export_trial
 
 from helpers_study import FIXTURE_ROWS, FixtureStudy, build_fixture_study
 

@@ -21,7 +21,7 @@ from kdsearch.models import StudentSpec, build_student, student_param_count
 from kdsearch.models.families.vgg import vgg_width_for_params
 from kdsearch.models.families.vit import ViTSpaceConfig
 from kdsearch.search.space import grid_search_space, param_distributions, suggest
-from kdsearch.search.study import default_storage_url, load_study
+from kdsearch.storage import default_storage_url, load_study
 
 from cli_helpers import ROOT, run_cli
 

@@ -21,7 +21,7 @@ import optuna
 import plotly.io as pio
 from optuna.trial import TrialState
 
-from kdsearch import __version__
+from kdsearch._version import __version__
 from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import format_duration
 from kdsearch.metrics import format_metric, metric_unit
@@ -30,10 +30,10 @@ from kdsearch.report.pareto import (
     TrialRow,
     feasible,
     infeasible_reason,
-    load_study,
     metric_columns,
     trial_rows,
 )
+from kdsearch.storage import load_study
 
 __all__ = ["build_report", "render_report", "write_pngs"]
 

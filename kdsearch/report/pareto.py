@@ -33,9 +33,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.errors import ConfigError
 from kdsearch.metrics import KNOWN_METRICS, format_metric, is_known_metric, metric_examples, metric_unit
+from kdsearch.storage import load_study
 
 __all__ = [
-    "load_study",
     "load_trials",
     "feasible",
     "infeasible_reason",
@@ -55,13 +55,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------
 # Loading
-
-
-def load_study(storage_url: str, study_name: str) -> optuna.Study:
-    """Open a stored study for reading; one-line :class:`~kdsearch.errors.StorageError` otherwise."""
-    from kdsearch.search.study import load_study as _load
-
-    return _load(storage_url, study_name)
 
 
 def load_trials(storage_url: str, study_name: str) -> list[FrozenTrial]:

@@ -46,7 +46,7 @@ from kdsearch.measure import (
 from kdsearch.models import LoadedTeacher, build_student, create_teacher, teacher_needs_fit
 from kdsearch.models.teacher import weak_teacher_warning
 from kdsearch.search.space import Proposal, suggest
-from kdsearch.search.study import RunPaths, artifact_store
+from kdsearch.storage import RunPaths, artifact_store
 
 __all__ = ["ProgressFn", "PreparedTeacher", "WorkerContext", "prepare_worker", "run_trial", "pick_device"]
 

@@ -1,8 +1,8 @@
 """Crash and kill recovery: RUNNING trials whose worker is gone become FAIL ``stale``.
 
-RDB storages (PostgreSQL, MySQL) use Optuna's own heartbeats (see ``open_storage``): a running
-trial's worker records a heartbeat every interval, and a trial whose last heartbeat is older than
-the grace period is stale. :func:`recover_stale` fails it with ``fail_reason: stale`` (stored
+RDB storages (PostgreSQL, MySQL) use Optuna's own heartbeats (see
+:func:`kdsearch.storage.open_storage`): a running trial's worker records a heartbeat every
+interval, and a trial whose last heartbeat is older than the grace period is stale. :func:`recover_stale` fails it with ``fail_reason: stale`` (stored
 *before* the state change: Optuna refuses attrs on a finished trial) and hands it to the storage's
 ``heartbeat_stale_trial_callback`` (:func:`stale_trial_callback`, Optuna's
 ``RetryHeartbeatStaleTrialCallback``), which re-queues the parameters at most ``max_retries``
@@ -15,9 +15,10 @@ Who calls :func:`recover_stale`: the supervisor when it starts (a restart after 
 one of its workers dies, and every few seconds; every worker before it asks for a trial (what
 Optuna's ``study.optimize`` does), so workers on other hosts recover each other's trials.
 
-Heartbeat interval and grace come from :func:`heartbeat_settings`; the environment variables
-``KDSEARCH_HEARTBEAT_INTERVAL_S`` and ``KDSEARCH_HEARTBEAT_GRACE_S`` (whole seconds) override the
-defaults, e.g. for tests.
+Heartbeat interval and grace come from :func:`kdsearch.storage.heartbeat_settings`; the
+environment variables ``KDSEARCH_HEARTBEAT_INTERVAL_S`` and ``KDSEARCH_HEARTBEAT_GRACE_S`` (whole
+seconds) override the defaults, e.g. for tests. Every write to another process's trial goes
+through Optuna's public ``BaseStorage`` methods on :func:`kdsearch.storage.study_storage`.
 """
 
 from __future__ import annotations
@@ -33,17 +34,21 @@ from typing import Any
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
-from kdsearch.errors import ConfigError
+from kdsearch.storage import (
+    HEARTBEAT_GRACE_S,
+    HEARTBEAT_INTERVAL_S,
+    heartbeat_interval_s,
+    heartbeat_settings,
+    stale_trial_ids,
+    study_storage,
+    trial_id,
+)
 
 __all__ = [
     "HEARTBEAT_EVERY_S",
     "STALE_AFTER_S",
-    "INTERVAL_ENV",
-    "GRACE_ENV",
-    "heartbeat_settings",
     "TrialHeartbeat",
     "trial_heartbeat",
     "recover_stale",
@@ -59,32 +64,6 @@ __all__ = [
 
 HEARTBEAT_EVERY_S = 10.0  # journal/sqlite defaults: kdsearch's own heartbeat user attr
 STALE_AFTER_S = 60.0
-INTERVAL_ENV = "KDSEARCH_HEARTBEAT_INTERVAL_S"
-GRACE_ENV = "KDSEARCH_HEARTBEAT_GRACE_S"
-
-
-def heartbeat_settings(default_interval_s: float, default_grace_s: float) -> tuple[int, int]:
-    """(interval, grace) in whole seconds: the environment overrides, else the defaults.
-
-    Optuna's RDB heartbeats take positive integers; the grace is raised to at least two intervals
-    so that one late beat never fails a live trial.
-    """
-    interval = _env_seconds(INTERVAL_ENV, default_interval_s)
-    grace = _env_seconds(GRACE_ENV, default_grace_s)
-    return interval, max(grace, 2 * interval)
-
-
-def _env_seconds(name: str, default: float) -> int:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return max(int(round(default)), 1)
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(name, "must be a whole number of seconds >= 1", text) from None
-    if value < 1:
-        raise ConfigError(name, "must be a whole number of seconds >= 1", text)
-    return value
 
 
 def pid_alive(pid: int) -> bool:
@@ -134,28 +113,28 @@ class TrialHeartbeat:
             self._beat()
 
 
-def trial_heartbeat(study: optuna.Study, trial_id: int) -> TrialHeartbeat:
+def trial_heartbeat(study: optuna.Study, number: int) -> TrialHeartbeat:
     """Optuna's own heartbeat for RDB storages with heartbeats (what ``study.optimize`` sends),
-    else kdsearch's ``heartbeat_at`` user attr (journal, sqlite)."""
-    storage: Any = study._storage
-    if uses_optuna_heartbeat(study):
-        every = float(storage.get_heartbeat_interval() or HEARTBEAT_EVERY_S)
-        return TrialHeartbeat(lambda: storage.record_heartbeat(trial_id), every)
+    else kdsearch's ``heartbeat_at`` user attr (journal, sqlite), for trial ``number``."""
+    storage = study_storage(study)
+    tid = trial_id(study, number)
+    interval = heartbeat_interval_s(study)
+    if interval is not None:
+        return TrialHeartbeat(lambda: storage.record_heartbeat(tid), float(interval))  # type: ignore[attr-defined]
     every, _ = heartbeat_settings(HEARTBEAT_EVERY_S, STALE_AFTER_S)
-    return TrialHeartbeat(lambda: storage.set_trial_user_attr(trial_id, "heartbeat_at", time.time()), every)
+    return TrialHeartbeat(lambda: storage.set_trial_user_attr(tid, "heartbeat_at", time.time()), every)
 
 
 def uses_optuna_heartbeat(study: optuna.Study) -> bool:
-    """True for RDB storages opened with heartbeats (also behind Optuna's ``_CachedStorage``)."""
-    storage = study._storage
-    return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
+    """True for RDB storages opened with heartbeats (also behind Optuna's cache wrapper)."""
+    return heartbeat_interval_s(study) is not None
 
 
 def recover_stale(study: optuna.Study, max_retries: int) -> list[int]:
     """Fail stale RUNNING trials with the mechanism that fits the storage; returns their numbers.
 
     RDB with heartbeats: Optuna's heartbeat test (``max_retries`` is the storage callback's, set
-    in ``open_storage``). Journal/sqlite: the worker's pid (same host) or ``heartbeat_at`` age.
+    in ``kdsearch.storage.open_storage``). Journal/sqlite: the worker's pid (same host) or ``heartbeat_at`` age.
     """
     if uses_optuna_heartbeat(study):
         return fail_heartbeat_stale_trials(study)
@@ -170,26 +149,26 @@ def fail_heartbeat_stale_trials(study: optuna.Study) -> list[int]:
     accepts user attrs; this one writes the reason, then the state, then runs the storage's
     ``heartbeat_stale_trial_callback`` (the re-queue) for the trials this process failed.
     """
-    storage: Any = study._storage
-    interval = storage.get_heartbeat_interval()
-    grace = getattr(getattr(storage, "_backend", storage), "grace_period", None) or 2 * interval
-    failed: list[FrozenTrial] = []
-    for trial_id in storage._get_stale_trial_ids(study._study_id):
+    storage = study_storage(study)
+    # The grace open_storage gave this RDB storage (same defaults, same environment), for the message.
+    _, grace = heartbeat_settings(HEARTBEAT_INTERVAL_S, HEARTBEAT_GRACE_S)
+    failed: list[tuple[int, FrozenTrial]] = []
+    for tid in stale_trial_ids(study):
         try:
-            trial = storage.get_trial(trial_id)
+            trial = storage.get_trial(tid)
         except KeyError:
             continue
         if trial.state != TrialState.RUNNING:
             continue
         worker = trial.user_attrs.get("worker") or {}
-        detail = (f"no heartbeat for > {grace}s (worker {worker.get('host', '?')}:{worker.get('pid', '?')})")
+        detail = f"no heartbeat for > {grace}s (worker {worker.get('host', '?')}:{worker.get('pid', '?')})"
         if mark_failed(study, trial, "stale", detail):
-            failed.append(trial)
-    callback = storage.get_heartbeat_stale_trial_callback()
-    for trial in failed:
+            failed.append((tid, trial))
+    callback = storage.get_heartbeat_stale_trial_callback()  # type: ignore[attr-defined]
+    for tid, _trial in failed:
         if callback is not None:
-            callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
-    return sorted(t.number for t in failed)
+            callback(study, copy.deepcopy(storage.get_trial(tid)))
+    return sorted(t.number for _tid, t in failed)
 
 
 def _is_stale(t: FrozenTrial, now: float, stale_after_s: float) -> str | None:
@@ -208,11 +187,12 @@ def _is_stale(t: FrozenTrial, now: float, stale_after_s: float) -> str | None:
 
 def mark_failed(study: optuna.Study, trial: FrozenTrial, reason: str, detail: str) -> bool:
     """Set a RUNNING trial to FAIL with ``fail_reason``. False if another process finished it first."""
-    storage = study._storage
+    storage = study_storage(study)
     try:
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-        storage.set_trial_user_attr(trial._trial_id, "fail_detail", detail)
-        return storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        tid = trial_id(study, trial.number)
+        storage.set_trial_user_attr(tid, "fail_reason", reason)
+        storage.set_trial_user_attr(tid, "fail_detail", detail)
+        return storage.set_trial_state_values(tid, state=TrialState.FAIL)
     except RuntimeError:
         # The trial was finished meanwhile (optuna refuses to change a finished trial).
         return False

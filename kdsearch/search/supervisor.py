@@ -41,9 +41,10 @@ from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import StudyConfig, config_to_dict
 from kdsearch.errors import KDSearchError
 from kdsearch.search.preflight import preflight
-from kdsearch.search.recovery import mark_failed, recover_stale, uses_optuna_heartbeat
-from kdsearch.search.study import add_time_spent, create_or_resume, run_paths
+from kdsearch.search.recovery import mark_failed, recover_stale
+from kdsearch.search.study import add_time_spent, create_or_resume
 from kdsearch.search.worker import EXIT_USER_ERROR, RunSpec
+from kdsearch.storage import heartbeat_interval_s, run_paths
 
 __all__ = ["StopFlag", "SearchOutcome", "supervise", "default_workers", "worker_env"]
 
@@ -174,8 +175,9 @@ def supervise(
     stop_level_sent = 0
     box_s, grace_s = cfg.study.trial_time_s, cfg.study.grace_s
     recover_every_s = RECOVER_EVERY_S
-    if uses_optuna_heartbeat(study):
-        recover_every_s = min(recover_every_s, float(study._storage.get_heartbeat_interval()))
+    heartbeat_s = heartbeat_interval_s(study)
+    if heartbeat_s is not None:
+        recover_every_s = min(recover_every_s, float(heartbeat_s))
     last_recover = time.monotonic()
     last_flush = t0
     fresh_study = outcome.trials_before == 0

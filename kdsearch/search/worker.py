@@ -43,7 +43,8 @@ from kdsearch.config import StudyConfig, config_from_dict
 from kdsearch.errors import KDSearchError, TrialFailure
 from kdsearch.search.objective import WorkerContext, prepare_worker, run_trial, teacher_summary
 from kdsearch.search.recovery import recover_stale, trial_heartbeat
-from kdsearch.search.study import create_or_resume, make_sampler, run_paths
+from kdsearch.search.study import create_or_resume, make_sampler
+from kdsearch.storage import run_paths
 
 __all__ = ["RunSpec", "estimate_trial_s", "worker_main", "align_objectives", "EXIT_USER_ERROR", "EXIT_CRASH"]
 
@@ -53,7 +54,7 @@ _INTERRUPT_RETRY_S = 0.02  # a deferred interrupt is retried this often until it
 _PARENT_CHECK_S = 1.0  # watchdog period (where PR_SET_PDEATHSIG is not available)
 # Code that must not be cut by the interrupt: storage engines, file locks, atomic file writes.
 _CRITICAL_PACKAGES = frozenset({"optuna", "sqlalchemy", "psycopg", "psycopg2", "filelock"})
-_CRITICAL_MODULES = frozenset({"kdsearch.checkpoint", "kdsearch.search.recovery"})
+_CRITICAL_MODULES = frozenset({"kdsearch.checkpoint", "kdsearch.storage", "kdsearch.search.recovery"})
 
 
 @dataclass(frozen=True)
@@ -218,10 +219,15 @@ def _tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None =
     try:
         study.tell(trial, values, state=state)
     except RuntimeError:
-        if not study._storage.get_trial(trial._trial_id).state.is_finished():
+        if not _is_finished(study, trial.number):
             raise
         if not isinstance(study.sampler, optuna.samplers.GridSampler):
             raise
+
+
+def _is_finished(study: optuna.Study, number: int) -> bool:
+    """Whether trial ``number`` is stored as finished (read through the public trial list)."""
+    return any(t.number == number and t.state.is_finished() for t in study.get_trials(deepcopy=False))
 
 
 def _fail_trial(study: optuna.Study, trial: optuna.Trial, reason: str | None = None, detail: str = "") -> None:
@@ -260,7 +266,7 @@ def run_trials(ctx: WorkerContext, study: optuna.Study, spec: RunSpec, status: _
         try:
             status.update(force=True, trial=trial.number, trial_started_at=time.time(), phase="trial",
                           fraction=0.0, message="")
-            with trial_heartbeat(study, trial._trial_id):
+            with trial_heartbeat(study, trial.number):
                 values = run_trial(ctx, trial, status.progress)
             _tell(study, trial, values)
         except TrialFailure:

@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.checkpoint import sha256_file
-from kdsearch.search.study import default_storage_url, load_study
+from kdsearch.storage import default_storage_url, load_study
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "studies" / "smoke.yaml"

@@ -55,7 +55,7 @@ def test_live_worker_with_fresh_heartbeat_is_not_stale(tmp_path: Path) -> None:
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         t.set_user_attr("worker", {"host": socket.gethostname(), "pid": sleeper.pid})
-        with trial_heartbeat(study, t._trial_id):
+        with trial_heartbeat(study, t.number):
             assert fail_stale_trials(study, max_retries=1) == []
         assert isinstance(study.trials[0].user_attrs["heartbeat_at"], float)
     finally:

@@ -31,7 +31,7 @@ from search_run_helpers import (
     wait_for,
 )
 
-from kdsearch.search.recovery import GRACE_ENV, INTERVAL_ENV
+from kdsearch.storage import GRACE_ENV, INTERVAL_ENV
 
 _CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Decided at collection, before the session smoke run is built for nothing.
@@ -134,7 +134,7 @@ def test_sigkill_of_a_worker_on_postgres_is_found_by_heartbeat(
 def _study_exists(url: str) -> bool:
     import optuna
 
-    from kdsearch.search.study import open_storage
+    from kdsearch.storage import open_storage
 
     try:
         summaries = optuna.get_all_study_summaries(open_storage(url, create=False), include_best_trial=False)

@@ -8,7 +8,8 @@ import pytest
 
 from kdsearch.config import apply_overrides, load_config
 from kdsearch.errors import StorageError, StudyMismatchError
-from kdsearch.search.study import add_time_spent, create_or_resume, load_study, open_storage, signature_diff
+from kdsearch.search.study import add_time_spent, create_or_resume, signature_diff
+from kdsearch.storage import load_study, open_storage
 
 SMOKE = Path(__file__).resolve().parents[2] / "studies" / "smoke.yaml"
 

@@ -1,0 +1,291 @@
+"""The one door to study storage: URLs, opening, loading, run folders and the artifact store.
+
+Every floor above this one (search, report, export, the dashboard and the commands) reaches a
+study through here; this module imports only ``kdsearch.config``, ``kdsearch.errors`` and Optuna.
+
+Storage URLs:
+
+- default: an Optuna ``JournalFileBackend`` file at ``<run_dir>/<study>/journal.log`` (safe for
+  several processes on one machine; optuna-dashboard opens it directly);
+- ``journal:PATH`` or a bare path: a journal file elsewhere;
+- ``sqlite:///PATH``: one process;
+- ``postgresql://...`` / ``mysql://...``: Optuna's RDB storage with heartbeats, the distributed
+  engine that workers on any number of hosts join.
+
+The run folder of a study (:func:`run_paths`) holds the journal, the artifact store (student
+checkpoints), the teacher-logit caches, fitted teachers and the workers' status files.
+
+Optuna internals: Optuna has no public accessor for a study's storage, and no public way to list
+the trials whose RDB heartbeat expired without also failing them before kdsearch can store why.
+Those two reaches (:func:`study_storage`, :func:`stale_trial_ids`) are here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.trial import FrozenTrial
+
+from kdsearch.config import StudyConfig, validate_storage_url
+from kdsearch.errors import ConfigError, StorageError
+
+__all__ = [
+    "DEFAULT_RUN_DIR",
+    "HEARTBEAT_INTERVAL_S",
+    "HEARTBEAT_GRACE_S",
+    "INTERVAL_ENV",
+    "GRACE_ENV",
+    "RunPaths",
+    "run_paths",
+    "check_study_name",
+    "default_storage_url",
+    "storage_url_for",
+    "resolve_storage_url",
+    "redact_url",
+    "heartbeat_settings",
+    "open_storage",
+    "load_study",
+    "artifact_store",
+    "study_storage",
+    "trial_id",
+    "heartbeat_interval_s",
+    "stale_trial_ids",
+]
+
+DEFAULT_RUN_DIR = "runs"  # run folder of the commands when --run-dir is not given
+HEARTBEAT_INTERVAL_S = 30  # RDB heartbeats: a RUNNING trial whose heartbeat is older than
+HEARTBEAT_GRACE_S = 120  # this grace is failed as stale by the next worker that asks.
+INTERVAL_ENV = "KDSEARCH_HEARTBEAT_INTERVAL_S"  # whole seconds; override the heartbeat defaults
+GRACE_ENV = "KDSEARCH_HEARTBEAT_GRACE_S"  # (e.g. in tests)
+
+StaleTrialCallback = Callable[[optuna.Study, FrozenTrial], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders and URLs
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The folders of one study's run: storage file, artifacts, caches, fitted teachers."""
+
+    root: Path
+    journal: Path
+    artifacts: Path
+    cache: Path
+    teachers: Path
+    workers: Path
+
+    def ensure(self) -> None:
+        for p in (self.root, self.artifacts, self.cache, self.teachers, self.workers):
+            p.mkdir(parents=True, exist_ok=True)
+
+
+def run_paths(run_dir: str | Path, study_name: str, cache_dir: str | None = None) -> RunPaths:
+    """The run folder layout of ``study_name`` under ``run_dir`` (``cache_dir`` moves the caches)."""
+    root = Path(run_dir) / study_name
+    return RunPaths(
+        root=root,
+        journal=root / "journal.log",
+        artifacts=root / "artifacts",
+        cache=Path(cache_dir) if cache_dir else root / "cache",
+        teachers=root / "teachers",
+        workers=root / "workers",
+    )
+
+
+def check_study_name(name: str | None, flag: str = "--study-name") -> None:
+    """A study name is also a folder name: 1-128 letters, digits, ``_``, ``.`` or ``-``."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name or ""):
+        raise ConfigError(flag, "must be 1-128 letters, digits, '_', '.' or '-'", name)
+
+
+def default_storage_url(run_dir: str | Path, study_name: str) -> str:
+    """The journal file in the study's run folder."""
+    return f"journal:{run_paths(run_dir, study_name).journal}"
+
+
+def storage_url_for(cfg: StudyConfig) -> str:
+    """The storage URL the study uses (the default journal file when none is given)."""
+    if cfg.study.storage:
+        return cfg.study.storage
+    return default_storage_url(cfg.study.run_dir, cfg.study.name)
+
+
+def resolve_storage_url(storage: str | None, run_dir: str | Path, study_name: str, flag: str = "--storage") -> str:
+    """The URL a command reads: ``storage`` validated (errors name ``flag``), else the default."""
+    if storage:
+        try:
+            validate_storage_url(storage)
+        except ConfigError as exc:
+            raise ConfigError(flag, exc.rule, storage) from None
+        return str(storage)
+    return default_storage_url(run_dir, study_name)
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:password@host/db`` -> ``scheme://***@host/db`` (for messages)."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+# ----------------------------------------------------------------------------------------------
+# Opening
+
+
+def heartbeat_settings(default_interval_s: float, default_grace_s: float) -> tuple[int, int]:
+    """(interval, grace) in whole seconds: :data:`INTERVAL_ENV` / :data:`GRACE_ENV`, else the defaults.
+
+    Optuna's RDB heartbeats take positive integers; the grace is raised to at least two intervals
+    so that one late beat never fails a live trial.
+    """
+    interval = _env_seconds(INTERVAL_ENV, default_interval_s)
+    grace = _env_seconds(GRACE_ENV, default_grace_s)
+    return interval, max(grace, 2 * interval)
+
+
+def _env_seconds(name: str, default: float) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return max(int(round(default)), 1)
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(name, "must be a whole number of seconds >= 1", text) from None
+    if value < 1:
+        raise ConfigError(name, "must be a whole number of seconds >= 1", text)
+    return value
+
+
+def open_storage(
+    url: str, *, create: bool = True, stale_trial_callback: StaleTrialCallback | None = None
+) -> BaseStorage:
+    """Open a storage URL. Journal and sqlite files must exist unless ``create``.
+
+    RDB URLs get Optuna heartbeats (:func:`heartbeat_settings`); ``stale_trial_callback`` is what
+    the storage runs for a trial whose heartbeat expired (the search passes its re-queue rule).
+    """
+    if url.startswith(("postgresql", "mysql", "sqlite:")):
+        kwargs: dict[str, Any] = {}
+        if not url.startswith("sqlite:"):
+            interval_s, grace_s = heartbeat_settings(HEARTBEAT_INTERVAL_S, HEARTBEAT_GRACE_S)
+            kwargs = {
+                "heartbeat_interval": interval_s,
+                "grace_period": grace_s,
+                "heartbeat_stale_trial_callback": stale_trial_callback,
+            }
+        if url.startswith("sqlite:") and not create:
+            path = Path(url.removeprefix("sqlite:///"))
+            if not path.is_file():
+                raise StorageError(f"--storage: no sqlite file at {str(path)!r}; run `kdsearch optimize` first")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(_driver_url(url), engine_kwargs=_engine_kwargs(url), **kwargs)
+        except ImportError as exc:
+            missing = getattr(exc.__cause__, "name", None) or exc.name or "its driver"
+            raise StorageError(
+                f"--storage: the database driver for {url.split(':', 1)[0]!r} is not installed "
+                f"(no module {missing!r}); pip install 'kdsearch[postgres]'"
+            ) from None
+        except Exception as exc:  # sqlalchemy raises many types; all mean "cannot open"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StorageError(f"--storage: cannot open {redact_url(url)!r}: {first}") from None
+    path = Path(url.removeprefix("journal:"))
+    if not create and not path.is_file():
+        raise StorageError(
+            f"--storage: no study storage at {str(path)!r}; check --run-dir/--study-name or run `kdsearch optimize` first"
+        )
+    if path.exists() and path.is_dir():
+        raise StorageError(f"--storage: {str(path)!r} is a folder, not a journal file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The open-lock works on every POSIX file system (NFS included), unlike symlink locks.
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+
+
+def _driver_url(url: str) -> str:
+    """``postgresql://`` means SQLAlchemy's psycopg2 dialect; kdsearch's ``postgres`` extra installs
+    psycopg 3, so a bare ``postgresql://`` uses it when it is installed."""
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is not None:
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite:"):
+        # A dashboard reading while a worker writes: wait for the lock instead of failing at once.
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True}
+
+
+def load_study(storage_url: str, study_name: str) -> optuna.Study:
+    """Open an existing study for reading (report, trials, export). One-line errors otherwise."""
+    storage = open_storage(storage_url, create=False)
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+    if study_name not in names:
+        raise StorageError(
+            f"--study-name: no study {study_name!r} in {redact_url(storage_url)!r}; known: {names or 'none'}"
+        )
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def artifact_store(paths: RunPaths) -> FileSystemArtifactStore:
+    """The study's checkpoint store (created if missing)."""
+    paths.artifacts.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(paths.artifacts))
+
+
+# ----------------------------------------------------------------------------------------------
+# Trial-level access for recovery (the one place that reaches into Optuna)
+
+
+def study_storage(study: optuna.Study) -> BaseStorage:
+    """The storage behind ``study``.
+
+    Optuna has no public accessor (``Study._storage`` is private), and recovery must write to
+    trials that belong to other processes, which only :class:`~optuna.storages.BaseStorage`'s
+    public methods can. This is the one read of the private attribute in kdsearch.
+    """
+    return study._storage
+
+
+def trial_id(study: optuna.Study, number: int) -> int:
+    """The storage id of trial ``number`` of ``study`` (public BaseStorage lookups only)."""
+    storage = study_storage(study)
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+
+
+def heartbeat_interval_s(study: optuna.Study) -> int | None:
+    """The Optuna heartbeat interval (s) of the study's storage; None when it has no heartbeats.
+
+    RDB storages opened by :func:`open_storage` have them (also behind Optuna's cache wrapper);
+    journal files and sqlite do not.
+    """
+    get = getattr(study_storage(study), "get_heartbeat_interval", None)
+    return get() if callable(get) else None
+
+
+def stale_trial_ids(study: optuna.Study) -> list[int]:
+    """Storage ids of RUNNING trials whose Optuna heartbeat is older than the grace period.
+
+    Optuna's public ``optuna.storages.fail_stale_trials`` fails these trials first, after which
+    they refuse the ``fail_reason`` user attr kdsearch stores; the list itself is only available
+    through the storage's private ``_get_stale_trial_ids``. Empty without heartbeats.
+    """
+    if heartbeat_interval_s(study) is None:
+        return []
+    storage: Any = study_storage(study)
+    return list(storage._get_stale_trial_ids(storage.get_study_id_from_name(study.study_name)))
