@@ -58,13 +58,20 @@ def test_a_family_record_checks_its_own_shape() -> None:
         dataclasses.replace(vgg, name="Bad-Name")
 
 
-@pytest.mark.parametrize("name", ["vgg", "vit"])
+def _suggested_arch(name: str, resolution: int = 32, seed: int = 0) -> object:
+    """An architecture the family's own suggest draws from its default section (a real trial)."""
+    cfg = config_from_dict({"student": {"family": name, "resolution": resolution}})
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed)).ask()
+    return get_family(name).suggest(trial, cfg.student.section(name), resolution)
+
+
+@pytest.mark.parametrize("name", family_names())
 def test_spec_round_trips_through_dict_and_json(name: str) -> None:
-    arch = {"vgg": {"depth": 5, "width": 0.25}, "vit": {"depth": 2, "embed_dim": 64, "num_heads": 2, "patch_size": 8}}
-    spec = StudentSpec(name, 32, 7, arch[name], in_chans=1)
-    assert isinstance(spec.arch, get_family(name).arch)
+    arch = _suggested_arch(name)
+    spec = StudentSpec(name, 32, 7, dataclasses.asdict(arch), in_chans=1)
+    assert isinstance(spec.arch, get_family(name).arch) and spec.arch == arch
     flat = spec.to_dict()
-    assert flat == {"family": name, "resolution": 32, "num_classes": 7, "in_chans": 1, **arch[name]}
+    assert flat == {"family": name, "resolution": 32, "num_classes": 7, "in_chans": 1, **dataclasses.asdict(arch)}
     assert StudentSpec.from_dict(flat) == spec
     assert StudentSpec.from_json(spec.to_json()) == spec
     assert hash(StudentSpec.from_json(spec.to_json())) == hash(spec)
@@ -105,14 +112,14 @@ def test_param_groups_of_a_non_student_use_the_generic_rule() -> None:
     assert groups[0.1][0].shape == m.proj.weight.shape
 
 
-@pytest.mark.parametrize("name", ["vgg", "vit"])
+@pytest.mark.parametrize("name", family_names())
 def test_every_family_keeps_the_student_contract(name: str) -> None:
     """The contract in kdsearch.models.registry: features/head disjoint and complete, last_block,
-    forward == forward_head(forward_features), student_family names the family."""
-    cfg = config_from_dict({"student": {"family": name, "resolution": 32}})
-    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
-    arch = get_family(name).suggest(trial, cfg.student.section(name), 32)
-    model = build_student(StudentSpec(name, 32, 5, arch)).eval()
+    forward == forward_head(forward_features), student_family names the family, and a label."""
+    spec = StudentSpec(name, 32, 5, _suggested_arch(name))
+    assert spec.label.endswith("@32") and " " not in spec.label
+    get_family(name).preflight(StudyConfig().student.section(name), [16, 32, 224])
+    model = build_student(spec).eval()
     assert model.student_family == name
     head = {id(p) for p in model.head.parameters()}
     feats = {id(p) for p in model.features.parameters()}
