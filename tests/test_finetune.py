@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 import kdsearch
 from kdsearch.checkpoint import save_student, sha256_file
 from kdsearch.data.splits import ImageSplit
+from kdsearch.distill.head import finetune_model
 from kdsearch.errors import ConfigError, DataError
-from kdsearch.finetune import finetune_checkpoint, finetune_model, indices_sha256, load_finetune_pool
+from kdsearch.finetune import finetune_checkpoint, indices_sha256, load_finetune_pool
 from kdsearch.models import build_student
 from kdsearch.models.spec import StudentSpec
 

@@ -255,7 +255,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
                                              ctx.bundle.std, device, batch), {**acc_method, "split": "test", "n": len(ctx.bundle.test)})
 
     if cfg.finetune.enabled and ctx.bundle.finetune is not None:
-        from kdsearch.finetune import finetune_model
+        from kdsearch.distill.head import finetune_model
 
         progress("finetune", 0.0, f"{cfg.finetune.epochs} epochs")
         pre, post = finetune_model(
