@@ -102,3 +102,33 @@ def test_env_prints_what_a_bug_report_needs(capsys: pytest.CaptureFixture[str]) 
         assert key in text, key
     assert run_cli("env") == 0
     assert "environment" in capsys.readouterr().out
+
+
+def test_help_loads_no_heavy_library() -> None:
+    """``kdsearch --help`` and every ``kdsearch <command> --help`` build their parsers without
+    torch, Optuna, timm or plotly: each command imports those inside its ``run``."""
+    import subprocess
+    import sys
+
+    from kdsearch.cli import COMMANDS
+
+    names = [c.__name__.rsplit(".", 1)[1] for c in COMMANDS]
+    code = (
+        "import sys\n"
+        "from kdsearch.cli import main\n"
+        f"for argv in [['--help'], ['--version']] + [[c, '--help'] for c in {names!r}]:\n"
+        "    assert main(argv) == 0, argv\n"
+        "heavy = [m for m in ('torch', 'optuna', 'timm', 'plotly') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in names:
+        assert name in out.stdout
+
+
+def test_export_format_choices_are_the_export_formats() -> None:
+    from kdsearch.commands.export import FORMAT_CHOICES
+    from kdsearch.export import FORMATS
+
+    assert FORMAT_CHOICES == list(FORMATS)

@@ -1,0 +1,51 @@
+"""``kdsearch env``: versions, devices and NVML status, for bug reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+__all__ = ["add_parser", "run", "flatten"]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    v = subparsers.add_parser("env", help="versions, devices and NVML status for bug reports")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(run=run)
+    return v
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts as ``("a.b.c", value)`` pairs, in order."""
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.extend(flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.table import Table
+
+    from kdsearch._version import __version__
+    from kdsearch.commands.output import stdout_console
+    from kdsearch.measure import collect_environment
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    env = collect_environment(device)
+    if args.json:
+        sys.stdout.write(json.dumps(env, indent=1, default=str) + "\n")
+        return 0
+    table = Table(title=f"kdsearch {__version__} environment", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in flatten(env):
+        table.add_row(key, str(value))
+    stdout_console().print(table)
+    return 0

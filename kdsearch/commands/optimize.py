@@ -1,0 +1,101 @@
+"""``kdsearch optimize``: run or resume a study from its study file, then print its Pareto front."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from kdsearch.commands.arguments import integer, positive_int
+
+__all__ = ["add_parser", "run", "run_supervised"]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    o = subparsers.add_parser("optimize", help="run or resume a study")
+    o.add_argument("--config", required=True, help="study file (YAML), e.g. studies/cifar10-deit.yaml")
+    o.add_argument("--budget", help="wall-clock budget of this run: 90s, 30m, 24h")
+    o.add_argument("--trial-time", help="KD time box per trial: 60s, 5m")
+    o.add_argument("--storage", help="storage URL: journal:PATH, sqlite:///PATH, postgresql://...")
+    o.add_argument("--study-name", help="override study.name")
+    o.add_argument("--n-trials", type=positive_int("--n-trials"), help="cap the trials of this run")
+    o.add_argument("--run-dir", help="run folder (storage, artifacts, caches)")
+    o.add_argument("--sampler", help="tpe, nsga2, nsga3, random, grid or gp")
+    o.add_argument("--seed", type=integer("--seed"), help="sampler and training seed")
+    o.add_argument("--workers", type=positive_int("--workers"), help="worker processes (default: one per GPU, else 1)")
+    o.add_argument("--cache-dir", help="shared teacher-cache folder")
+    o.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any study-file key (repeatable)")
+    o.add_argument("--plain", action="store_true", help="plain log lines instead of the live display")
+    o.set_defaults(run=run)
+    return o
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdsearch.config import load_config
+    from kdsearch.storage import check_study_name
+
+    if args.study_name is not None:
+        check_study_name(args.study_name)
+    sets = list(args.set or [])
+    if args.cache_dir:
+        sets.append(f"teacher.cache.dir={args.cache_dir}")
+    cfg = load_config(
+        args.config,
+        sets,
+        budget=args.budget,
+        trial_time=args.trial_time,
+        storage=args.storage,
+        study_name=args.study_name,
+        n_trials=args.n_trials,
+        run_dir=args.run_dir,
+        sampler=args.sampler,
+        seed=args.seed,
+        workers=args.workers,
+    )
+    return run_supervised(cfg, plain=args.plain, create=True)
+
+
+def run_supervised(cfg: Any, *, plain: bool, create: bool) -> int:
+    """Run ``cfg``'s study under the supervisor with the live display; print the outcome and the
+    front. Returns 130 when interrupted, else 0. ``create=False`` only joins an existing study."""
+    from kdsearch.commands.output import stdout_console
+    from kdsearch.config import format_duration
+    from kdsearch.progress import SearchDisplay
+    from kdsearch.report.trials_table import PARETO_FOOTNOTE, trials_table
+    from kdsearch.search.supervisor import StopFlag, supervise
+
+    console = stdout_console()
+    stop = StopFlag()
+    restore = stop.install_sigint()
+    display = SearchDisplay(cfg, console, live=False if plain else None)
+
+    def ready(outcome: Any, teachers: dict[str, Any]) -> None:
+        verb = "resuming" if outcome.resumed else "created"
+        display.note(
+            f"{verb} study {cfg.study.name} ({outcome.trials_before} trials stored); objectives: "
+            + ", ".join(f"{m} ({d})" for m, d in cfg.objectives.items())
+        )
+        if outcome.stale_recovered:
+            display.note(f"recovered stale trials {outcome.stale_recovered} (FAIL stale, params re-queued)")
+        for label, t in teachers.items():
+            display.note(
+                f"teacher {label}: val {100 * t['val_accuracy']:.2f}%, test {100 * t['test_accuracy']:.2f}% "
+                f"at {t['input_size']}px ({t['mode']} logits)"
+                + (f", {t['interpolation']}, mean {t['mean']} std {t['std']} from {t['norm_source']}" if "mean" in t else "")
+            )
+
+    try:
+        with display:
+            outcome = supervise(cfg, stop=stop, progress=display.progress, on_ready=ready,
+                                on_trial_end=display.trial_end, create=create)
+    finally:
+        restore()
+    total = outcome.study.user_attrs.get("time_spent_s", 0.0)
+    console.print(
+        f"stopped: {outcome.stop_reason}. This run: {outcome.trials_complete} complete, {outcome.trials_failed} failed "
+        f"in {format_duration(outcome.wall_s)}; study total {len(outcome.study.trials)} trials, "
+        f"{format_duration(total)} over all runs.",
+        highlight=False,
+    )
+    console.print(trials_table(outcome.study, pareto=True))
+    console.print(PARETO_FOOTNOTE)
+    return 130 if outcome.stop_reason.startswith("interrupted") else 0

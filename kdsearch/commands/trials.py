@@ -1,0 +1,46 @@
+"""``kdsearch trials``: list a study's trials (or its feasible Pareto front), as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+from kdsearch.commands.arguments import add_storage_args
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    t = subparsers.add_parser("trials", help="list a study's trials (or its Pareto front)")
+    add_storage_args(t)
+    t.add_argument("--pareto", action="store_true", help="only the feasible Pareto front (infeasible marked)")
+    t.add_argument("--json", action="store_true", help="print JSON: number, state, params, values, user_attrs")
+    t.set_defaults(run=run)
+    return t
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return str(obj)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kdsearch.commands.arguments import storage_url
+    from kdsearch.commands.output import stdout_console
+    from kdsearch.report.trials_table import PARETO_FOOTNOTE, trial_records, trials_table
+    from kdsearch.storage import load_study
+
+    study = load_study(storage_url(args), args.study_name)
+    if args.json:
+        records = trial_records(study, args.pareto)
+        sys.stdout.write(json.dumps(records, indent=1, default=_json_default) + "\n")
+        return 0
+    console = stdout_console()
+    console.print(trials_table(study, args.pareto))
+    if args.pareto:
+        console.print(PARETO_FOOTNOTE)
+    return 0
