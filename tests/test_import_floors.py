@@ -49,6 +49,7 @@ FLOORS: dict[str, int] = {
     "kdsearch.models.registry": 1,
     "kdsearch.models.families": 1,
     "kdsearch.models.suggest": 1,
+    "kdsearch.models.backbone": 1,
     "kdsearch.models.spec": 1,
     "kdsearch.errors": 0,
     "kdsearch._version": 0,

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import timm
-import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from kdsearch.config.space import Space, space_field
 from kdsearch.errors import ConfigError
+from kdsearch.models.backbone import TimmBackboneStudent
 from kdsearch.models.registry import StudentFamily, register_family
 from kdsearch.models.suggest import suggest_space
 
@@ -104,10 +104,9 @@ class MobileNetV3Arch:
         object.__setattr__(self, "depth_multiplier", float(d))
 
 
-class MobileNetV3Student(nn.Module):
+class MobileNetV3Student(TimmBackboneStudent):
     """timm MobileNetV3 features (``num_classes=0``) + linear ``head``."""
 
-    __jit_unused_properties__ = ["last_block"]
     student_family = "mobilenetv3"
 
     def __init__(
@@ -137,20 +136,6 @@ class MobileNetV3Student(nn.Module):
         nn.init.uniform_(self.head.weight, -bound, bound)
         nn.init.zeros_(self.head.bias)
 
-    @property
-    def last_block(self) -> nn.Module:
-        return self.features.blocks[-1]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's feature map, ``[B, num_features, ceil(H/32), ceil(W/32)]``."""
-        return self.features.forward_features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.features.forward_head(x, pre_logits=True)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # ----------------------------------------------------------------------------------------------

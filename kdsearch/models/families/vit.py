@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_weight_decay
@@ -34,6 +33,7 @@ from torch import nn
 
 from kdsearch.config.space import Space, space_field
 from kdsearch.errors import ConfigError
+from kdsearch.models.backbone import TimmBackboneStudent
 from kdsearch.models.registry import StudentFamily, register_family
 from kdsearch.models.suggest import suggest_space
 
@@ -102,10 +102,9 @@ def check_patch_grid(arch: ViTArch, resolution: int) -> None:
         )
 
 
-class ViTStudent(nn.Module):
+class ViTStudent(TimmBackboneStudent):
     """A small ViT: timm VisionTransformer features (``num_classes=0``) + linear ``head``."""
 
-    __jit_unused_properties__ = ["last_block"]
     student_family = "vit"
 
     def __init__(
@@ -146,20 +145,6 @@ class ViTStudent(nn.Module):
         trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    @property
-    def last_block(self) -> nn.Module:
-        return self.features.blocks[-1]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens after the last block and norm: ``[B, num_prefix + num_patches, embed_dim]``."""
-        return self.features.forward_features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.features.forward_head(x, pre_logits=True)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # ----------------------------------------------------------------------------------------------
