@@ -9,7 +9,12 @@ A metric name is either fixed (``val_accuracy``) or a pattern with a batch size
 itself (it reads only the training split), ``"val"`` and ``"test"`` for accuracies, ``None`` for
 figures that depend on the architecture and device only (params, MACs, latency, memory). A
 ``"test"`` figure is stored for reporting and never steers the search (see
-:func:`is_selectable_metric`).
+:func:`is_selectable_metric`): objectives, constraints and ``--pick`` refuse it.
+
+``needs_cuda`` marks a figure that only a CUDA device can give (the allocator's peaks, CUDA
+latency, NVML energy); ``needs_nvml`` one that also needs NVML's energy counter or power reading.
+The preflight refuses such a metric as an objective or a constraint on a machine that cannot
+measure it, in seconds, instead of failing every trial after its box.
 
 Display convention (:func:`format_metric`, used by progress, the report, the pivot tables, the
 trial table and the export card): fractions as percent with two decimals (``"41.00%"``);
@@ -38,12 +43,14 @@ __all__ = [
     "PATTERN_METRICS",
     "PatternMetric",
     "Split",
+    "TEST_SPLIT_RULE",
     "format_metric",
     "is_known_metric",
     "is_selectable_metric",
     "metric_examples",
     "metric_info",
     "metric_unit",
+    "val_counterpart",
 ]
 
 Direction = Literal["maximize", "minimize"]
@@ -60,10 +67,11 @@ class Metric:
     """One stored metric.
 
     ``unit`` is the unit of the stored value (``"fraction"`` for accuracies in [0, 1],
-    ``"count"``, ``"MACs"``, ``"s"``, ``"ms"``, ``"MB"`` = 10^6 bytes, ``"J"``, ``"mJ/image"``).
+    ``"count"``, ``"MACs"``, ``"s"``, ``"ms"``, ``"MB"`` = 10^6 bytes, ``"J"``, ``"mJ/image"``, ``"W"``).
     ``direction`` is the usual better way (a hint for reports; the study file decides).
     ``split`` is the data split it is computed on, or None for architecture/device figures.
     ``description`` says in one line exactly what the figure includes.
+    ``needs_cuda``: only a CUDA device measures it; ``needs_nvml``: it also needs NVML energy.
     """
 
     name: str
@@ -71,6 +79,8 @@ class Metric:
     direction: Direction | None
     split: Split | None
     description: str
+    needs_cuda: bool = False
+    needs_nvml: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,7 @@ class PatternMetric:
     """A family of metric names with a batch size, ``latency_ms_b{N}`` and the like.
 
     ``description`` may use ``{batch}`` and ``{device}`` (the device suffix: "the trial's device",
-    "the CPU", "CUDA").
+    "the CPU", "CUDA"). A name with the ``_cuda`` suffix needs CUDA whatever ``needs_cuda`` says.
     """
 
     pattern: re.Pattern[str]
@@ -86,6 +96,8 @@ class PatternMetric:
     direction: Direction | None
     split: Split | None
     description: str
+    needs_cuda: bool = False
+    needs_nvml: bool = False
 
     def match(self, name: str) -> Metric | None:
         """The :class:`Metric` for ``name`` if it matches this pattern, else None."""
@@ -95,7 +107,8 @@ class PatternMetric:
         suffix = m.groupdict().get("device") or None
         device = {None: "the trial's device", "_cpu": "the CPU", "_cuda": "CUDA"}[suffix]
         desc = self.description.format(batch=m.group("batch"), device=device)
-        return Metric(name, self.unit, self.direction, self.split, desc)
+        cuda = self.needs_cuda or suffix == "_cuda"
+        return Metric(name, self.unit, self.direction, self.split, desc, cuda, self.needs_nvml)
 
     def batch_size(self, name: str) -> int | None:
         """The batch size in ``name`` if it matches this pattern, else None."""
@@ -120,10 +133,30 @@ FIXED_METRICS: dict[str, Metric] = _fixed(
     Metric("activation_peak_mb_b1", "MB", "minimize", None,
            "largest leaf-module input + output footprint of one forward pass at batch 1"),
     Metric("peak_kd_memory_mb", "MB", "minimize", "train",
-           "CUDA allocator peak while the KD loop ran (CUDA only)"),
-    Metric("kd_energy_j", "J", "minimize", "train", "NVML board energy while the KD loop ran (CUDA only)"),
+           "CUDA allocator peak of the KD training steps above what was resident before the trial "
+           "(data, teacher cache): the student's weights, gradients, optimiser state, activations and "
+           "cuDNN workspaces; in-loop validation excluded (CUDA only)", needs_cuda=True),
+    Metric("peak_kd_memory_total_mb", "MB", "minimize", "train",
+           "CUDA allocator peak of the KD training steps for the whole process: peak_kd_memory_mb plus "
+           "the resident data and teacher cache (CUDA only)", needs_cuda=True),
+    Metric("kd_energy_j", "J", "minimize", "train",
+           "NVML board energy of the KD training steps (in-loop validation excluded; idle power "
+           "included); close to board power x box when the box is fixed (CUDA only)",
+           needs_cuda=True, needs_nvml=True),
+    Metric("kd_energy_mj_per_image", "mJ/image", "minimize", "train",
+           "kd_energy_j per training image seen (one view each), in mJ (CUDA only)", needs_cuda=True, needs_nvml=True),
+    Metric("kd_mean_power_w", "W", "minimize", "train",
+           "mean board power over the KD training steps: kd_energy_j / training time (CUDA only)",
+           needs_cuda=True, needs_nvml=True),
     Metric("infer_energy_mj_per_image", "mJ/image", "minimize", None,
-           "NVML board energy of an inference loop at the largest latency batch size, per image (CUDA only)"),
+           "NVML board energy of an inference loop at the largest latency batch size, per image; the "
+           "same figure as infer_energy_mj_per_image_b<largest> (CUDA only)", needs_cuda=True, needs_nvml=True),
+    Metric("pre_ft_val_accuracy", "fraction", "maximize", "val",
+           "top-1 validation accuracy of the distilled student before head fine-tuning (selection)"),
+    Metric("post_ft_val_accuracy", "fraction", "maximize", "val",
+           "top-1 validation accuracy after training the head on the finetune split (selection)"),
+    Metric("ft_gain_val", "fraction", "maximize", "val",
+           "post_ft_val_accuracy - pre_ft_val_accuracy, on the validation split (selection)"),
     Metric("pre_ft_accuracy", "fraction", "maximize", "test",
            "top-1 test accuracy of the distilled student before head fine-tuning; reported only"),
     Metric("post_ft_accuracy", "fraction", "maximize", "test",
@@ -138,7 +171,12 @@ PATTERN_METRICS: tuple[PatternMetric, ...] = (
     PatternMetric(re.compile(r"latency_p90_ms_b(?P<batch>\d+)(?P<device>_cpu|_cuda)?"), "ms", "minimize", None,
                   "90th-percentile latency of one forward pass at batch {batch} on {device}"),
     PatternMetric(re.compile(r"peak_infer_memory_mb_b(?P<batch>\d+)"), "MB", "minimize", None,
-                  "CUDA allocator peak of one forward pass at batch {batch}, weights included (CUDA only)"),
+                  "CUDA allocator peak of one forward pass at batch {batch}, weights included (CUDA only)",
+                  needs_cuda=True),
+    PatternMetric(re.compile(r"infer_energy_mj_per_image_b(?P<batch>\d+)"), "mJ/image", "minimize", None,
+                  "NVML board energy of a back-to-back inference loop at batch {batch}, per image; the "
+                  "window lasts measure.energy.infer_min_time and enough counter updates (CUDA only)",
+                  needs_cuda=True, needs_nvml=True),
 )
 
 KNOWN_METRICS: dict[str, Metric] = dict(FIXED_METRICS)
@@ -182,12 +220,31 @@ def is_selectable_metric(name: str) -> bool:
     return info is not None and info.split != "test"
 
 
+TEST_SPLIT_RULE = (
+    "is measured on the test split, which never steers the search (selection uses val; test is for reporting)"
+)
+"""The rule an objective, constraint or ``--pick`` metric on the test split breaks."""
+
+_VAL_COUNTERPARTS = {
+    "test_accuracy": "val_accuracy",
+    "pre_ft_accuracy": "pre_ft_val_accuracy",
+    "post_ft_accuracy": "post_ft_val_accuracy",
+    "ft_gain": "ft_gain_val",
+}
+
+
+def val_counterpart(name: str) -> str | None:
+    """The validation-split metric to select on instead of the test-split metric ``name``."""
+    return _VAL_COUNTERPARTS.get(name)
+
+
 def metric_examples(batch_sizes: Sequence[int] | None = None) -> list[str]:
     """Metric names to suggest from in an error message."""
     names = list(FIXED_METRICS)
     bs = batch_sizes if batch_sizes is not None else (1, 64)
     for b in bs:
-        names += [f"latency_ms_b{b}", f"latency_p90_ms_b{b}", f"latency_ms_b{b}_cpu", f"peak_infer_memory_mb_b{b}"]
+        names += [f"latency_ms_b{b}", f"latency_p90_ms_b{b}", f"latency_ms_b{b}_cpu", f"peak_infer_memory_mb_b{b}",
+                  f"infer_energy_mj_per_image_b{b}"]
     return names
 
 

@@ -19,7 +19,7 @@ from kdsearch.metrics import (
     metric_unit,
 )
 
-UNITS = {"fraction", "count", "MACs", "s", "ms", "MB", "J", "mJ/image"}
+UNITS = {"fraction", "count", "MACs", "s", "ms", "MB", "J", "mJ/image", "W"}
 
 
 @pytest.mark.parametrize("name", [*KNOWN_METRICS, *metric_examples((1, 8))])
