@@ -22,14 +22,18 @@ def evaluate_accuracy(
     device: torch.device | str,
     batch_size: int = 512,
     interpolation: str = "bilinear",
+    autocast_dtype: torch.dtype | None = None,
 ) -> float:
     """Fraction (0..1) of ``split`` whose arg-max logit equals the label.
 
     ``split`` has ``.images`` (uint8 ``[N, 3, H, W]``, on any device) and ``.labels`` (int64
     ``[N]``), e.g. a :class:`kdsearch.data.ImageSplit`. Each batch is moved to ``device`` and
     passed through :func:`kdsearch.data.augment.preprocess` (resize to ``resolution`` px with
-    ``interpolation``, normalise with ``mean``/``std``; no crop or flip). fp32, eval mode, inference mode; the
-    model's train/eval mode is restored afterwards. ``model`` must already be on ``device``.
+    ``interpolation``, normalise with ``mean``/``std``; no crop or flip). Eval mode, inference mode;
+    fp32 unless ``autocast_dtype`` (``torch.bfloat16`` / ``torch.float16``) asks for autocast on a
+    CUDA device -- the distillation loop evaluates in its training precision, at a batch no
+    larger than its training batch, so a validation never needs more memory than a training step.
+    The model's train/eval mode is restored afterwards. ``model`` must already be on ``device``.
     """
     from kdsearch.data.augment import preprocess  # noqa: PLC0415 - data/ is optional at import time
 
@@ -43,11 +47,13 @@ def evaluate_accuracy(
         raise ValueError(f"evaluate_accuracy: batch_size must be >= 1 (got {batch_size})")
     dev = resolve_device(device)
     channels_last = dev.type == "cuda" and uses_channels_last(model)
+    use_autocast = autocast_dtype is not None and dev.type == "cuda"
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        amp = torch.autocast("cuda", dtype=autocast_dtype or torch.bfloat16, enabled=use_autocast)
+        with torch.inference_mode(), amp:
             for i in range(0, n, batch_size):
                 xb = images[i : i + batch_size].to(dev, non_blocking=True)
                 yb = labels[i : i + batch_size].to(dev, non_blocking=True)

@@ -16,6 +16,18 @@ included, nothing subtracted), with one of three methods, recorded on every resu
 
 A measurement that cannot be trusted is never 0: ``joules`` is ``None`` with a ``reason``.
 
+Pausing: :meth:`EnergyMeter.pause` / :meth:`EnergyMeter.resume` leave stretches out of the window
+(``distill()`` pauses the meter with its training clock around every validation, so the KD
+energy is that of the training steps). With the counter the window's energy is the sum of the
+counter deltas over the active segments; with power polling only sample pairs that lie inside an
+active segment are integrated (a sample is taken at every boundary). ``window_s`` is the active
+time; ``mean_power_w`` is ``joules / window_s``.
+
+Counter resolution: the counter advances in steps (every few tens of ms, depending on the GPU),
+so a window's energy is uncertain by about two steps. :func:`measure_inference_energy` therefore
+runs its loop for at least ``infer_min_time_s`` *and* :data:`MIN_COUNTER_UPDATES` counter updates
+(up to :data:`MAX_WINDOW_FACTOR` x the minimum time), and the result records ``counter_updates``.
+
 Counter going backwards: the counter is an unsigned 64-bit count of mJ, which at 1 kW wraps after
 about 585 million years, so ``end < start`` (or any backward step seen by the poll thread) can
 only be a reset (driver reload, GPU reset). The window's energy is then unknown: the method stays
@@ -50,6 +62,9 @@ __all__ = [
     "EnergyMeter",
     "measure_inference_energy",
     "nvml_status",
+    "energy_unavailable_reason",
+    "MIN_COUNTER_UPDATES",
+    "MAX_WINDOW_FACTOR",
     "CPU_REASON",
     "COUNTER_RESET_REASON",
 ]
@@ -58,6 +73,8 @@ CPU_REASON = "cpu: NVML measures NVIDIA GPUs only"
 COUNTER_RESET_REASON = "counter reset during window"
 _NVML_TEMPERATURE_GPU = 0  # pynvml.NVML_TEMPERATURE_GPU
 _NVML_DEVICE_MIG_ENABLE = 1  # pynvml.NVML_DEVICE_MIG_ENABLE
+MIN_COUNTER_UPDATES = 20  # an inference window lasts until the counter moved this often (~10 % resolution)
+MAX_WINDOW_FACTOR = 3.0  # ... but at most this many times measure.energy.infer_min_time
 
 
 def _load_nvml() -> tuple[ModuleType | None, str | None]:
@@ -92,7 +109,9 @@ class EnergyResult:
     temp_end_c: float | None = None
     shared: bool = False
     other_pids: list[int] = field(default_factory=list)
-    window_s: float | None = None
+    window_s: float | None = None  # active (unpaused) time of the window, s
+    segments: int | None = None  # active stretches (1 without pause/resume)
+    paused_s: float | None = None  # time left out between pause() and resume(), s
     counter_updates: int | None = None  # distinct counter values seen by the poll thread
     samples: int | None = None  # power samples integrated (power-poll method)
     mean_power_w: float | None = None  # joules / window_s
@@ -166,6 +185,10 @@ class EnergyMeter:
         self._pids_start: set[int] = set()
         self._t_start = 0.0
         self._e_start_mj: int | None = None
+        self._active_since: float | None = None  # perf_counter s of the open segment's start
+        self._segments: list[tuple[float, float]] = []  # closed active segments (perf_counter s)
+        self._seg_counter_start: int | None = None  # counter at the open segment's start, mJ
+        self._counter_total_mj = 0  # counter deltas of the closed segments, mJ
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -235,6 +258,19 @@ class EnergyMeter:
         """The method chosen at :meth:`start` (``"unavailable"`` before it)."""
         return self._method
 
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why :meth:`start` found energy unmeasurable (method ``"unavailable"``), else None."""
+        return self._reason if self._method == "unavailable" else None
+
+    @property
+    def counter_updates_so_far(self) -> int:
+        """Counter updates (counter method) or power samples (poll method) seen so far."""
+        with self._lock:
+            if self._method == "nvml-counter":
+                return max(len(self._counter_values) - 1, 0)
+            return len(self._power)
+
     def _unavailable(self, reason: str) -> None:
         self._method = "unavailable"
         self._reason = reason
@@ -301,7 +337,11 @@ class EnergyMeter:
             self._power = [first]
             self._method = "nvml-power-poll"
         self._stop.clear()
-        self._t_start = time.perf_counter()
+        self._t_start = self._power[0][0] if self._method == "nvml-power-poll" else time.perf_counter()
+        self._active_since = self._t_start
+        self._segments = []
+        self._seg_counter_start = self._e_start_mj
+        self._counter_total_mj = 0
         self._thread = threading.Thread(target=self._poll, name="kdsearch-energy-poll", daemon=True)
         self._thread.start()
         return self
@@ -323,6 +363,64 @@ class EnergyMeter:
             except Exception:  # noqa: BLE001 - a missed sample is counted, not fatal
                 self._poll_errors += 1
 
+    def pause(self) -> None:
+        """Leave what follows out of the window until :meth:`resume` (a no-op when unavailable,
+        stopped or already paused). Readings failing here are counted as poll errors."""
+        if self._method == "unavailable" or self.result is not None or self._active_since is None:
+            return
+        t = time.perf_counter()
+        try:
+            if self._method == "nvml-counter":
+                v = self._read_counter_mj()
+                assert self._seg_counter_start is not None
+                with self._lock:
+                    if v < self._seg_counter_start or v < self._counter_values[-1]:
+                        self._counter_backwards = True
+                    if v != self._counter_values[-1]:
+                        self._counter_values.append(v)
+                self._counter_total_mj += v - self._seg_counter_start
+            else:
+                sample = (t, self._read_power_w())
+                with self._lock:
+                    self._power.append(sample)
+        except Exception:  # noqa: BLE001
+            self._poll_errors += 1
+        self._segments.append((self._active_since, t))
+        self._active_since = None
+
+    def resume(self) -> None:
+        """Start a new active segment after :meth:`pause` (a no-op when not paused)."""
+        if self._method == "unavailable" or self.result is not None or self._active_since is not None:
+            return
+        t = time.perf_counter()
+        try:
+            if self._method == "nvml-counter":
+                v = self._read_counter_mj()
+                with self._lock:
+                    if v < self._counter_values[-1]:
+                        self._counter_backwards = True
+                    if v != self._counter_values[-1]:
+                        self._counter_values.append(v)
+                self._seg_counter_start = v
+            else:
+                sample = (t, self._read_power_w())
+                with self._lock:
+                    self._power.append(sample)
+        except Exception:  # noqa: BLE001
+            self._poll_errors += 1
+            if self._method == "nvml-counter":
+                self._counter_backwards = True  # the segment's start is unknown: no trustworthy sum
+        self._active_since = t
+
+    def _integrate_active(self, pts: list[tuple[float, float]]) -> float:
+        """Trapezoid integral (J) of the power samples over the active segments only."""
+        segments = list(self._segments)
+        total = 0.0
+        for (t0, p0), (t1, p1) in itertools.pairwise(pts):
+            if any(a <= t0 and t1 <= b for a, b in segments):
+                total += (t1 - t0) * (p0 + p1) / 2.0
+        return total
+
     def stop(self) -> EnergyResult:
         """End the window and build :attr:`result` (idempotent)."""
         if self.result is not None:
@@ -336,36 +434,47 @@ class EnergyMeter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        t_end = time.perf_counter()
         joules: float | None = None
         reason: str | None = None
         updates: int | None = None
         samples: int | None = None
+        end_mj: int | None = None
         try:
-            if self._method == "nvml-counter":
-                end_mj = self._read_counter_mj()
-                assert self._e_start_mj is not None
-                if end_mj != self._counter_values[-1]:
-                    if end_mj < self._counter_values[-1]:
+            if self._active_since is not None:  # close the open segment with a final reading
+                t = time.perf_counter()
+                if self._method == "nvml-counter":
+                    end_mj = self._read_counter_mj()
+                    assert self._seg_counter_start is not None
+                    if end_mj != self._counter_values[-1]:
+                        if end_mj < self._counter_values[-1]:
+                            self._counter_backwards = True
+                        self._counter_values.append(end_mj)
+                    if end_mj < self._seg_counter_start:
                         self._counter_backwards = True
-                    self._counter_values.append(end_mj)
+                    self._counter_total_mj += end_mj - self._seg_counter_start
+                else:
+                    self._power.append((t, self._read_power_w()))
+                self._segments.append((self._active_since, t))
+                self._active_since = None
+            t_end = self._segments[-1][1] if self._segments else time.perf_counter()
+            if self._method == "nvml-counter":
+                assert self._e_start_mj is not None
                 updates = len(self._counter_values) - 1
-                if self._counter_backwards or end_mj < self._e_start_mj:
-                    reason = f"{COUNTER_RESET_REASON} (start {self._e_start_mj} mJ, end {end_mj} mJ)"
+                last = end_mj if end_mj is not None else self._counter_values[-1]
+                if self._counter_backwards or last < self._e_start_mj:
+                    reason = f"{COUNTER_RESET_REASON} (start {self._e_start_mj} mJ, end {last} mJ)"
                 elif updates == 0:
                     reason = (
                         f"counter did not update during window ({t_end - self._t_start:.3f} s; too short)"
                     )
                 else:
-                    joules = (end_mj - self._e_start_mj) / 1000.0
+                    joules = self._counter_total_mj / 1000.0
             else:
-                self._power.append((time.perf_counter(), self._read_power_w()))
                 pts = sorted(self._power)
                 samples = len(pts)
-                joules = sum((t1 - t0) * (p0 + p1) / 2.0 for (t0, p0), (t1, p1) in itertools.pairwise(pts))
-                t_end = pts[-1][0]
-                self._t_start = pts[0][0]
+                joules = self._integrate_active(pts)
         except Exception as exc:  # noqa: BLE001
+            t_end = time.perf_counter()
             joules, reason = None, f"nvml: final reading failed ({_nvml_error(exc)})"
         meta = self._meta_fields()
         meta["temp_end_c"] = self._temperature()
@@ -374,7 +483,8 @@ class EnergyMeter:
             other |= self._other_pids()
         except Exception:  # noqa: BLE001
             pass
-        window = t_end - self._t_start
+        active = sum(b - a for a, b in self._segments) if self._segments else t_end - self._t_start
+        window = active
         self.result = EnergyResult(
             joules=joules,
             method=self._method,
@@ -382,6 +492,8 @@ class EnergyMeter:
             shared=bool(other),
             other_pids=sorted(other),
             window_s=window,
+            segments=len(self._segments),
+            paused_s=max(0.0, (t_end - self._t_start) - active),
             counter_updates=updates,
             samples=samples,
             mean_power_w=(joules / window) if joules is not None and window > 0 else None,
@@ -421,14 +533,18 @@ def measure_inference_energy(
     device: torch.device | str,
     cfg: EnergyConfig,
     in_chans: int = 3,
+    max_s: float | None = None,
 ) -> tuple[float | None, EnergyResult]:
     """Board energy per image of inference, in mJ/image, and the full :class:`EnergyResult`.
 
-    Runs back-to-back forwards of ``batch_size`` images (fp32, eval, inference mode) for at least
-    ``cfg.infer_min_time_s`` seconds inside an :class:`EnergyMeter` (the counter updates every few
-    tens of ms, so 2 s gives >= 20 updates), after an untimed warm-up. mJ/image = joules * 1000 /
-    images. ``None`` (with the result's ``reason``) when energy cannot be measured: CPU device,
-    disabled, or NVML unavailable.
+    Runs back-to-back forwards of ``batch_size`` images (fp32, eval, inference mode) inside an
+    :class:`EnergyMeter`, after an untimed warm-up, for at least ``cfg.infer_min_time_s`` seconds
+    and at least :data:`MIN_COUNTER_UPDATES` counter updates (power samples with the polling
+    fallback), at most :data:`MAX_WINDOW_FACTOR` x ``infer_min_time_s``: the counter advances
+    every few tens of ms, so the window spans many of its steps. mJ/image = joules * 1000 /
+    images. ``max_s`` (s) caps the loop below the caller's remaining time budget (never below
+    ``infer_min_time_s``). ``None`` (with the result's ``reason``) when energy cannot be measured:
+    CPU device, disabled, or NVML unavailable.
     """
     dev = resolve_device(device)
     if not cfg.enabled:
@@ -451,13 +567,19 @@ def measure_inference_energy(
             try:
                 if meter.method != "unavailable":  # no point running the loop otherwise
                     t0 = time.perf_counter()
+                    cap_s = MAX_WINDOW_FACTOR * cfg.infer_min_time_s
+                    if max_s is not None:
+                        cap_s = max(cfg.infer_min_time_s, min(cap_s, max_s))
                     # Keep a few forwards queued so the GPU stays busy; check the clock between bursts.
                     while True:
                         for _ in range(8):
                             model(x)
                         images += 8 * batch_size
                         torch.cuda.synchronize(dev)
-                        if time.perf_counter() - t0 >= cfg.infer_min_time_s:
+                        ran = time.perf_counter() - t0
+                        if ran >= cap_s or (
+                            ran >= cfg.infer_min_time_s and meter.counter_updates_so_far >= MIN_COUNTER_UPDATES
+                        ):
                             break
             finally:
                 result = meter.stop()
@@ -466,3 +588,19 @@ def measure_inference_energy(
     if result.joules is None or images == 0:
         return None, result
     return result.joules * 1000.0 / images, result
+
+
+def energy_unavailable_reason(device: torch.device | str | int | None = 0) -> str | None:
+    """Why NVML energy cannot be measured on ``device`` (a CUDA device or index), or None when it
+    can: opens an :class:`EnergyMeter` the way a trial does (NVML import and init, the GPU's
+    handle, MIG, the counter or a power reading) and closes it at once. Takes milliseconds;
+    the preflight uses it to refuse an energy objective before a study starts."""
+    if device is None:
+        return CPU_REASON
+    dev = torch.device("cuda", device) if isinstance(device, int) else resolve_device(device)
+    if dev.type != "cuda":
+        return CPU_REASON
+    meter = EnergyMeter.for_device(dev).start()
+    reason = meter.unavailable_reason
+    meter.stop()
+    return reason

@@ -8,14 +8,23 @@ Units: every figure is in **MB = 10^6 bytes** (not MiB), as the ``_mb`` metric n
   that call's input tensors plus its output tensors. See its docstring for what it leaves out.
 - :func:`peak_inference_memory_mb` -- what the CUDA caching allocator actually held at peak for
   one forward (CUDA only).
-- :class:`KDMemoryTracker` -- resets the CUDA peak counter at trial start and reads
-  ``peak_kd_memory_mb`` after KD (CUDA only; on the CPU the metric is missing with a reason).
+- :class:`KDMemoryTracker` -- the peak of the KD *training steps* only (the loop pauses it
+  around every validation), above the baseline resident before the trial
+  (``peak_kd_memory_mb``) and for the whole process (``peak_kd_memory_total_mb``). CUDA only; on
+  the CPU both are missing with a reason. The counters are read through
+  :class:`AllocatorCounters`, so the accounting is tested without a GPU.
+
+``cudnn.benchmark`` (on while distilling: fixed shapes) makes cuDNN try several convolution
+algorithms in the first steps; their workspaces are allocations through the caching allocator,
+so they count in ``max_memory_allocated`` and therefore in the KD peak. That is deliberate: a
+card must hold them to train the student this way. ``benchmarks/bench_memory.py`` measures the
+peak with the autotuner on and off.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -37,7 +46,11 @@ __all__ = [
     "model_size_mb",
     "activation_peak_mb",
     "peak_inference_memory_mb",
+    "AllocatorCounters",
+    "CudaAllocatorCounters",
     "KDMemoryTracker",
+    "KD_MEMORY_METHOD",
+    "CUDNN_NOTE",
 ]
 
 CUDA_ONLY_REASON = "cpu: torch.cuda.max_memory_allocated is CUDA-only"
@@ -181,59 +194,158 @@ def peak_inference_memory_mb(
     return (model_size_bytes(model) + max(0, peak - before)) / BYTES_PER_MB
 
 
-class KDMemoryTracker:
-    """Peak CUDA memory of the KD phase: ``start()`` at trial start, ``stop()`` after KD.
+class AllocatorCounters(Protocol):
+    """What :class:`KDMemoryTracker` reads: a device allocator's current and peak bytes.
 
-    ``value_mb`` is ``torch.cuda.max_memory_allocated`` over the window, in MB (10^6 bytes): the
-    absolute peak the caching allocator handed out to this process on that device -- student,
-    optimiser state, activations, and whatever else is resident (data, teacher logits), since
-    that is what must fit on the card. ``baseline_mb`` (allocated at ``start``) is kept in
-    :meth:`method` so a reader can subtract it. On a CPU device ``value_mb`` is ``None`` and
-    ``reason`` says why.
+    :class:`CudaAllocatorCounters` reads the CUDA caching allocator; tests pass a fake.
+    """
+
+    def synchronize(self) -> None: ...
+
+    def allocated_bytes(self) -> int: ...
+
+    def peak_bytes(self) -> int: ...
+
+    def reset_peak(self) -> None: ...
+
+
+class CudaAllocatorCounters:
+    """:class:`AllocatorCounters` of the CUDA caching allocator on one device
+    (``memory_allocated`` / ``max_memory_allocated`` / ``reset_peak_memory_stats``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def allocated_bytes(self) -> int:
+        return int(torch.cuda.memory_allocated(self.device))
+
+    def peak_bytes(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+
+KD_MEMORY_METHOD = (
+    "torch.cuda.max_memory_allocated over the KD training steps (peak counter reset when each "
+    "training segment starts, read when it ends; in-loop validation excluded)"
+)
+CUDNN_NOTE = (
+    "includes cuDNN workspaces: they are caching-allocator allocations, and with "
+    "cudnn.benchmark the autotuner's trial workspaces of the first steps count too"
+)
+
+
+class KDMemoryTracker:
+    """Peak device memory of the KD *training steps*, above and including what was resident.
+
+    ``start()`` (at trial start, before the student reaches the device) records the baseline:
+    what the allocator holds then -- the resident train/val/test data and the teacher cache
+    (the teacher itself has left the device once its cache was built). ``distill()`` then calls
+    ``pause()`` when its training clock stops for a validation and ``resume()`` when it restarts,
+    so the evaluation pass never enters the figure. ``stop()`` ends the window.
+
+    * ``total_mb`` (``peak_kd_memory_total_mb``): the largest allocator peak over the training
+      segments, in MB (10^6 bytes) -- everything the process held at that moment;
+    * ``value_mb`` (``peak_kd_memory_mb``): ``total_mb - baseline_mb``, what training this
+      student needs on top of the data: its weights, gradients, optimiser state, activations,
+      the per-step batch and targets, and cuDNN workspaces (see :data:`CUDNN_NOTE`).
+
+    The counters come from ``counters`` (:class:`AllocatorCounters`); by default the CUDA
+    caching allocator on a CUDA device. On a CPU device without counters both figures are
+    ``None`` and ``reason`` says why.
 
     Usable as a context manager::
 
         with KDMemoryTracker(device) as mem:
-            distill(...)
+            distill(..., meters=(mem,))
         attrs["peak_kd_memory_mb"] = mem.value_mb
     """
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(self, device: torch.device | str, counters: AllocatorCounters | None = None) -> None:
         self.device = resolve_device(device)
+        if counters is None and self.device.type == "cuda":
+            counters = CudaAllocatorCounters(self.device)
+        self.counters = counters
         self.value_mb: float | None = None
+        self.total_mb: float | None = None
         self.baseline_mb: float | None = None
-        self.reason: str | None = None if self.device.type == "cuda" else CUDA_ONLY_REASON
+        self.segments = 0  # training segments seen (one per evaluation, plus the first)
+        self.reason: str | None = None if counters is not None else CUDA_ONLY_REASON
         self._started = False
+        self._open = False
+        self._baseline_bytes = 0
+        self._peak_bytes: int | None = None
 
     @property
     def available(self) -> bool:
-        return self.device.type == "cuda"
+        return self.counters is not None
 
     def start(self) -> KDMemoryTracker:
-        if self.available:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline_mb = torch.cuda.memory_allocated(self.device) / BYTES_PER_MB
+        """Record the baseline and open the first training segment."""
+        if self.counters is not None:
+            self.counters.synchronize()
+            self._baseline_bytes = self.counters.allocated_bytes()
+            self.baseline_mb = self._baseline_bytes / BYTES_PER_MB
+            self._peak_bytes = None
         self._started = True
+        self._open = False
+        self.resume()
         return self
 
+    def pause(self) -> None:
+        """Close the current training segment (its peak is kept); a no-op when none is open."""
+        if not self._open:
+            return
+        self._open = False
+        if self.counters is not None:
+            self.counters.synchronize()
+            peak = self.counters.peak_bytes()
+            self._peak_bytes = peak if self._peak_bytes is None else max(self._peak_bytes, peak)
+            self._publish()
+
+    def resume(self) -> None:
+        """Open a training segment: the allocator's peak counter restarts from what is held now."""
+        if not self._started:
+            raise RuntimeError("KDMemoryTracker.resume() called before start()")
+        if self._open:
+            return
+        self._open = True
+        self.segments += 1
+        if self.counters is not None:
+            self.counters.synchronize()
+            self.counters.reset_peak()
+
     def stop(self) -> float | None:
+        """End the window (closing an open segment) and return ``value_mb``."""
         if not self._started:
             raise RuntimeError("KDMemoryTracker.stop() called before start()")
-        if self.available:
-            torch.cuda.synchronize(self.device)
-            self.value_mb = torch.cuda.max_memory_allocated(self.device) / BYTES_PER_MB
-            self.reason = None
+        self.pause()
         return self.value_mb
 
+    def _publish(self) -> None:
+        assert self._peak_bytes is not None
+        self.total_mb = self._peak_bytes / BYTES_PER_MB
+        self.value_mb = max(0, self._peak_bytes - self._baseline_bytes) / BYTES_PER_MB
+        self.reason = None
+
     def method(self) -> dict[str, Any]:
-        """The method record stored under ``methods["peak_kd_memory_mb"]``."""
+        """The method record stored under ``methods["peak_kd_memory_mb"]`` (and ``..._total_mb``)."""
         if not self.available:
             return {"method": "unavailable", "device": device_label(self.device), "reason": self.reason}
         return {
-            "method": "torch.cuda.max_memory_allocated",
+            "method": KD_MEMORY_METHOD,
             "device": device_label(self.device),
             "baseline_mb": self.baseline_mb,
+            "baseline": "allocated at trial start: resident data and teacher cache (teacher off the device)",
+            "peak_total_mb": self.total_mb,
+            "peak_above_baseline_mb": self.value_mb,
+            "segments": self.segments,
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "workspaces": CUDNN_NOTE,
             "unit": "MB (1e6 bytes)",
         }
 

@@ -20,6 +20,7 @@ from kdsearch.measure import (
     measure_inference_energy,
     nvml_status,
 )
+from kdsearch.measure.energy import energy_unavailable_reason
 
 from .nets import small_cnn
 
@@ -263,6 +264,71 @@ def test_result_serialises(monkeypatch: pytest.MonkeyPatch) -> None:
     assert meter.result is not None
     d = json.loads(json.dumps(meter.result.to_dict()))
     assert d["method"] == "nvml-counter" and d["joules"] > 0
+
+
+def _paused_window(meter: EnergyMeter) -> None:
+    """0.2 s active, 0.3 s paused (a validation), 0.2 s active."""
+    time.sleep(0.2)
+    meter.pause()
+    time.sleep(0.3)
+    meter.resume()
+    time.sleep(0.2)
+
+
+@pytest.mark.parametrize("method", ["nvml-counter", "nvml-power-poll"])
+def test_a_paused_stretch_is_left_out_of_the_window(monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """100 W throughout: the energy is that of the 0.4 s of active time, not of the 0.7 s wall time."""
+    if method == "nvml-counter":
+        _install(monkeypatch, FakeNVML(counter=lambda t: 5_000_000 + int(100 * 1000 * t)))
+    else:
+        _install(monkeypatch, FakeNVML(counter=None, power=lambda t: 100_000.0))
+    with EnergyMeter(0, poll_interval_s=0.01) as meter:
+        _paused_window(meter)
+    r = meter.result
+    assert r is not None and r.method == method and r.reason is None and r.joules is not None
+    assert r.segments == 2
+    assert r.window_s == pytest.approx(0.4, abs=0.06) and r.paused_s == pytest.approx(0.3, abs=0.06)
+    assert r.joules == pytest.approx(100.0 * r.window_s, rel=0.05)  # not 100 W x 0.7 s
+    assert r.mean_power_w == pytest.approx(100.0, rel=0.05)
+
+
+def test_pause_and_resume_are_no_ops_when_unavailable_or_repeated(monkeypatch: pytest.MonkeyPatch) -> None:
+    with EnergyMeter.for_device("cpu") as meter:
+        meter.pause()
+        meter.resume()
+    assert meter.result is not None and meter.result.method == "unavailable"
+    _install(monkeypatch, FakeNVML(counter=lambda t: int(100_000 * t)))
+    with EnergyMeter(0, poll_interval_s=0.01) as meter:
+        time.sleep(0.05)
+        meter.resume()  # not paused: nothing happens
+        meter.pause()
+        meter.pause()  # already paused
+    r = meter.result
+    assert r is not None and r.segments == 1 and r.joules is not None and r.joules > 0
+
+
+@pytest.mark.parametrize(
+    ("fake", "fragment"),
+    [
+        (None, "cpu:"),  # a CPU device: no NVML at all
+        (FakeNVML(counter=lambda t: int(1000 * t), mig=1), "mig:"),
+        (FakeNVML(counter=lambda t: 0, init_error="Driver Not Loaded"), "Driver Not Loaded"),
+        (FakeNVML(counter=None, power=None), "power reading"),
+        (FakeNVML(counter=lambda t: int(1000 * t)), None),  # the counter works
+        (FakeNVML(counter=None, power=lambda t: 50_000.0), None),  # power polling works
+    ],
+)
+def test_energy_unavailable_reason(monkeypatch: pytest.MonkeyPatch, fake: FakeNVML | None, fragment: str | None) -> None:
+    if fake is None:
+        assert energy_unavailable_reason("cpu") == CPU_REASON
+        return
+    _install(monkeypatch, fake)
+    reason = energy_unavailable_reason(0)
+    if fragment is None:
+        assert reason is None
+    else:
+        assert reason is not None and fragment in reason
+    assert fake.inits == fake.shutdowns  # the probe closes NVML again
 
 
 @pytest.mark.gpu

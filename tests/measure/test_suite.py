@@ -55,21 +55,20 @@ def test_measure_inference_on_cpu_fills_every_metric() -> None:
         "macs",
         "params",
         "infer_energy_mj_per_image",
+        "infer_energy_mj_per_image_b1",
+        "infer_energy_mj_per_image_b4",
     }
     assert set(m.values) == expected
     for name in expected:
         assert metric_unit(name) is not None, name  # every name is one config knows
     # measured: positive numbers
-    for name in expected - {
-        "peak_infer_memory_mb_b1",
-        "peak_infer_memory_mb_b4",
-        "infer_energy_mj_per_image",
-    }:
+    cuda_only = {n for n in expected if n.startswith(("peak_infer_memory", "infer_energy"))}
+    for name in expected - cuda_only:
         v = m.values[name]
         assert isinstance(v, (int, float)) and v > 0, (name, v)
         assert name not in m.missing
     # CUDA-only figures: None with a reason, never 0
-    for name in ("peak_infer_memory_mb_b1", "peak_infer_memory_mb_b4", "infer_energy_mj_per_image"):
+    for name in cuda_only:
         assert m.values[name] is None
         assert m.missing[name].startswith("cpu:")
     assert m.missing["infer_energy_mj_per_image"] == "cpu: NVML measures NVIDIA GPUs only"
@@ -221,7 +220,11 @@ def test_measure_inference_on_cuda() -> None:
     if m.values["infer_energy_mj_per_image"] is None:
         assert m.missing["infer_energy_mj_per_image"].startswith(("mig:", "nvml:"))
     else:
-        assert m.values["infer_energy_mj_per_image"] > 0
+        assert m.values["infer_energy_mj_per_image"] == m.values["infer_energy_mj_per_image_b16"] > 0
+        # batch 1 keeps the GPU less busy per image: it costs more energy per image than batch 16
+        assert m.values["infer_energy_mj_per_image_b1"] > m.values["infer_energy_mj_per_image_b16"]
+        assert m.methods["infer_energy_mj_per_image_b1"]["counter_updates"] >= 20 or (
+            m.methods["infer_energy_mj_per_image_b1"]["method"] == "nvml-power-poll")
     assert all(p.device.type == "cuda" for p in net.parameters())
     assert re.match(r"cuda:0 ", m.methods["latency_ms_b1"]["device"])
     # the trial's own latency equals a direct call within noise (same method, same device)
