@@ -5,7 +5,8 @@ train split at its own input size with cross-entropy: AdamW (``cfg.lr``, ``cfg.w
 no decay on norms/biases), the same time-based schedule as the KD loop
 (:func:`~kdsearch.distill.schedule.lr_factor`, 5 % warm-up then cosine to 0 over ``cfg.time_s``
 of training), pad-and-crop (``image_size // 8`` px, 4 px at 32 px) plus flip augmentation via
-:func:`~kdsearch.data.augment.apply_views`, bf16 autocast on CUDA.
+:func:`~kdsearch.data.augment.apply_views`, bf16 autocast on CUDA (fp16 with a ``GradScaler`` on a
+GPU without bf16: :mod:`kdsearch.distill.precision`; the info records ``train_dtype``).
 
 The fitted weights are stored in ``<cache_dir>/<key[:16]>.safetensors`` (key: sha256 over teacher
 name, architecture, original weights hash, input size/normalisation, data set fingerprint and the
@@ -36,6 +37,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from kdsearch.checkpoint import atomic_write_bytes
 from kdsearch.config import TeacherFitConfig
 from kdsearch.data import ViewSpec, apply_views, sample_views
+from kdsearch.distill.precision import autocast, train_dtype_for
 from kdsearch.distill.schedule import lr_factor
 from kdsearch.errors import TeacherError
 from kdsearch.models import param_groups
@@ -190,6 +192,8 @@ def _fit(
     steps = images_seen = 0
     losses: list[torch.Tensor] = []
     box = float(cfg.time_s)
+    train_dtype = train_dtype_for(device, amp=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=train_dtype == "fp16")
     if on_cuda:
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -201,12 +205,13 @@ def _fit(
                 g["lr"] = cfg.lr * lr_factor(elapsed / box, _WARMUP_FRACTION, 0.0)
             x = apply_views(images, views_all[idx], spec, loaded.input_size, loaded.mean, loaded.std,
                             interpolation=loaded.interpolation)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+            with autocast(train_dtype, device):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), labels)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()  # the identity unless fp16
+            scaler.step(opt)
+            scaler.update()
             steps += 1
             images_seen += int(labels.shape[0])
             losses.append(loss.detach())
@@ -226,4 +231,5 @@ def _fit(
             f"teacher.fit.lr: fitting {loaded.label!r} diverged (loss {train_loss}) at lr {cfg.lr}; lower teacher.fit.lr"
         )
     model.eval()
-    return {"fit_time_s": fit_time_s, "train_loss": train_loss, "steps": steps, "epochs": images_seen / n}
+    return {"fit_time_s": fit_time_s, "train_loss": train_loss, "steps": steps, "epochs": images_seen / n,
+            "train_dtype": train_dtype}

@@ -15,6 +15,19 @@ Two hooks, both plain callables (no callback framework):
   step, so it must be cheap. It may raise (the exception leaves :func:`distill` as it would from
   the step itself) or return a different loss to back-propagate. :class:`FaultInjector` is one:
   the test-only fault injection of ``debug.inject``.
+
+And one kind of observer: a :class:`TrainingMeter` (``pause()`` / ``resume()``) follows the
+training clock. ``distill`` pauses every meter when the clock stops for a validation and resumes
+it when training restarts, so a meter opened around the call (the KD memory peak, the KD energy)
+measures the training steps only. The meters are started and stopped by the caller.
+
+A plateau stop (``distill.early_stop``: :class:`PlateauStop`) while box time is left is not a
+hard cut: the loop cools the learning rate down linearly to its final value over
+``distill.early_stop.cooldown_fraction`` of the box (or what is left of it), then runs the final
+evaluation, so the stored accuracy is that of an annealed model. A stop asked by the caller's
+``on_eval`` (a pruning rule, whose trial is abandoned) ends the loop at once. :class:`PlateauStop`
+counts its patience in evaluations; the config refuses a patience the box's evaluations cannot
+reach (``EarlyStopConfig``).
 """
 
 from __future__ import annotations
@@ -22,7 +35,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -32,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EvalHook",
     "StepHook",
+    "TrainingMeter",
     "FAULTS",
     "INJECT_STEP",
     "FaultInjector",
@@ -46,6 +60,17 @@ EvalHook = Callable[[float, float, float], bool]
 
 StepHook = Callable[[int, torch.Tensor], torch.Tensor]
 """``(step, loss) -> loss``; see the module docstring."""
+
+
+
+class TrainingMeter(Protocol):
+    """Follows the training clock of :func:`kdsearch.distill.distill` (see the module docstring):
+    :class:`kdsearch.measure.KDMemoryTracker` and :class:`kdsearch.measure.EnergyMeter` are two."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
 
 INJECT_STEP = 3  # FaultInjector fires at this (1-based) training step by default
 FAULTS = ("nan", "oom", "hang", "error")

@@ -19,6 +19,21 @@ Time accounting (the contract every caller relies on):
   plateau stop of ``cfg.early_stop`` is one, composed with the caller's. ``on_step(step, loss)
   -> loss`` runs inside the timed step, before the backward pass. ``stopped_early`` is True only
   when a rule stopped the loop while box time was left.
+* A plateau stop (``cfg.early_stop``) is not a hard cut: the model it leaves is the trial's
+  result, so the LR falls linearly from its current value to ``peak * final_lr_fraction`` over
+  ``cfg.early_stop.cooldown_fraction`` of the box (at most what is left of it; no in-box
+  evaluation meanwhile), then the final evaluation runs. The cool-down is training time
+  (``kd_time_s`` includes it, ``cooldown_s`` says how much); with a cool-down of 0 the stopping
+  evaluation is the final one. A stop asked by the caller's ``on_eval`` (a pruning rule: the
+  trial is abandoned) ends the loop at once, and wins when both ask.
+* Meters (:class:`~kdsearch.distill.hooks.TrainingMeter`, e.g. the KD memory peak and energy)
+  are paused with the clock around every validation and resumed with it, so they see the
+  training steps only.
+* Precision (:mod:`kdsearch.distill.precision`): bf16 autocast on a CUDA device that supports
+  it, fp16 autocast with a ``GradScaler`` on one that does not, fp32 without ``cfg.amp`` or on
+  the CPU; ``train_dtype`` records which. Validation runs under ``torch.inference_mode`` in the
+  same precision, at a batch no larger than the training batch (``min(eval_batch_size,
+  cfg.batch_size)``), so it never needs more memory than a training step.
 * Per-step time checks read the host clock without synchronising (a sync per step would stall
   the launch queue); on CUDA the loss is read back, and checked for NaN/Inf, every
   ``_CUDA_CHECK_EVERY`` steps and at the end. On the CPU it is checked every step.
@@ -34,7 +49,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,9 +58,10 @@ from torch import nn
 
 from kdsearch.config import DistillConfig
 from kdsearch.data import ViewSpec, apply_views, sample_views
-from kdsearch.distill.hooks import EvalHook, PlateauStop, StepHook, any_stop, plain_step
+from kdsearch.distill.hooks import EvalHook, PlateauStop, StepHook, TrainingMeter, any_stop, plain_step
 from kdsearch.distill.loss import TopKTargets, kd_loss, kd_loss_topk
 from kdsearch.distill.online import OnlineTeacher
+from kdsearch.distill.precision import autocast_dtype, train_dtype_for
 from kdsearch.distill.schedule import lr_factor
 from kdsearch.distill.teacher_cache import TeacherCache
 from kdsearch.errors import TrialFailure
@@ -80,6 +96,9 @@ class DistillResult:
     val_history: list[tuple[float, float]] = field(default_factory=list)  # (training s, val accuracy)
     stopped_early: bool = False  # a stopping rule ended the loop before the box was used
     teacher_forward_count: int = 0  # teacher forward passes during this call (0 with a cache)
+    train_dtype: str = "fp32"  # "bf16" | "fp16" (autocast + GradScaler) | "fp32"
+    stop_requested_s: float | None = None  # training s at which a rule asked to stop (None: none did)
+    cooldown_s: float = 0.0  # training s of LR cool-down after that request (part of kd_time_s)
 
 
 def _sync(device: torch.device) -> None:
@@ -105,6 +124,8 @@ def distill(
     eval_batch_size: int = 512,
     on_eval: EvalHook | None = None,
     on_step: StepHook | None = None,
+    meters: Sequence[TrainingMeter] = (),
+    train_dtype: str | None = None,
 ) -> DistillResult:
     """Distil ``teacher_source`` into ``student`` (trained in place) for ``time_box_s`` of training.
 
@@ -114,7 +135,10 @@ def distill(
     augmentation family (it must equal the cache's). ``teacher_source`` None trains on labels
     only (CE). ``on_eval`` is a stopping rule, combined with ``cfg.early_stop`` when that is
     enabled; ``on_step`` sees (and may replace) each step's loss: see
-    :mod:`kdsearch.distill.hooks`. Raises :class:`TrialFailure` ("diverged") on a NaN/Inf loss.
+    :mod:`kdsearch.distill.hooks`. ``meters`` are paused and resumed with the training clock.
+    ``train_dtype`` overrides the precision :func:`~kdsearch.distill.precision.train_dtype_for`
+    picks for ``device`` and ``cfg.amp``. Raises :class:`TrialFailure` ("diverged") on a NaN/Inf
+    loss.
     """
     from kdsearch.measure import evaluate_accuracy  # noqa: PLC0415 - measure/ sits after distill/
 
@@ -134,7 +158,11 @@ def distill(
     view_gen = torch.Generator(device="cpu").manual_seed(seed)  # views / view ids, one draw per epoch
     order_gen = torch.Generator(device="cpu").manual_seed(seed + 1)  # batch order
     channels_last = on_cuda and cfg.channels_last
-    use_amp = on_cuda and cfg.amp  # bf16 autocast; the CPU always trains in fp32
+    dtype_name = (train_dtype or train_dtype_for(device, cfg.amp)) if on_cuda else "fp32"  # CPU: always fp32
+    amp_dtype = autocast_dtype(dtype_name)
+    use_amp = amp_dtype is not None
+    # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     if on_cuda:
         torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): tune conv algorithms once
     model = student.to(device)
@@ -152,8 +180,11 @@ def distill(
     mean, std = bundle.mean, bundle.std
     check_every = _CUDA_CHECK_EVERY if on_cuda else 1
     forwards_before = teacher_source.teacher_forward_count if teacher_source is not None else 0
-    should_stop = any_stop(PlateauStop.from_config(cfg.early_stop), on_eval)
+    plateau_stop = any_stop(PlateauStop.from_config(cfg.early_stop))  # cools down, then ends
+    caller_stop = any_stop(on_eval)  # ends at once (pruning)
     step_hook = on_step or plain_step
+    val_batch = max(1, min(eval_batch_size, batch_size))
+    final_lr = hyper.lr * cfg.final_lr_fraction
 
     steps = images_seen = 0
     recent_losses: deque[torch.Tensor] = deque(maxlen=50)
@@ -161,6 +192,10 @@ def distill(
     val_history: list[tuple[float, float]] = []
     best_acc: float | None = None
     stopped_early = False
+    stop_at_s: float | None = None  # training s when a rule asked to stop: the cool-down starts
+    cooldown_len_s = 0.0
+    lr_at_stop = lr = hyper.lr
+    end_s = time_box_s  # training time at which the loop ends (earlier after a stop request)
     next_eval = cfg.eval_every_fraction  # as a fraction of the box
     train_s = 0.0  # training time accumulated before the current segment
     last_progress = 0.0
@@ -177,7 +212,11 @@ def distill(
         steps_at_epoch_start = steps
         for idx, images, labels in train.epoch(batch_size, order_gen, shuffle=True, drop_last=True):
             elapsed = train_s + time.perf_counter() - seg_start
-            lr = hyper.lr * lr_factor(elapsed / time_box_s, cfg.warmup_fraction, cfg.final_lr_fraction)
+            if stop_at_s is None:
+                lr = hyper.lr * lr_factor(elapsed / time_box_s, cfg.warmup_fraction, cfg.final_lr_fraction)
+            else:  # cooling down after a stop request: linear to the schedule's final LR
+                done = min((elapsed - stop_at_s) / cooldown_len_s, 1.0) if cooldown_len_s > 0 else 1.0
+                lr = lr_at_stop + (final_lr - lr_at_stop) * done
             for g in opt.param_groups:
                 g["lr"] = lr
 
@@ -189,7 +228,7 @@ def distill(
                 views = epoch_views[idx]
                 targets = teacher_source.teacher_logits(views, images) if teacher_source is not None else None
             x = apply_views(images, views, view_spec, resolution, mean, std, channels_last=channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast("cuda", dtype=amp_dtype or torch.bfloat16, enabled=use_amp):
                 logits = train_model(x)
             if isinstance(targets, TopKTargets):
                 loss = kd_loss_topk(
@@ -201,8 +240,9 @@ def distill(
             loss = step_hook(steps, loss)
 
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()  # the identity unless fp16
+            scaler.step(opt)
+            scaler.update()
             images_seen += int(labels.shape[0])
             recent_losses.append(loss.detach())
             if steps % check_every == 0:
@@ -213,16 +253,28 @@ def distill(
                     )
 
             elapsed = train_s + time.perf_counter() - seg_start
-            stop = elapsed >= time_box_s
-            if stop or elapsed >= next_eval * time_box_s:
+            stop = elapsed >= end_s
+            if stop or (stop_at_s is None and elapsed >= next_eval * time_box_s):
                 _sync(device)
                 train_s += time.perf_counter() - seg_start  # pause the clock for evaluation
-                acc = evaluate_accuracy(model, val, resolution, mean, std, device, eval_batch_size)
+                for meter in meters:
+                    meter.pause()
+                acc = evaluate_accuracy(model, val, resolution, mean, std, device, val_batch,
+                                        autocast_dtype=amp_dtype)
                 model.train()
                 val_history.append((train_s, acc))
                 best_acc = acc if best_acc is None else max(best_acc, acc)
-                if should_stop(train_s, train_s / time_box_s, acc) and not stop:
-                    stopped_early = stop = True  # only while box time is left
+                # Every rule sees every evaluation (stateful rules never miss one).
+                plateau = plateau_stop(train_s, train_s / time_box_s, acc)
+                abandon = caller_stop(train_s, train_s / time_box_s, acc)
+                if (plateau or abandon) and not stop:  # only while box time is left
+                    stopped_early = True
+                    stop_at_s, lr_at_stop = train_s, lr
+                    cooldown_len_s = 0.0 if abandon else min(
+                        cfg.early_stop.cooldown_fraction * time_box_s, time_box_s - train_s
+                    )
+                    end_s = train_s + cooldown_len_s
+                    stop = cooldown_len_s <= 0
                 next_eval = (
                     math.floor(train_s / time_box_s / cfg.eval_every_fraction) + 1
                 ) * cfg.eval_every_fraction
@@ -231,6 +283,9 @@ def distill(
                         min(train_s / time_box_s, 1.0), f"step {steps} loss {last_loss:.3f} val {acc:.3f}"
                     )
                     last_progress = train_s
+                if not stop:
+                    for meter in meters:
+                        meter.resume()
                 seg_start = time.perf_counter()
             elif progress is not None and elapsed - last_progress >= _PROGRESS_EVERY_S:
                 progress(elapsed / time_box_s, f"step {steps} loss {last_loss:.3f}")
@@ -259,4 +314,7 @@ def distill(
         val_history=val_history,
         stopped_early=stopped_early,
         teacher_forward_count=forwards,
+        train_dtype=dtype_name,
+        stop_requested_s=stop_at_s,
+        cooldown_s=(train_s - stop_at_s) if stop_at_s is not None else 0.0,
     )

@@ -2,7 +2,8 @@
 
 For augmentations that cannot be cached, or to check the cache: given the same ``(dy, dx, flip)``
 views and uint8 images, it computes what :func:`~kdsearch.distill.build_or_load_cache` stores
-(same input size, normalisation, eval mode, bf16 autocast on CUDA), only in fp32 instead of fp16.
+(same input size, normalisation, eval mode, the same precision: bf16 autocast on CUDA unless
+``dtype`` says otherwise), only in fp32 instead of fp16.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kdsearch.data import ViewSpec, apply_views
+from kdsearch.distill.precision import autocast_dtype
 
 if TYPE_CHECKING:
     from kdsearch.models import LoadedTeacher
@@ -22,9 +24,11 @@ __all__ = ["OnlineTeacher"]
 class OnlineTeacher:
     """Teacher logits computed on the fly; counts its forward passes (``teacher_forward_count``)."""
 
-    def __init__(self, teacher: LoadedTeacher, view_spec: ViewSpec) -> None:
+    def __init__(self, teacher: LoadedTeacher, view_spec: ViewSpec, dtype: str | None = None) -> None:
         self.teacher = teacher
         self.view_spec = view_spec
+        # "bf16" | "fp16" | "fp32" (kdsearch.distill.precision); None: bf16 autocast on CUDA
+        self.dtype = dtype
         self.teacher_forward_count = 0  # forward passes (batches) run so far
         teacher.model.eval()
 
@@ -37,7 +41,9 @@ class OnlineTeacher:
         through ``views`` (int16 ``[B, 3]``), at the teacher's input size and normalisation."""
         t = self.teacher
         use_cuda = images_u8.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
+        amp_dtype = (autocast_dtype(self.dtype) if self.dtype is not None else torch.bfloat16) if use_cuda else None
+        amp = torch.autocast("cuda", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+        with torch.inference_mode(), amp:
             x = apply_views(images_u8, views, self.view_spec, t.input_size, t.mean, t.std,
                             interpolation=t.interpolation)
             logits = t.model(x).float()

@@ -52,6 +52,7 @@ from kdsearch.config import TeacherCacheConfig
 from kdsearch.data import ViewSpec, apply_views, make_batch_source, sample_views
 from kdsearch.distill.cache_size import choose_placement, resolve_topk
 from kdsearch.distill.loss import TopKTargets
+from kdsearch.distill.precision import autocast_dtype
 
 if TYPE_CHECKING:
     from kdsearch.data import DataBundle
@@ -232,8 +233,13 @@ def cache_key(
     cfg: TeacherCacheConfig,
     view_spec: ViewSpec,
     split: str = "train",
+    dtype: str | None = None,
 ) -> str:
-    """sha256 hex over everything that changes the stored logits (not the teacher's display label)."""
+    """sha256 hex over everything that changes the stored logits (not the teacher's display label).
+
+    ``dtype`` is the precision the teacher runs in while building (``"bf16"``, ``"fp16"``,
+    ``"fp32"``: :mod:`kdsearch.distill.precision`); ``None`` keeps the key of a cache built the
+    default way (bf16 autocast on CUDA, fp32 on the CPU), as before the precision was chosen."""
     ident = {
         "format_version": CACHE_FORMAT_VERSION,
         "teacher": teacher.name,
@@ -251,6 +257,8 @@ def cache_key(
     }
     if teacher.interpolation != "bilinear":  # bilinear was the only mode before: its keys stay
         ident["interpolation"] = teacher.interpolation
+    if dtype is not None:
+        ident["dtype"] = dtype
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -265,12 +273,15 @@ def build_or_load_cache(
     cache_dir: Path,
     device: torch.device | str,
     progress: ProgressCallback | None = None,
+    dtype: str | None = None,
 ) -> TeacherCache:
-    """Load the cache for (teacher, train split, view spec, K, top-k) or build it; return it
+    """Load the cache for (teacher, train split, view spec, K, top-k, dtype) or build it; return it
     placed for training on ``device`` (:meth:`TeacherCache.place`: the logits stay on the host,
     pinned, when they do not fit on the device).
 
     ``progress(done, total)`` is called while building, in teacher-view evaluations (K * N).
+    ``dtype`` (``"bf16"`` | ``"fp16"`` | ``"fp32"``) is the teacher's precision while building, and
+    part of the key; ``None``: bf16 autocast on CUDA, fp32 on the CPU, keyed as before.
     """
     device = torch.device(device)
     if teacher.num_classes != bundle.num_classes:
@@ -279,7 +290,7 @@ def build_or_load_cache(
             f"{bundle.num_classes}; fit the teacher to the data set first"
         )
     view_spec = ViewSpec(image_size=bundle.image_size, padding=cfg.crop_padding, flip=cfg.flip)
-    key = cache_key(teacher, bundle, cfg, view_spec)
+    key = cache_key(teacher, bundle, cfg, view_spec, dtype=dtype)
     folder = Path(cache_dir) / key[:16]
     folder.parent.mkdir(parents=True, exist_ok=True)
     expected = {"views": cfg.views, "num_images": len(bundle.train), "num_classes": bundle.num_classes}
@@ -290,7 +301,7 @@ def build_or_load_cache(
                 log.warning("teacher cache %s: rebuilding (%s)", folder, reason)
             else:
                 log.info("teacher cache %s: building", folder)
-            cache = _build(teacher, bundle, cfg, view_spec, key, folder, device, progress)
+            cache = _build(teacher, bundle, cfg, view_spec, key, folder, device, progress, dtype)
             cache.rebuild_reason = None if reason == "absent" else reason
     return cache.place(device)
 
@@ -359,6 +370,7 @@ def _build(
     folder: Path,
     device: torch.device,
     progress: ProgressCallback | None,
+    dtype: str | None = None,
 ) -> TeacherCache:
     split = bundle.train
     n, num_views, num_classes = len(split), cfg.views, bundle.num_classes
@@ -380,6 +392,7 @@ def _build(
     was_training = model.training
     model.eval()
     use_cuda = device.type == "cuda"
+    amp_dtype = (autocast_dtype(dtype) if dtype is not None else torch.bfloat16) if use_cuda else None
     total = num_views * n
     done = forwards = 0
     t0 = time.perf_counter()
@@ -388,7 +401,8 @@ def _build(
     resident = not bundle.streaming and split.images.device.type == device.type
     source = make_batch_source(split, device, resident)
     order_gen = torch.Generator(device="cpu")  # unused: shuffle=False
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
+    amp = torch.autocast("cuda", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+    with torch.inference_mode(), amp:
         for idx, images, _labels in source.epoch(cfg.batch_size, order_gen, shuffle=False, drop_last=False):
             i = idx.to("cpu")
             for v in range(num_views):
@@ -431,7 +445,7 @@ def _build(
         "pid": os.getpid(),
         "build_time_s": round(build_s, 3),
         "build_device": str(device),
-        "build_dtype": "bf16-autocast" if use_cuda else "fp32",
+        "build_dtype": {torch.bfloat16: "bf16-autocast", torch.float16: "fp16-autocast"}.get(amp_dtype, "fp32"),
         "teacher": {
             "name": teacher.name,
             "label": teacher.label,

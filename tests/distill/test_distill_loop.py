@@ -189,8 +189,90 @@ def test_early_stop_on_plateau_ends_before_the_box(world) -> None:
         eval_every_fraction=0.1, early_stop=EarlyStopConfig(enabled=True, patience=2, min_delta=1.0)
     )
     r = _run(world, world[2], 4.0, cfg=cfg, resolution=16)
-    assert r.stopped_early and len(r.val_history) == 3  # 1 reference + 2 without a 100 % gain
-    assert r.kd_time_s < 0.3 * 4.0 + SLACK_S
+    # 1 reference + 2 without a 100 % gain, then a cool-down of 5 % of the box and the final one.
+    assert r.stopped_early and len(r.val_history) == 4
+    assert r.stop_requested_s == pytest.approx(r.val_history[2][0])
+    assert 0.05 * 4.0 <= r.cooldown_s < 0.05 * 4.0 + SLACK_S
+    assert r.kd_time_s == pytest.approx(r.stop_requested_s + r.cooldown_s)
+    assert r.kd_time_s < 0.35 * 4.0 + SLACK_S
+
+
+def test_a_hard_stop_without_cooldown_ends_at_the_stopping_evaluation(world) -> None:
+    cfg = DistillConfig(
+        eval_every_fraction=0.1,
+        early_stop=EarlyStopConfig(enabled=True, patience=2, min_delta=1.0, cooldown_fraction=0.0),
+    )
+    r = _run(world, world[2], 4.0, cfg=cfg, resolution=16)
+    assert r.stopped_early and len(r.val_history) == 3 and r.cooldown_s == 0.0
+    assert r.kd_time_s == pytest.approx(r.stop_requested_s)
+
+
+def test_a_stop_cools_the_lr_down_linearly_to_its_final_value(world, monkeypatch) -> None:
+    """After the stop request the LR leaves the cosine and falls linearly to peak *
+    final_lr_fraction; no in-box evaluation runs meanwhile; the final evaluation follows."""
+    evals: list[float] = []
+    lrs: list[tuple[int, float]] = []  # (evaluations so far, lr) per optimiser step
+
+    class RecordingSGD(torch.optim.SGD):
+        def step(self, closure=None):  # noqa: ANN001, ANN202
+            lrs.append((len(evals), self.param_groups[0]["lr"]))
+            return super().step(closure)
+
+    monkeypatch.setattr(loop_mod.torch.optim, "SGD", RecordingSGD)
+    box, peak, final = 4.0, 0.05, 0.1
+    cfg = DistillConfig(
+        eval_every_fraction=0.1, final_lr_fraction=final,
+        early_stop=EarlyStopConfig(enabled=True, patience=2, min_delta=1.0, cooldown_fraction=0.25),
+    )
+    r = _run(world, world[2], box, cfg=cfg, resolution=16, hyper=KDHyper(4.0, 1.0, peak),
+             on_eval=lambda t, f, a: evals.append(t) is None and False)
+    assert r.stopped_early and len(r.val_history) == len(evals) == 4  # 3 in-box, none while cooling, the final
+    assert r.stop_requested_s == pytest.approx(evals[2])
+    assert 0.25 * box <= r.cooldown_s <= 0.25 * box + SLACK_S
+    before = [lr for n, lr in lrs if n == 2]
+    cooling = [lr for n, lr in lrs if n == 3]
+    assert len(cooling) >= 5
+    assert all(a >= b - 1e-12 for a, b in pairwise(cooling))  # falls monotonically ...
+    assert cooling[-1] == pytest.approx(peak * final, rel=0.25)  # ... to the schedule's final LR
+    assert cooling[0] == pytest.approx(before[-1], rel=0.1)  # from where the cosine was
+
+
+def test_meters_follow_the_training_clock(world) -> None:
+    """Every meter is paused around each validation and resumed after it, never around the last."""
+    events: list[str] = []
+
+    class Meter:
+        def pause(self) -> None:
+            events.append("pause")
+
+        def resume(self) -> None:
+            events.append("resume")
+
+    def mark(t: float, f: float, a: float) -> bool:
+        events.append("eval")
+        return False
+
+    r = _run(world, world[2], 1.0, resolution=16, meters=(Meter(), Meter()), on_eval=mark)
+    n = len(r.val_history)
+    assert n == 4
+    one = ["pause", "pause", "eval", "resume", "resume"]
+    assert events == one * (n - 1) + ["pause", "pause", "eval"]
+
+
+def test_in_loop_validation_uses_the_training_precision_and_batch(world, monkeypatch) -> None:
+    import kdsearch.measure as measure_mod
+
+    seen: list[tuple[int, object]] = []
+    real = measure_mod.evaluate_accuracy
+
+    def recording(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        seen.append((args[6], kw.get("autocast_dtype")))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(measure_mod, "evaluate_accuracy", recording)
+    r = _run(world, world[2], 0.6, resolution=16, cfg=DistillConfig(batch_size=32), eval_batch_size=512)
+    assert len(seen) == len(r.val_history) and all(s == (32, None) for s in seen)  # CPU: fp32, batch 32
+    assert r.train_dtype == "fp32"
 
 
 def test_on_eval_sees_every_evaluation_and_can_stop_the_loop(world) -> None:
@@ -202,10 +284,11 @@ def test_on_eval_sees_every_evaluation_and_can_stop_the_loop(world) -> None:
         return len(calls) >= 2
 
     r = _run(world, world[2], box, cfg=DistillConfig(eval_every_fraction=0.1), resolution=16, on_eval=stop_at_second)
-    assert r.stopped_early and len(calls) == 2
+    assert r.stopped_early and len(calls) == 2  # a caller's stop (pruning) ends at once: no cool-down
     assert [(t, a) for t, _, a in calls] == r.val_history  # the same evaluations, in order
     assert all(f == pytest.approx(t / box) for t, f, _ in calls)
     assert 0.2 * box <= r.kd_time_s < 0.2 * box + SLACK_S  # stopped at the second evaluation
+    assert r.cooldown_s == 0.0 and r.stop_requested_s == r.kd_time_s
 
 
 def test_a_stop_asked_at_the_final_evaluation_is_not_an_early_stop(world) -> None:
@@ -222,7 +305,8 @@ def test_a_stop_asked_at_the_final_evaluation_is_not_an_early_stop(world) -> Non
 
 def test_the_plateau_stop_and_a_caller_rule_both_see_every_evaluation(world) -> None:
     cfg = DistillConfig(
-        eval_every_fraction=0.1, early_stop=EarlyStopConfig(enabled=True, patience=3, min_delta=1.0)
+        eval_every_fraction=0.1,
+        early_stop=EarlyStopConfig(enabled=True, patience=3, min_delta=1.0, cooldown_fraction=0.0),
     )
     seen: list[float] = []
     r = _run(world, world[2], 4.0, cfg=cfg, resolution=16, on_eval=lambda t, f, a: seen.append(a) is not None)
@@ -297,3 +381,42 @@ def test_cuda_bf16_channels_last_distill(tmp_path: Path) -> None:
     vid = torch.zeros(64, dtype=torch.long, device=dev)
     live = online.teacher_logits(cache.views[vid, idx], gpu_bundle.train.images[idx])
     torch.testing.assert_close(cache.teacher_logits(vid, idx), live, rtol=0.05, atol=0.05)  # bf16 both ways
+
+
+def test_the_largest_allowed_patience_fires_before_the_end(world) -> None:
+    """eval_every_fraction 0.25 leaves 3 in-box evaluations; patience 2 (the config's maximum)
+    stops at the third, with box time left."""
+    cfg = DistillConfig(
+        eval_every_fraction=0.25, early_stop=EarlyStopConfig(enabled=True, patience=2, min_delta=1.0)
+    )
+    box = 2.0
+    r = _run(world, world[2], box, cfg=cfg, resolution=16)
+    assert r.stopped_early and r.stop_requested_s is not None
+    assert 0.75 * box <= r.stop_requested_s < 0.75 * box + SLACK_S and len(r.val_history) == 4
+
+
+def test_a_cooldown_never_runs_past_the_box(world) -> None:
+    box = 3.0
+    r = _run(world, world[2], box, cfg=DistillConfig(eval_every_fraction=0.2, early_stop=EarlyStopConfig(
+        enabled=True, patience=3, min_delta=1.0, cooldown_fraction=0.5)), resolution=16)  # stops at the 4th
+    assert r.stopped_early and r.stop_requested_s is not None and r.stop_requested_s >= 0.8 * box
+    assert r.cooldown_s <= box - r.stop_requested_s + SLACK_S and r.kd_time_s <= box + SLACK_S
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["fp16", "fp32", "bf16"])
+def test_cuda_trains_in_each_precision(tmp_path: Path, dtype: str) -> None:
+    """fp16 (autocast + GradScaler, for GPUs without bf16), fp32 and bf16 all train and say so."""
+    bundle = tiny_bundle(train_size=512)
+    dev = torch.device("cuda")
+    gpu_bundle = dataclasses.replace(bundle, train=bundle.train.to(dev), val=bundle.val.to(dev))
+    student = tiny_student(bundle.num_classes, resolution=32, width=1 / 4)
+    r = distill(
+        student, train=make_batch_source(gpu_bundle.train, dev, resident=True), val=gpu_bundle.val,
+        bundle=gpu_bundle, teacher_source=None, hyper=KDHyper(4.0, 0.0, 0.05), cfg=DistillConfig(),
+        time_box_s=1.5, resolution=32, device=dev, seed=0, view_spec=ViewSpec(bundle.image_size, 4, True),
+        train_dtype=dtype,
+    )
+    assert r.train_dtype == dtype and r.steps > 10
+    assert r.best_val_accuracy is not None and r.best_val_accuracy > CHANCE + 0.05

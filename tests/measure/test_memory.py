@@ -101,12 +101,15 @@ def test_peak_inference_memory_exceeds_model_size() -> None:
 @pytest.mark.gpu
 @cuda
 def test_kd_memory_tracker_sees_an_allocation() -> None:
+    resident = torch.empty(50_000_000, dtype=torch.uint8, device="cuda")  # 50 MB before the trial
     with KDMemoryTracker("cuda") as mem:
         x = torch.empty(100_000_000, dtype=torch.uint8, device="cuda")  # 100 MB
         del x
-    assert mem.value_mb is not None and mem.baseline_mb is not None
-    assert mem.value_mb >= mem.baseline_mb + 100.0
-    assert mem.method()["method"] == "torch.cuda.max_memory_allocated"
+    assert mem.value_mb is not None and mem.baseline_mb is not None and mem.total_mb is not None
+    assert 100.0 <= mem.value_mb < 110.0  # above the baseline: the resident 50 MB are not in it
+    assert mem.baseline_mb >= 50.0 and mem.total_mb == pytest.approx(mem.baseline_mb + mem.value_mb)
+    assert mem.method()["method"].startswith("torch.cuda.max_memory_allocated over the KD training steps")
+    del resident
 
 
 def test_activation_peak_cpu_fallback_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,3 +126,160 @@ def test_activation_peak_cpu_fallback_agrees(monkeypatch: pytest.MonkeyPatch) ->
     # largest call: the first BatchNorm, in 2*16*24*24*4 + out 2*16*24*24*4 bytes (the conv before
     # it has a 3-channel input; the in-place ReLU after it holds one tensor)
     assert meta == pytest.approx(2 * (2 * 16 * 24 * 24 * 4) / 1e6)
+
+
+class FakeAllocator:
+    """An :class:`AllocatorCounters` with a hand-driven allocator: ``alloc``/``free`` in MB."""
+
+    def __init__(self, resident_mb: float = 0.0) -> None:
+        self.allocated = int(resident_mb * 1e6)
+        self.peak = self.allocated
+        self.syncs = 0
+
+    def alloc(self, mb: float) -> None:
+        self.allocated += int(mb * 1e6)
+        self.peak = max(self.peak, self.allocated)
+
+    def free(self, mb: float) -> None:
+        self.allocated -= int(mb * 1e6)
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+
+    def allocated_bytes(self) -> int:
+        return self.allocated
+
+    def peak_bytes(self) -> int:
+        return self.peak
+
+    def reset_peak(self) -> None:
+        self.peak = self.allocated
+
+
+# (events between start and stop, expected peak above the baseline MB, expected total MB); the
+# baseline is 300 MB resident (data, teacher cache). "eval" events run between pause and resume.
+TRACKER_CASES = [
+    ("training only", [("alloc", 200), ("free", 200)], 200.0, 500.0),
+    ("eval excluded", [("alloc", 200), ("free", 200), ("pause",), ("alloc", 1000), ("free", 1000), ("resume",),
+                       ("alloc", 150), ("free", 150)], 200.0, 500.0),
+    ("later segment higher", [("alloc", 100), ("free", 100), ("pause",), ("resume",), ("alloc", 250)], 250.0, 550.0),
+    ("memory kept across eval", [("alloc", 80), ("pause",), ("alloc", 500), ("free", 500), ("resume",),
+                                 ("alloc", 40)], 120.0, 420.0),
+    ("nothing allocated", [], 0.0, 300.0),
+    ("stop while paused", [("alloc", 60), ("free", 60), ("pause",), ("alloc", 900)], 60.0, 360.0),
+]
+
+
+@pytest.mark.parametrize(("name", "events", "above", "total"), TRACKER_CASES, ids=[c[0] for c in TRACKER_CASES])
+def test_kd_tracker_accounting(name: str, events: list[tuple], above: float, total: float) -> None:
+    """The figure is the training segments' peak above the baseline; validation never enters it."""
+    fake = FakeAllocator(resident_mb=300)
+    mem = KDMemoryTracker("cpu", counters=fake).start()
+    for ev in events:
+        if ev[0] == "alloc":
+            fake.alloc(ev[1])
+        elif ev[0] == "free":
+            fake.free(ev[1])
+        else:
+            getattr(mem, ev[0])()
+    assert mem.stop() == pytest.approx(above)
+    assert (mem.value_mb, mem.total_mb, mem.baseline_mb) == (pytest.approx(above), pytest.approx(total), 300.0)
+    how = mem.method()
+    assert how["baseline_mb"] == 300.0 and how["peak_total_mb"] == pytest.approx(total)
+    assert "workspaces" in how and how["unit"] == "MB (1e6 bytes)"
+
+
+def test_kd_tracker_segments_and_idempotence() -> None:
+    fake = FakeAllocator(10)
+    mem = KDMemoryTracker("cpu", counters=fake)
+    with pytest.raises(RuntimeError):
+        mem.resume()
+    mem.start()
+    mem.pause()
+    mem.pause()  # a second pause changes nothing
+    mem.resume()
+    mem.resume()  # nor does a second resume
+    assert mem.segments == 2
+    mem.stop()
+    mem.stop()
+    assert mem.value_mb == 0.0 and mem.total_mb == 10.0
+
+
+def test_kd_tracker_keeps_an_oom_peak_and_never_masks_the_error() -> None:
+    fake = FakeAllocator(100)
+    with pytest.raises(torch.OutOfMemoryError), KDMemoryTracker("cpu", counters=fake) as mem:
+        fake.alloc(700)
+        raise torch.OutOfMemoryError("boom")
+    assert mem.value_mb == pytest.approx(700.0) and mem.total_mb == pytest.approx(800.0)
+
+
+def test_distill_pauses_the_tracker_around_validation() -> None:
+    """A real distill() on the CPU with a fake allocator charged by the student's forwards: a
+    training forward costs 10 MB, an evaluation forward 1000 MB. The figure sees training only."""
+    from kdsearch.config import DataConfig, DistillConfig
+    from kdsearch.data import ViewSpec, load_data, make_batch_source
+    from kdsearch.distill import KDHyper, distill
+    from kdsearch.models import StudentSpec, build_student
+
+    bundle = load_data(DataConfig(dataset="synthetic", synthetic_train_size=256, synthetic_test_size=64))
+    student = build_student(StudentSpec("vgg", 16, bundle.num_classes, {"depth": 2, "width": 0.125}))
+    fake = FakeAllocator(resident_mb=50)
+    evals: list[float] = []
+
+    def charge(module: nn.Module, inputs: object, output: object) -> None:
+        cost = 10 if module.training else 1000
+        fake.alloc(cost)
+        fake.free(cost)
+
+    student.register_forward_hook(charge)
+    with KDMemoryTracker("cpu", counters=fake) as mem:
+        r = distill(
+            student, train=make_batch_source(bundle.train, "cpu", resident=True), val=bundle.val, bundle=bundle,
+            teacher_source=None, hyper=KDHyper(4.0, 0.0, 0.05), cfg=DistillConfig(batch_size=32),
+            time_box_s=0.5, resolution=16, device="cpu", seed=0,
+            view_spec=ViewSpec(bundle.image_size, 2, True), meters=(mem,),
+            on_eval=lambda t, f, a: evals.append(t) is None and False,
+        )
+    assert r.steps > 0 and len(evals) == 4
+    assert mem.value_mb == pytest.approx(10.0) and mem.total_mb == pytest.approx(60.0)
+    assert mem.segments == 4  # the first, and one after each in-box validation
+
+
+@pytest.mark.gpu
+@cuda
+def test_real_kd_peak_excludes_validation_and_the_resident_data() -> None:
+    """On a GPU: 200 MB resident before the trial and a 1 GB allocation during every validation
+    pause stay out of peak_kd_memory_mb; a tracker the loop does not pause sees the 1 GB."""
+    from kdsearch.config import DataConfig, DistillConfig
+    from kdsearch.data import ViewSpec, load_data, make_batch_source
+    from kdsearch.distill import KDHyper, distill
+    from kdsearch.models import StudentSpec, build_student
+
+    dev = torch.device("cuda", 0)
+    bundle = load_data(DataConfig(dataset="synthetic", synthetic_train_size=512, synthetic_test_size=64)).to(dev)
+    resident = torch.empty(200_000_000, dtype=torch.uint8, device=dev)
+
+    def fat_validation(train_s: float, fraction: float, acc: float) -> bool:
+        x = torch.empty(1_000_000_000, dtype=torch.uint8, device=dev)
+        del x
+        return False
+
+    def run(meters: tuple) -> None:
+        student = build_student(StudentSpec("vgg", 32, bundle.num_classes, {"depth": 2, "width": 0.25}))
+        distill(
+            student, train=make_batch_source(bundle.train, dev, resident=True), val=bundle.val, bundle=bundle,
+            teacher_source=None, hyper=KDHyper(4.0, 0.0, 0.05), cfg=DistillConfig(batch_size=64),
+            time_box_s=1.0, resolution=32, device=dev, seed=0, view_spec=ViewSpec(bundle.image_size, 2, True),
+            meters=meters, on_eval=fat_validation,
+        )
+
+    with KDMemoryTracker(dev) as mem:
+        run((mem,))
+    with KDMemoryTracker(dev) as whole:
+        run(())
+    assert mem.value_mb is not None and mem.total_mb is not None and mem.baseline_mb is not None
+    assert mem.baseline_mb >= 200.0 and mem.value_mb < 500.0  # a small student's training steps
+    assert mem.total_mb == pytest.approx(mem.baseline_mb + mem.value_mb)
+    assert whole.value_mb is not None and whole.value_mb >= 1000.0  # unpaused: the validation's 1 GB
+    assert mem.segments == 4
+    del resident
