@@ -77,6 +77,13 @@ CASES = [
     ("cache-topk-word", lambda t, r: ["optimize", "--config", SMOKE, "--set", "teacher.cache.topk=all"], "teacher.cache.topk: must be auto"),
     ("measure-max-time-over-grace", lambda t, r: ["optimize", "--config", SMOKE, "--set", "measure.max_time=2m"], "measure.max_time: must be shorter than study.grace"),
     ("measure-max-time-zero", lambda t, r: ["optimize", "--config", SMOKE, "--set", "measure.max_time=0s"], "measure.max_time"),
+    ("objective-on-test-split", lambda t, r: ["optimize", "--config", SMOKE, "--set", "objectives.test_accuracy=maximize"], "objectives.test_accuracy: is measured on the test split, which never steers the search"),
+    ("constraint-on-test-split", lambda t, r: ["optimize", "--config", SMOKE, "--set", "constraints.ft_gain=0.1"], "use 'ft_gain_val' instead"),
+    ("export-pick-on-test-split", lambda t, r: ["export", "--study-name", "smoke", "--run-dir", r, "--pick", "max test_accuracy", "--out", t / "x"], "selection uses val; test is for reporting"),
+    ("ft-val-objective-without-finetune", lambda t, r: ["optimize", "--config", SMOKE, "--set", "objectives.post_ft_val_accuracy=maximize"], "objectives.post_ft_val_accuracy: needs finetune.enabled: true"),
+    ("early-stop-that-cannot-fire", lambda t, r: ["optimize", "--config", SMOKE, "--set", "distill.early_stop.enabled=true"], "distill.early_stop.patience: can never fire"),
+    ("early-stop-patience-too-long", lambda t, r: ["optimize", "--config", SMOKE, "--set", "distill.eval_every_fraction=0.25", "--set", "distill.early_stop={enabled: true, patience: 3}"], "lower distill.early_stop.patience to 2"),
+    ("energy-objective-energy-off", lambda t, r: ["optimize", "--config", SMOKE, "--set", "objectives.infer_energy_mj_per_image_b1=minimize", "--set", "measure.energy.enabled=false"], "is an energy figure, and measure.energy.enabled is false"),
 ]
 
 

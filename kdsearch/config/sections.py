@@ -6,6 +6,7 @@ Units are in names (``_s``, ``_mb``); searchable keys are :func:`~kdsearch.confi
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class StudySection:
     grace_s: float = 120.0  # extra time (measurement, setup) before a trial is killed
     max_retries: int = 1  # how often a stale trial's params are re-queued
     workers: int | None = None  # None: one per visible GPU, else 1
+    share_gpu: bool = False  # allow more workers than visible GPUs (their GPU figures then interfere)
     n_startup_trials: int = 10  # random trials before TPE/GP model the space
     population_size: int = 20  # NSGA-II/III population
 
@@ -307,13 +309,37 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class EarlyStopConfig:
+    """Plateau stop: after ``patience`` in-box evaluations in a row without a gain above
+    ``min_delta``, the loop cools the LR down linearly to its final value over
+    ``cooldown_fraction`` of the box (less if less is left), evaluates, and ends.
+
+    The patience counts evaluations that can actually occur: with ``eval_every_fraction`` f the
+    box holds ``ceil(1/f) - 1`` evaluations before the final one, the first sets the reference,
+    so a patience above ``ceil(1/f) - 2`` could only "fire" at the end and is refused when the
+    config loads (see :func:`in_box_evaluations`).
+    """
+
     enabled: bool = False
-    patience: int = 3  # evaluations without improvement
+    patience: int = 2  # in-box evaluations without improvement
     min_delta: float = 0.002  # accuracy
+    cooldown_fraction: float = 0.05  # of the box: linear LR decay after a stop, before the final evaluation
 
     def __post_init__(self) -> None:
         if self.patience < 1:
             raise ConfigError("distill.early_stop.patience", "must be >= 1", self.patience)
+        if not 0 <= self.min_delta <= 1:
+            raise ConfigError("distill.early_stop.min_delta", "must be in [0, 1] (an accuracy)", self.min_delta)
+        if not 0 <= self.cooldown_fraction <= 0.5:
+            raise ConfigError(
+                "distill.early_stop.cooldown_fraction", "must be in [0, 0.5] (a fraction of the box)",
+                self.cooldown_fraction,
+            )
+
+
+def in_box_evaluations(eval_every_fraction: float) -> int:
+    """How many validations the loop can run before the final one: at k * f of the box for every
+    k with k * f < 1, i.e. ``ceil(1/f) - 1`` (3 for f = 0.25, 9 for f = 0.1, 0 for f = 1)."""
+    return max(math.ceil(1.0 / eval_every_fraction - 1e-9) - 1, 0)
 
 
 @dataclass(frozen=True)
@@ -332,7 +358,7 @@ class DistillConfig:
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     label_smoothing: float = 0.0
     compile: bool = False
-    amp: bool = True  # bf16 autocast on CUDA; CPU is always fp32
+    amp: bool = True  # CUDA autocast: bf16 where supported, else fp16 + GradScaler; CPU is always fp32
     channels_last: bool = True  # CUDA only
 
     def __post_init__(self) -> None:
@@ -352,6 +378,24 @@ class DistillConfig:
             )
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError("distill.label_smoothing", "must be in [0, 1)", self.label_smoothing)
+        stop = self.early_stop
+        if stop.enabled:
+            # The first in-box evaluation sets the reference; a stop needs `patience` more, all
+            # before the final evaluation (a "stop" there would change nothing).
+            can_occur = in_box_evaluations(self.eval_every_fraction)
+            if stop.patience > can_occur - 1:
+                most = can_occur - 1
+                rule = (
+                    f"must be <= {most}: with eval_every_fraction {self.eval_every_fraction:g} the box holds "
+                    f"{can_occur} evaluation(s) before the final one, and the first sets the reference"
+                    if most >= 1 else
+                    f"can never fire: eval_every_fraction {self.eval_every_fraction:g} leaves "
+                    f"{can_occur} evaluation(s) before the final one"
+                )
+                fix = f"set distill.eval_every_fraction <= {1.0 / (stop.patience + 2):.3g}"
+                if most >= 1:
+                    fix = f"lower distill.early_stop.patience to {most}, or {fix}"
+                raise ConfigError("distill.early_stop.patience", rule, stop.patience, fix)
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,16 @@ from kdsearch.config.sections import (
 from kdsearch.config.space import Space
 from kdsearch.config.student import StudentConfig, student_family
 from kdsearch.errors import ConfigError
-from kdsearch.metrics import is_known_metric, metric_examples
+from kdsearch.metrics import (
+    TEST_SPLIT_RULE,
+    is_known_metric,
+    is_selectable_metric,
+    metric_examples,
+    metric_info,
+    val_counterpart,
+)
 
-__all__ = ["StudyConfig", "config_to_dict", "DURATION_KEYS", "TOP_KEYS"]
+__all__ = ["StudyConfig", "config_to_dict", "DURATION_KEYS", "TOP_KEYS", "SIGNATURE_DATA_KEYS"]
 
 # YAML key -> (dataclass field, converter). Durations are written as strings in YAML and stored
 # as seconds; these fields get a ``_s`` suffix internally.
@@ -69,6 +76,7 @@ class StudyConfig:
                 )
             if direction not in ("maximize", "minimize"):
                 raise ConfigError(f"objectives.{metric}", "must be maximize or minimize", direction)
+            _check_selectable(f"objectives.{metric}", metric, self)
         for metric, limit in self.constraints.items():
             if not is_known_metric(metric, self.measure.latency.batch_sizes):
                 m = difflib.get_close_matches(metric, metric_examples(self.measure.latency.batch_sizes), n=1)
@@ -80,6 +88,7 @@ class StudyConfig:
                 )
             if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
                 raise ConfigError(f"constraints.{metric}", "must be a finite number (upper limit)", limit)
+            _check_selectable(f"constraints.{metric}", metric, self)
         if self.measure.max_time_s is not None and self.measure.max_time_s >= self.study.grace_s:
             raise ConfigError("measure.max_time", f"must be shorter than study.grace ({self.study.grace_s:g} s): "
                               "the trial is killed at box + grace", self.measure.max_time_s,
@@ -100,9 +109,10 @@ class StudyConfig:
                 "must be > 0 when finetune.enabled is true (fine-tuning needs its own images)",
                 self.data.finetune_fraction,
             )
-        for metric in ("pre_ft_accuracy", "post_ft_accuracy"):
-            if (metric in self.objectives or metric in self.constraints) and not self.finetune.enabled:
-                raise ConfigError(f"objectives.{metric}", "needs finetune.enabled: true", metric)
+        for metric in ("pre_ft_val_accuracy", "post_ft_val_accuracy", "ft_gain_val"):
+            for section, names in (("objectives", self.objectives), ("constraints", self.constraints)):
+                if metric in names and not self.finetune.enabled:
+                    raise ConfigError(f"{section}.{metric}", "needs finetune.enabled: true", metric)
         if self.study.sampler == "grid":
             for name, sp in _iter_spaces(self):
                 if sp.choices is None and sp.step is None:
@@ -124,8 +134,19 @@ class StudyConfig:
         return list(self.objectives.keys())
 
     def search_signature(self) -> dict[str, Any]:
-        """What must match when a stored study is resumed: the space, objectives, constraints,
-        data, teachers and time box. Budget, trial count, workers and storage may change."""
+        """What must match when a stored study is resumed: every setting that changes a stored
+        figure, so trials made under other settings are never mixed into one front.
+
+        In it: objectives, constraints, the listed student families' sections, the whole
+        ``distill`` section (the space, optimiser, weight decay, batch size, warm-up, final LR,
+        evaluation cadence, early stop, label smoothing, amp, compile, channels_last), every
+        teacher (with its mean/std, fit and cache settings), the data that selects the images
+        (data set, split fractions and seed, stored size, sample caps), the whole ``measure``
+        section plus the measurement budget it resolves to, the ``finetune`` section, the time
+        box and the sampler. Left out (they may change between runs): budget, trial count,
+        workers and GPU sharing, storage, grace (except through the measurement budget), the data
+        folder, loader workers and residency, and the test-only ``debug`` section.
+        """
         full = config_to_dict(self)
         # Only the sections of the families the study can propose: adding a family to kdsearch, or
         # editing the section of a family the study does not list, changes no study's search.
@@ -134,12 +155,34 @@ class StudyConfig:
             "objectives": full["objectives"],
             "constraints": full["constraints"],
             "student": {k: v for k, v in full["student"].items() if k in listed},
-            "distill": {k: full["distill"][k] for k in ("temperature", "alpha", "lr")},
+            "distill": full["distill"],
             "teacher": full["teacher"],
-            "data": {k: full["data"][k] for k in ("dataset", "val_fraction", "seed", "finetune_fraction")},
+            "data": {k: full["data"][k] for k in SIGNATURE_DATA_KEYS},
+            "measure": {**full["measure"], "budget_s": self.measure.budget_s(self.study.grace_s)},
+            "finetune": full["finetune"],
             "trial_time_s": self.study.trial_time_s,
             "sampler": self.study.sampler,
         }
+
+
+SIGNATURE_DATA_KEYS: tuple[str, ...] = (
+    "dataset", "val_fraction", "seed", "finetune_fraction", "image_size", "max_train_samples",
+    "max_test_samples", "num_classes", "synthetic_train_size", "synthetic_test_size",
+)
+"""The ``data`` keys that choose which images a trial trains, selects and reports on."""
+
+
+def _check_selectable(field_name: str, metric: str, cfg: StudyConfig) -> None:
+    """Refuse a test-split metric, or an energy metric with energy measurement switched off."""
+    if not is_selectable_metric(metric):
+        alt = val_counterpart(metric)
+        raise ConfigError(field_name, TEST_SPLIT_RULE, metric, f"use {alt!r} instead" if alt else None)
+    info = metric_info(metric)
+    if info is not None and info.needs_nvml and not cfg.measure.energy.enabled:
+        raise ConfigError(
+            field_name, "is an energy figure, and measure.energy.enabled is false", metric,
+            "set measure.energy.enabled: true, or drop the metric",
+        )
 
 
 def _iter_spaces(cfg: StudyConfig) -> typing.Iterator[tuple[str, Space]]:

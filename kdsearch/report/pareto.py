@@ -32,7 +32,16 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.errors import ConfigError
-from kdsearch.metrics import KNOWN_METRICS, format_metric, is_known_metric, metric_examples, metric_unit
+from kdsearch.metrics import (
+    KNOWN_METRICS,
+    TEST_SPLIT_RULE,
+    format_metric,
+    is_known_metric,
+    is_selectable_metric,
+    metric_examples,
+    metric_unit,
+    val_counterpart,
+)
 from kdsearch.storage import load_study
 
 __all__ = [
@@ -357,6 +366,10 @@ def _expect_metric(tok: _Token, rule: str) -> str:
         m = difflib.get_close_matches(tok.text, metric_examples(), n=1, cutoff=0.5)
         fix = f"did you mean {m[0]!r}?" if m else f"known metrics: {', '.join(KNOWN_METRICS)}"
         raise ConfigError("--pick", f"unknown metric {tok.text!r} at position {tok.pos}", rule, fix)
+    if not is_selectable_metric(tok.text):  # a pick selects: test figures are for reporting only
+        alt = val_counterpart(tok.text)
+        raise ConfigError("--pick", f"{tok.text!r} at position {tok.pos} {TEST_SPLIT_RULE}", rule,
+                          f"use {alt!r} instead" if alt else None)
     return tok.text
 
 

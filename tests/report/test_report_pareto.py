@@ -100,11 +100,11 @@ VALID = [
     ),
     ("max val_accuracy WHERE latency_ms_b1<=1.5", PickRule("max", "val_accuracy", (Condition("latency_ms_b1", "<=", 1.5),))),
     (
-        "min kd_time_s where test_accuracy >= .5 and params > -1 and latency_p90_ms_b64_cuda == 3",
+        "min kd_time_s where val_accuracy >= .5 and params > -1 and latency_p90_ms_b64_cuda == 3",
         PickRule(
             "min",
             "kd_time_s",
-            (Condition("test_accuracy", ">=", 0.5), Condition("params", ">", -1.0), Condition("latency_p90_ms_b64_cuda", "==", 3.0)),
+            (Condition("val_accuracy", ">=", 0.5), Condition("params", ">", -1.0), Condition("latency_p90_ms_b64_cuda", "==", 3.0)),
         ),
     ),
 ]
@@ -130,6 +130,8 @@ INVALID = [
     ("max val_accuracy; drop", "unexpected character ';' at position 17"),
     ("max 3", "expected a metric name at position 5, found '3'"),
     ("max val_accuracy where <= 2", "expected a metric name at position 24, found '<='"),
+    ("max test_accuracy", "'test_accuracy' at position 5 is measured on the test split, which never steers the search"),
+    ("max val_accuracy where ft_gain > 0", "use 'ft_gain_val' instead"),
 ]
 
 
@@ -148,7 +150,6 @@ PICKS = [
     ("max val_accuracy where latency_ms_b1 <= 1.5", 1),
     ("max val_accuracy where macs < 2e6 and latency_ms_b1 < 1.9", 4),
     ("min latency_ms_b1 where val_accuracy >= 0.6", 1),
-    ("max test_accuracy", 7),
     ("min kd_time_s", 0),
 ]
 
