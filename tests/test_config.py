@@ -6,9 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from kdsearch.config import Space, apply_overrides, config_from_dict, config_to_dict, load_config, parse_duration
-from kdsearch.metrics import is_known_metric
+from kdsearch.config import (
+    Space,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_duration,
+)
 from kdsearch.errors import ConfigError
+from kdsearch.metrics import is_known_metric
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 

@@ -5,12 +5,31 @@ teachers created, fitted and cached). :func:`run_trial` is the objective: a plai
 stores every metric as a user attr, sets the constraints, uploads the student checkpoint as an
 Optuna artifact, and returns the objective values. A failure inside a trial becomes
 :class:`~kdsearch.errors.TrialFailure` with ``fail_reason`` stored on the trial.
+
+What the figures include (see also the metric registry, :mod:`kdsearch.metrics`):
+
+* ``peak_kd_memory_mb`` / ``peak_kd_memory_total_mb``: the allocator peak of the KD training
+  steps (the loop pauses the tracker around every validation), above the baseline resident at
+  trial start and for the whole process. The teacher leaves the device once its logit cache is
+  built, so the baseline is the data and the cache.
+* ``kd_energy_j``, ``kd_energy_mj_per_image``, ``kd_mean_power_w``: NVML energy of the same
+  training steps, per training image seen, and as mean power.
+* Selection figures come from the validation split; test figures are stored beside them for
+  reporting only (``test_accuracy``; with ``finetune.enabled`` the fine-tune stage stores
+  ``pre_ft_val_accuracy`` / ``post_ft_val_accuracy`` / ``ft_gain_val`` and, for reports,
+  ``pre_ft_accuracy`` / ``post_ft_accuracy`` / ``ft_gain`` on test).
+* Precision: ``train_dtype`` (bf16, fp16 + GradScaler, or fp32; :mod:`kdsearch.distill.precision`)
+  is chosen once per worker, used for the teacher's cache and every trial, and stored.
+* GPU sharing: a worker pinned to a GPU that it cannot see fails loudly; the number of workers
+  on the worker's GPU (``study.share_gpu``) is stored with every trial (``gpu_sharing``).
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +52,8 @@ from kdsearch.distill import (
     distill,
     fit_teacher,
 )
-from kdsearch.errors import TrialFailure
+from kdsearch.distill.precision import autocast_dtype, train_dtype_for
+from kdsearch.errors import KDSearchError, TrialFailure
 from kdsearch.measure import (
     EnergyMeter,
     KDMemoryTracker,
@@ -48,7 +68,21 @@ from kdsearch.models.teacher import weak_teacher_warning
 from kdsearch.search.space import Proposal, suggest
 from kdsearch.storage import RunPaths, artifact_store
 
-__all__ = ["ProgressFn", "PreparedTeacher", "WorkerContext", "prepare_worker", "run_trial", "pick_device"]
+__all__ = [
+    "ProgressFn",
+    "PreparedTeacher",
+    "WorkerContext",
+    "prepare_worker",
+    "run_trial",
+    "pick_device",
+    "ENV_EXPECT_CUDA",
+    "ENV_WORKERS_PER_GPU",
+]
+
+ENV_EXPECT_CUDA = "KDSEARCH_EXPECT_CUDA"
+"""Set to ``1`` by the supervisor for a worker it pins to a GPU: finding none is then an error."""
+ENV_WORKERS_PER_GPU = "KDSEARCH_WORKERS_PER_GPU"
+"""Set by the supervisor: how many workers share this worker's GPU (> 1 only with study.share_gpu)."""
 
 # progress(phase, fraction in [0, 1] or None, message)
 ProgressFn = Callable[[str, float | None, str], None]
@@ -81,18 +115,53 @@ class WorkerContext:
     view_spec: ViewSpec
     teachers: dict[str, PreparedTeacher]
     environment: dict[str, Any]
+    train_dtype: str = "fp32"  # "bf16" | "fp16" | "fp32": kdsearch.distill.precision
+    gpu_sharing: dict[str, Any] = field(default_factory=dict)
 
 
-def pick_device() -> torch.device:
-    """CUDA when visible (workers are pinned by CUDA_VISIBLE_DEVICES), else CPU."""
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+def pick_device(expect_cuda: bool | None = None) -> torch.device:
+    """CUDA when visible (workers are pinned by CUDA_VISIBLE_DEVICES), else CPU.
+
+    ``expect_cuda`` (default: the supervisor's ``KDSEARCH_EXPECT_CUDA`` for this worker) makes a
+    missing GPU an error instead of a silent fall-back to the CPU, which would measure latency,
+    memory and energy on the wrong device.
+    """
+    if expect_cuda is None:
+        expect_cuda = os.environ.get(ENV_EXPECT_CUDA) == "1"
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    if expect_cuda:
+        raise KDSearchError(
+            f"worker: pinned to GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')!r} but torch sees no CUDA device; "
+            "check the driver and CUDA_VISIBLE_DEVICES (it would otherwise run on the CPU and measure the wrong device)"
+        )
+    return torch.device("cpu")
+
+
+def _needs_cuda(cfg: StudyConfig) -> list[str]:
+    """The objectives and constraints that only a CUDA device measures."""
+    from kdsearch.metrics import metric_info  # noqa: PLC0415 - ground floor, read here only
+
+    names = [*cfg.objectives, *cfg.constraints]
+    return [n for n in names if (info := metric_info(n)) is not None and info.needs_cuda]
 
 
 def prepare_worker(
     cfg: StudyConfig, paths: RunPaths, device: torch.device | None = None, progress: ProgressFn = _no_progress
 ) -> WorkerContext:
-    """Load the data (resident on the device when it fits) and prepare every teacher once."""
+    """Load the data (resident on the device when it fits) and prepare every teacher once.
+
+    The teachers are fitted, evaluated and cached on ``device``, then (cached mode) moved off it:
+    no trial uses them, and what stays resident is the baseline of every trial's memory figure.
+    """
     device = device or pick_device()
+    gpu_only = _needs_cuda(cfg)
+    if device.type != "cuda" and gpu_only:
+        raise KDSearchError(
+            f"worker: {', '.join(gpu_only)} can only be measured on a CUDA device and this worker runs on "
+            f"{device.type}; run it on a GPU machine, or drop those objectives/constraints"
+        )
+    train_dtype = train_dtype_for(device, cfg.distill.amp)
     paths.ensure()
     progress("data", None, f"loading {cfg.data.dataset}")
     bundle = load_data(cfg.data)
@@ -104,9 +173,17 @@ def prepare_worker(
     view_spec = ViewSpec(image_size=bundle.image_size, padding=cache_cfg.crop_padding, flip=cache_cfg.flip)
     teachers: dict[str, PreparedTeacher] = {}
     for tcfg in cfg.teachers:
-        teachers[tcfg.display_name] = _prepare_teacher(tcfg, cfg, paths, bundle, view_spec, device, progress)
+        teachers[tcfg.display_name] = _prepare_teacher(
+            tcfg, cfg, paths, bundle, view_spec, device, progress, train_dtype
+        )
     env = collect_environment(device)
-    return WorkerContext(cfg, paths, device, bundle, train_source, view_spec, teachers, env)
+    sharing = {
+        "workers_per_gpu": int(os.environ.get(ENV_WORKERS_PER_GPU, "1") or 1) if device.type == "cuda" else None,
+        "share_gpu": cfg.study.share_gpu,
+    }
+    env["gpu_sharing"] = sharing
+    env["train_dtype"] = train_dtype
+    return WorkerContext(cfg, paths, device, bundle, train_source, view_spec, teachers, env, train_dtype, sharing)
 
 
 def _prepare_teacher(
@@ -117,6 +194,7 @@ def _prepare_teacher(
     view_spec: ViewSpec,
     device: torch.device,
     progress: ProgressFn,
+    train_dtype: str = "fp32",
 ) -> PreparedTeacher:
     label = tcfg.display_name
     progress("teacher", None, f"creating teacher {label}")
@@ -135,6 +213,7 @@ def _prepare_teacher(
             device,
             progress=lambda done, total: progress("teacher-fit", done / max(total, 1e-9), f"fitting {label}"),
         )
+        _free_device_memory(device)  # the fit's optimiser state and activations
     loaded.model.eval()
     batch = cfg.measure.eval_batch_size
     val_acc = evaluate_accuracy(loaded.model, bundle.val, loaded.input_size, loaded.mean, loaded.std, device, batch,
@@ -151,9 +230,14 @@ def _prepare_teacher(
             paths.cache,
             device,
             progress=lambda done, total: progress("cache", done / max(total, 1), f"teacher cache {label}"),
+            dtype=train_dtype,
         )
+        # No trial runs the teacher in cached mode: off the device, so the baseline of every
+        # trial's memory figure is the data and the cache, not a ViT nobody uses.
+        loaded.model.to("cpu")
+        _free_device_memory(device)
     else:
-        source = OnlineTeacher(loaded, view_spec)
+        source = OnlineTeacher(loaded, view_spec, dtype=train_dtype)
     return PreparedTeacher(loaded, source, val_acc, test_acc, fit_info)
 
 
@@ -188,6 +272,8 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     trial.set_user_attr("lr", hyper.lr)
     trial.set_user_attr("dataset", cfg.data.dataset)
     trial.set_user_attr("device", str(device))
+    trial.set_user_attr("train_dtype", ctx.train_dtype)
+    trial.set_user_attr("gpu_sharing", ctx.gpu_sharing)
     inject = cfg.debug.inject
     if cfg.debug.inject_trial is not None and cfg.debug.inject_trial != trial.number:
         inject = None
@@ -200,7 +286,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
         torch.manual_seed(seed)
         student = build_student(spec)
         progress("distil", 0.0, spec.label)
-        with kd_memory, kd_energy:
+        with kd_memory, kd_energy:  # both paused by distill() around every validation
             result: DistillResult = distill(
                 student,
                 train=ctx.train_source,
@@ -217,13 +303,17 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
                 progress=lambda frac, msg: progress("distil", frac, msg),
                 eval_batch_size=cfg.measure.eval_batch_size,
                 on_step=fault,
+                meters=(kd_memory, kd_energy),
+                train_dtype=ctx.train_dtype,
             )
     except TrialFailure as exc:
         raise _fail(trial, exc.reason, exc.detail, exc.attrs) from None
     except torch.OutOfMemoryError as exc:
         _free_device_memory(device)
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise _fail(trial, "oom", f"{type(exc).__name__}: {first}", {"peak_kd_memory_mb": kd_memory.value_mb}) from None
+        raise _fail(trial, "oom", f"{type(exc).__name__}: {first}", {
+            "peak_kd_memory_mb": kd_memory.value_mb, "peak_kd_memory_total_mb": kd_memory.total_mb,
+        }) from None
     except Exception as exc:  # noqa: BLE001 - any other error is data for this trial
         _free_device_memory(device)
         raise _fail(trial, "error", f"{type(exc).__name__}: {exc}") from None
@@ -232,51 +322,54 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     m.set("kd_time_s", result.kd_time_s, {
         "method": "perf_counter" + (" + cuda synchronize" if device.type == "cuda" else ""),
         "box_s": cfg.study.trial_time_s, "steps": result.steps, "epochs": result.epochs,
-        "stopped_early": result.stopped_early,
+        "stopped_early": result.stopped_early, "stop_requested_s": result.stop_requested_s,
+        "cooldown_s": result.cooldown_s, "train_dtype": result.train_dtype,
     })
-    if kd_memory.value_mb is not None:
-        m.set("peak_kd_memory_mb", kd_memory.value_mb, kd_memory.method())
-    else:
-        m.set_missing("peak_kd_memory_mb", str(kd_memory.reason), kd_memory.method())
-    kd_e = kd_energy.result
-    if kd_e is not None and kd_e.joules is not None:
-        m.set("kd_energy_j", kd_e.joules, kd_e.to_dict())
-    else:
-        reason = f"{kd_e.method}: {kd_e.reason}" if kd_e is not None else "meter did not run"
-        m.set_missing("kd_energy_j", reason, kd_e.to_dict() if kd_e is not None else None)
+    _store_kd_memory(m, kd_memory)
+    _store_kd_energy(m, kd_energy, result)
 
     progress("measure", 0.0, "accuracy")
     student.eval()
-    batch = cfg.measure.eval_batch_size
-    acc_method = {"method": "top-1 on the held-out split", "resolution": spec.resolution}
-    m.set("val_accuracy", evaluate_accuracy(student, ctx.bundle.val, spec.resolution, ctx.bundle.mean,
-                                            ctx.bundle.std, device, batch), {**acc_method, "split": "val", "n": len(ctx.bundle.val)})
-    m.set("test_accuracy", evaluate_accuracy(student, ctx.bundle.test, spec.resolution, ctx.bundle.mean,
-                                             ctx.bundle.std, device, batch), {**acc_method, "split": "test", "n": len(ctx.bundle.test)})
+    # The training precision, at a batch no larger than the training batch: what fits for
+    # training fits for evaluation (measure.eval_batch_size caps it).
+    batch = max(1, min(cfg.measure.eval_batch_size, cfg.distill.batch_size))
+    amp = autocast_dtype(result.train_dtype)
+    acc_method = {"method": "top-1 on the held-out split, inference mode", "resolution": spec.resolution,
+                  "dtype": result.train_dtype, "batch_size": batch}
+
+    def accuracy(model: torch.nn.Module, split: Any) -> float:
+        return evaluate_accuracy(model, split, spec.resolution, ctx.bundle.mean, ctx.bundle.std, device, batch,
+                                 autocast_dtype=amp)
+
+    m.set("val_accuracy", accuracy(student, ctx.bundle.val), {**acc_method, "split": "val", "n": len(ctx.bundle.val)})
+    m.set("test_accuracy", accuracy(student, ctx.bundle.test),
+          {**acc_method, "split": "test", "n": len(ctx.bundle.test), "use": "reporting only"})
 
     if cfg.finetune.enabled and ctx.bundle.finetune is not None:
-        from kdsearch.distill.head import finetune_model
+        from kdsearch.distill.head import train_head
 
         progress("finetune", 0.0, f"{cfg.finetune.epochs} epochs")
-        pre, post = finetune_model(
-            student,
-            ctx.bundle.finetune,
-            ctx.bundle.test,
-            spec.resolution,
-            ctx.bundle.mean,
-            ctx.bundle.std,
-            epochs=cfg.finetune.epochs,
-            lr=cfg.finetune.lr,
-            batch_size=cfg.finetune.batch_size,
-            unfreeze_last_block=cfg.finetune.unfreeze_last_block,
-            device=device,
-            seed=seed,
+        # A copy: the stored checkpoint and the figures above are the distilled student's.
+        tuned = copy.deepcopy(student).to(device)
+        pre_val, pre_test = m.values["val_accuracy"], m.values["test_accuracy"]
+        train_head(
+            tuned, ctx.bundle.finetune, spec.resolution, ctx.bundle.mean, ctx.bundle.std,
+            epochs=cfg.finetune.epochs, lr=cfg.finetune.lr, batch_size=cfg.finetune.batch_size,
+            unfreeze_last_block=cfg.finetune.unfreeze_last_block, device=device, seed=seed,
         )
-        ft_method = {"method": "frozen features, head trained on the finetune split; accuracy on test",
-                     "epochs": cfg.finetune.epochs, "lr": cfg.finetune.lr, "n_train": len(ctx.bundle.finetune)}
-        m.set("pre_ft_accuracy", pre, ft_method)
-        m.set("post_ft_accuracy", post, ft_method)
-        m.set("ft_gain", post - pre, ft_method)
+        post_val, post_test = accuracy(tuned, ctx.bundle.val), accuracy(tuned, ctx.bundle.test)
+        del tuned
+        ft_base = {"method": "frozen features, head trained on the finetune split", "epochs": cfg.finetune.epochs,
+                   "lr": cfg.finetune.lr, "n_train": len(ctx.bundle.finetune), "dtype": result.train_dtype}
+        ft_val = {**ft_base, "split": "val", "n": len(ctx.bundle.val), "use": "selection"}
+        ft_test = {**ft_base, "split": "test", "n": len(ctx.bundle.test), "use": "reporting only"}
+        assert pre_val is not None and pre_test is not None
+        m.set("pre_ft_val_accuracy", pre_val, ft_val)
+        m.set("post_ft_val_accuracy", post_val, ft_val)
+        m.set("ft_gain_val", post_val - pre_val, ft_val)
+        m.set("pre_ft_accuracy", pre_test, ft_test)
+        m.set("post_ft_accuracy", post_test, ft_test)
+        m.set("ft_gain", post_test - pre_test, ft_test)
 
     progress("measure", 0.3, "latency, memory, energy, ops")
     m.update(measure_inference(student, spec.resolution, device, cfg.measure,
@@ -296,7 +389,10 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
         "images_seen": result.images_seen,
         "final_train_loss": result.final_train_loss,
         "stopped_early": result.stopped_early,
+        "stop_requested_s": result.stop_requested_s,
+        "cooldown_s": result.cooldown_s,
         "teacher_forward_count": result.teacher_forward_count,
+        "train_dtype": result.train_dtype,
     })
     if diff:
         trial.set_user_attr("env_diff", diff)
@@ -343,6 +439,38 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
         out.append(float(v))
     progress("done", 1.0, "")
     return out
+
+
+def _store_kd_memory(m: Measurements, tracker: KDMemoryTracker) -> None:
+    """``peak_kd_memory_mb`` (above the baseline) and ``peak_kd_memory_total_mb``, one method."""
+    how = tracker.method()
+    for name, value in (("peak_kd_memory_mb", tracker.value_mb), ("peak_kd_memory_total_mb", tracker.total_mb)):
+        if value is not None:
+            m.set(name, value, how)
+        else:
+            m.set_missing(name, str(tracker.reason or "no training segment was measured"), how)
+
+
+def _store_kd_energy(m: Measurements, meter: EnergyMeter, result: DistillResult) -> None:
+    """``kd_energy_j`` over the training steps, per training image seen, and as mean power."""
+    e = meter.result
+    how = e.to_dict() if e is not None else None
+    names = ("kd_energy_j", "kd_energy_mj_per_image", "kd_mean_power_w")
+    if e is None or e.joules is None:
+        reason = f"{e.method}: {e.reason}" if e is not None else "meter did not run"
+        for name in names:
+            m.set_missing(name, reason, how)
+        return
+    m.set("kd_energy_j", e.joules, how)
+    if result.images_seen > 0:
+        m.set("kd_energy_mj_per_image", e.joules * 1000.0 / result.images_seen,
+              {**(how or {}), "images": result.images_seen})
+    else:
+        m.set_missing("kd_energy_mj_per_image", "no training image was seen", how)
+    if e.mean_power_w is not None:
+        m.set("kd_mean_power_w", e.mean_power_w, how)
+    else:
+        m.set_missing("kd_mean_power_w", "the window had no length", how)
 
 
 def teacher_summary(ctx: WorkerContext) -> dict[str, Any]:

@@ -40,7 +40,8 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import StudyConfig, config_to_dict
 from kdsearch.errors import KDSearchError
-from kdsearch.search.preflight import preflight
+from kdsearch.search.objective import ENV_EXPECT_CUDA, ENV_WORKERS_PER_GPU
+from kdsearch.search.preflight import check_workers, preflight
 from kdsearch.search.recovery import mark_failed, recover_stale
 from kdsearch.search.study import add_time_spent, create_or_resume
 from kdsearch.search.worker import EXIT_USER_ERROR, RunSpec
@@ -150,14 +151,15 @@ def supervise(
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     progress("checks", None, "data, teachers, storage")
     preflight(cfg)
+    n_workers = n_workers or cfg.study.workers or default_workers()
+    gpus = _visible_gpus()
+    check_workers(cfg, n_workers, len(gpus))  # more workers than GPUs only with study.share_gpu
     study, resumed = create_or_resume(cfg, create=create)
     outcome = SearchOutcome(study=study, resumed=resumed, trials_before=len(study.get_trials(deepcopy=False)))
     # A restart after a crash or a kill: the trials its workers left RUNNING are stale.
     outcome.stale_recovered = recover_stale(study, cfg.study.max_retries)
     paths = run_paths(cfg.study.run_dir, cfg.study.name, cfg.teacher.cache.dir)
     paths.ensure()
-    n_workers = n_workers or cfg.study.workers or default_workers()
-    gpus = _visible_gpus()
     invocation = uuid.uuid4().hex[:12]
     spec = RunSpec(
         config=json.loads(json.dumps(config_to_dict(cfg))),
@@ -192,6 +194,15 @@ def supervise(
         key = f"{cfg.study.seed}:{invocation}:{slot.index}:{slot.generation}".encode()
         return int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
 
+    def gpu_worker_env(slot: _Slot) -> dict[str, str]:
+        # A worker pinned to a GPU must find it (no silent CPU fall-back) and records how many
+        # workers share it.
+        env = worker_env(slot.gpu, cpu_workers=len(slots))
+        if slot.gpu is not None:
+            env[ENV_EXPECT_CUDA] = "1"
+            env[ENV_WORKERS_PER_GPU] = str(sum(s.gpu == slot.gpu for s in slots))
+        return env
+
     def spawn(slot: _Slot) -> None:
         # Every worker of this run, a replacement included, gets the same spec: same invocation
         # (the --n-trials count), same deadline; only its status file and sampler seed are its own.
@@ -206,7 +217,7 @@ def supervise(
             # A new session: the terminal's Ctrl-C reaches only the supervisor, which decides.
             slot.proc = subprocess.Popen(
                 [sys.executable, "-m", "kdsearch.search.worker", str(spec_path)],
-                env=worker_env(slot.gpu, cpu_workers=len(slots)), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env=gpu_worker_env(slot), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
     def flush_time() -> None:
