@@ -2,8 +2,9 @@
 figure includes, and its one formatter.
 
 A metric name is either fixed (``val_accuracy``) or a pattern with a batch size
-(``latency_ms_b{N}``, ``latency_ms_b{N}_cpu``, ``latency_p90_ms_b{N}``,
-``peak_infer_memory_mb_b{N}``). :func:`metric_info` resolves either kind to a :class:`Metric`.
+(``latency_ms_b{N}``, ``latency_ms_b{N}_cpu``, ``latency_ms_b{N}_ort``, ``latency_p90_ms_b{N}``,
+``peak_infer_memory_mb_b{N}``). The ``_ort`` latencies are ONNX Runtime on the CPU (the
+``ort-cpu`` entry of ``measure.latency.devices``). :func:`metric_info` resolves either kind to a :class:`Metric`.
 
 ``split`` says which data split a figure is computed on: ``"train"`` for figures of the KD run
 itself (it reads only the training split), ``"val"`` and ``"test"`` for accuracies, ``None`` for
@@ -88,7 +89,7 @@ class PatternMetric:
     """A family of metric names with a batch size, ``latency_ms_b{N}`` and the like.
 
     ``description`` may use ``{batch}`` and ``{device}`` (the device suffix: "the trial's device",
-    "the CPU", "CUDA"). A name with the ``_cuda`` suffix needs CUDA whatever ``needs_cuda`` says.
+    "the CPU", "CUDA", "ONNX Runtime on the CPU"). A name with the ``_cuda`` suffix needs CUDA whatever ``needs_cuda`` says.
     """
 
     pattern: re.Pattern[str]
@@ -105,7 +106,12 @@ class PatternMetric:
         if m is None:
             return None
         suffix = m.groupdict().get("device") or None
-        device = {None: "the trial's device", "_cpu": "the CPU", "_cuda": "CUDA"}[suffix]
+        device = {
+            None: "the trial's device",
+            "_cpu": "the CPU",
+            "_cuda": "CUDA",
+            "_ort": "the CPU in ONNX Runtime (the student exported to ONNX; measure.latency.ort_threads threads)",
+        }[suffix]
         desc = self.description.format(batch=m.group("batch"), device=device)
         cuda = self.needs_cuda or suffix == "_cuda"
         return Metric(name, self.unit, self.direction, self.split, desc, cuda, self.needs_nvml)
@@ -166,9 +172,9 @@ FIXED_METRICS: dict[str, Metric] = _fixed(
 )
 
 PATTERN_METRICS: tuple[PatternMetric, ...] = (
-    PatternMetric(re.compile(r"latency_ms_b(?P<batch>\d+)(?P<device>_cpu|_cuda)?"), "ms", "minimize", None,
+    PatternMetric(re.compile(r"latency_ms_b(?P<batch>\d+)(?P<device>_cpu|_cuda|_ort)?"), "ms", "minimize", None,
                   "median latency of one forward pass at batch {batch} on {device}, after warm-up"),
-    PatternMetric(re.compile(r"latency_p90_ms_b(?P<batch>\d+)(?P<device>_cpu|_cuda)?"), "ms", "minimize", None,
+    PatternMetric(re.compile(r"latency_p90_ms_b(?P<batch>\d+)(?P<device>_cpu|_cuda|_ort)?"), "ms", "minimize", None,
                   "90th-percentile latency of one forward pass at batch {batch} on {device}"),
     PatternMetric(re.compile(r"peak_infer_memory_mb_b(?P<batch>\d+)"), "MB", "minimize", None,
                   "CUDA allocator peak of one forward pass at batch {batch}, weights included (CUDA only)",
@@ -243,7 +249,8 @@ def metric_examples(batch_sizes: Sequence[int] | None = None) -> list[str]:
     names = list(FIXED_METRICS)
     bs = batch_sizes if batch_sizes is not None else (1, 64)
     for b in bs:
-        names += [f"latency_ms_b{b}", f"latency_p90_ms_b{b}", f"latency_ms_b{b}_cpu", f"peak_infer_memory_mb_b{b}",
+        names += [f"latency_ms_b{b}", f"latency_p90_ms_b{b}", f"latency_ms_b{b}_cpu", f"latency_ms_b{b}_ort",
+                  f"peak_infer_memory_mb_b{b}",
                   f"infer_energy_mj_per_image_b{b}"]
     return names
 

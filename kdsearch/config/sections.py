@@ -402,11 +402,18 @@ class DistillConfig:
 class LatencyConfig:
     """Latency timing per (device, batch size). ``warmup`` untimed forwards run first, at most
     ``max_time_s`` seconds of them; then ``min_repeats`` to ``max_repeats`` timed repeats, at most
-    ``max_time_s`` seconds once ``min_repeats`` are done. ``measure.max_time`` bounds it all."""
+    ``max_time_s`` seconds once ``min_repeats`` are done. ``measure.max_time`` bounds it all.
+
+    ``devices``: ``auto`` (the trial's device), ``cpu``, ``cuda``, and ``ort-cpu``: the student
+    exported to ONNX and run by ONNX Runtime on the CPU with ``ort_threads`` intra-op threads and
+    graph optimisation ``ort_optimization`` (disable, basic, extended, all), giving
+    ``latency_ms_b{N}_ort`` (needs ``pip install 'kdsearch[export]'``)."""
 
     batch_sizes: tuple[int, ...] = (1, 64)
-    devices: tuple[str, ...] = ("auto",)  # auto = the trial's device; may add "cpu"
+    devices: tuple[str, ...] = ("auto",)  # auto = the trial's device; may add cpu, cuda, ort-cpu
     cpu_threads: int = 1
+    ort_threads: int = 1  # ONNX Runtime intra-op threads for ort-cpu
+    ort_optimization: str = "all"  # ONNX Runtime graph optimisation level for ort-cpu
     warmup: int = 5  # untimed forwards before timing (at most max_time_s of them)
     min_repeats: int = 10
     max_repeats: int = 200
@@ -417,10 +424,16 @@ class LatencyConfig:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ConfigError("measure.latency.batch_sizes", "must be a list of integers >= 1", list(self.batch_sizes))
         for d in self.devices:
-            if d not in ("auto", "cpu", "cuda"):
-                raise ConfigError("measure.latency.devices", "each must be auto, cpu or cuda", d)
+            if d not in ("auto", "cpu", "cuda", "ort-cpu"):
+                raise ConfigError("measure.latency.devices", "each must be auto, cpu, cuda or ort-cpu", d)
         if self.cpu_threads < 1:
             raise ConfigError("measure.latency.cpu_threads", "must be >= 1", self.cpu_threads)
+        if self.ort_threads < 1:
+            raise ConfigError("measure.latency.ort_threads", "must be >= 1", self.ort_threads)
+        if self.ort_optimization not in ("disable", "basic", "extended", "all"):
+            raise ConfigError(
+                "measure.latency.ort_optimization", "must be disable, basic, extended or all", self.ort_optimization
+            )
         if self.min_repeats < 3 or self.max_repeats < self.min_repeats:
             raise ConfigError(
                 "measure.latency.min_repeats", "must be >= 3 and <= max_repeats", self.min_repeats

@@ -19,6 +19,7 @@ from torch import nn
 
 from kdsearch.checkpoint import MODEL_FILE, load_student
 from kdsearch.errors import ExportError
+from kdsearch.measure.runtime_ort import ONNX_OPSET, ORT_EXTRA, export_onnx, onnxruntime_missing, ort_session
 from kdsearch.models import StudentSpec
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
 FORMATS = ("safetensors", "torchscript", "onnx")
 MODEL_FILES = {"safetensors": MODEL_FILE, "torchscript": "model.pt", "onnx": "model.onnx"}
 TOLERANCE = 1e-4  # max |output difference| allowed between an export and the PyTorch model
-ONNX_OPSET = 18
 VERIFY_SEED = 0
 VERIFY_BATCH = 3  # > 1 and != the tracing batch, so the ONNX dynamic batch dimension is exercised
 _RUNTIMES = {"torchscript": "torch.jit.load", "onnx": "onnxruntime CPUExecutionProvider",
@@ -85,33 +85,19 @@ def write_torchscript(model: nn.Module, spec: StudentSpec, path: Path) -> float:
 
 
 def write_onnx(model: nn.Module, spec: StudentSpec, path: Path) -> float:
-    """Export ``model`` to ONNX at ``path`` (dynamic batch) and return the verified max |output difference|."""
+    """Export ``model`` to ONNX at ``path`` (dynamic batch) and return the verified max |output difference|.
+
+    The exporter is :func:`kdsearch.measure.runtime_ort.export_onnx`, the one the ``ort-cpu``
+    latency of the search used, and the check runs an onnxruntime CPU session.
+    """
+    missing = onnxruntime_missing()
+    if missing is not None:
+        raise ExportError(f"--format onnx: needs onnx, onnxscript and onnxruntime ({missing} is missing); {ORT_EXTRA}")
     try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ExportError(
-            "--format onnx: needs onnx, onnxscript and onnxruntime; pip install 'kdsearch[export]'"
-        ) from None
-    example = _verify_batch(spec, 2)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (example,),
-                str(path),
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_shapes=({0: batch},),
-                opset_version=ONNX_OPSET,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
+        export_onnx(model, spec.resolution, spec.in_chans, path)
     except ImportError as exc:
-        raise ExportError(f"--format onnx: {exc.name or exc} is not installed; pip install 'kdsearch[export]'") from None
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        raise ExportError(f"--format onnx: {exc.name or exc} is not installed; {ORT_EXTRA}") from None
+    sess = ort_session(path, threads=0)
     shape = sess.get_inputs()[0].shape
     if isinstance(shape[0], int):
         raise ExportError(f"--format onnx: the batch dimension came out fixed ({shape}); expected a dynamic one")

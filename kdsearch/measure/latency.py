@@ -51,7 +51,17 @@ from kdsearch.measure._common import (
     uses_channels_last,
 )
 
-__all__ = ["LatencyResult", "OverBudget", "measure_latency", "measure_latency_on_cpu", "latency_stats"]
+__all__ = [
+    "LatencyResult",
+    "OverBudget",
+    "Timing",
+    "eval_mode",
+    "latency_result",
+    "latency_stats",
+    "measure_latency",
+    "measure_latency_on_cpu",
+    "time_forwards",
+]
 
 _CUDA_SETTLE_FORWARDS = 3  # untimed forwards that let cudnn.benchmark pick kernels for this shape
 
@@ -220,13 +230,60 @@ def cpu_threads(n: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode for the block, then back in the mode it came in."""
     was_training = model.training
     model.eval()
     try:
         yield
     finally:
         model.train(was_training)
+
+
+@dataclass
+class Timing:
+    """What :func:`time_forwards` saw: every timed repeat (ms), why it stopped, the untimed
+    warm-ups it ran, the first (cold) forward (ms) and its wall time, warm-ups included (s)."""
+
+    samples_ms: list[float]
+    stop_reason: str  # "stable" | "max_repeats" | "max_time" | "budget"
+    warmup: int
+    first_forward_ms: float | None
+    elapsed_s: float
+
+
+def time_forwards(
+    forward_ms: Callable[[], float],
+    batch_size: int,
+    cfg: LatencyConfig,
+    *,
+    extra_warmup: int = 0,
+    budget_s: float | None = None,
+    expected_forward_s: float | None = None,
+) -> Timing:
+    """Warm up and time ``forward_ms`` (one synchronised forward of ``batch_size`` images; returns
+    its duration in ms) with the plan of the module docstring: ``cfg.warmup + extra_warmup``
+    untimed forwards, then adaptive repeats, all under the hard ``budget_s`` (s).
+
+    Any runtime can be timed this way (PyTorch on CPU or CUDA here, ONNX Runtime in
+    :mod:`kdsearch.measure.runtime_ort`). Raises :class:`OverBudget` as described there;
+    ``expected_forward_s`` (s) refuses a hopeless measurement before its first forward.
+    """
+    t_start = time.perf_counter()
+    deadline = None if budget_s is None else t_start + max(0.0, budget_s)
+    plan = _Plan(cfg, cfg.warmup + extra_warmup, batch_size, deadline, t_start)
+    if deadline is not None and expected_forward_s is not None:
+        cost = (plan.planned_warmups(expected_forward_s) + cfg.min_repeats) * expected_forward_s
+        if cost > deadline - time.perf_counter():
+            raise plan.over_budget(expected_forward_s, deadline - time.perf_counter())
+    samples, stop, warm, first_ms = _run_plan(forward_ms, plan)
+    return Timing(
+        samples_ms=samples,
+        stop_reason=stop,
+        warmup=warm,
+        first_forward_ms=None if math.isnan(first_ms) else first_ms,
+        elapsed_s=time.perf_counter() - t_start,
+    )
 
 
 def measure_latency(
@@ -248,59 +305,81 @@ def measure_latency(
     before its first forward. Both raise :class:`OverBudget` (see the module docstring).
     """
     t_start = time.perf_counter()
-    deadline = None if budget_s is None else t_start + max(0.0, budget_s)
     dev = resolve_device(device)
-    n_warmup = cfg.warmup + (_CUDA_SETTLE_FORWARDS if dev.type == "cuda" else 0)
-    plan = _Plan(cfg, n_warmup, batch_size, deadline, t_start)
-    if deadline is not None and expected_forward_s is not None:
-        cost = (plan.planned_warmups(expected_forward_s) + cfg.min_repeats) * expected_forward_s
-        if cost > deadline - time.perf_counter():
-            raise plan.over_budget(expected_forward_s, deadline - time.perf_counter())
     dtype = model_dtype(model)
     channels_last = dev.type == "cuda" and uses_channels_last(model)
     x = example_input(batch_size, resolution, dev, dtype, in_chans, channels_last)
-    with _eval_mode(model), torch.inference_mode():
+    extra = _CUDA_SETTLE_FORWARDS if dev.type == "cuda" else 0
+
+    def timed(forward_ms: Callable[[], float]) -> Timing:
+        return time_forwards(
+            forward_ms, batch_size, cfg, extra_warmup=extra,
+            budget_s=None if budget_s is None else budget_s - (time.perf_counter() - t_start),
+            expected_forward_s=expected_forward_s,
+        )
+
+    with eval_mode(model), torch.inference_mode():
         if dev.type == "cuda":
-            samples, stop, warm, first_ms = _time_cuda(model, x, dev, plan)
+            timing = _time_cuda(model, x, dev, timed)
             method, threads = "cuda-events", None
         else:
             with cpu_threads(cfg.cpu_threads):
-                samples, stop, warm, first_ms = _time_cpu(model, x, plan)
+                timing = _time_cpu(model, x, timed)
             method, threads = "perf_counter", cfg.cpu_threads
-    st = latency_stats(samples)
+    return latency_result(
+        timing, method=method, device=device_label(dev), threads=threads, batch_size=batch_size,
+        dtype=str(dtype).removeprefix("torch."), channels_last=channels_last, budget_s=budget_s,
+        elapsed_s=time.perf_counter() - t_start,
+    )
+
+
+def latency_result(
+    timing: Timing,
+    *,
+    method: str,
+    device: str,
+    threads: int | None,
+    batch_size: int,
+    dtype: str = "float32",
+    channels_last: bool = False,
+    budget_s: float | None = None,
+    elapsed_s: float | None = None,
+) -> LatencyResult:
+    """A :class:`LatencyResult` from a :class:`Timing` and how it was taken."""
+    st = latency_stats(timing.samples_ms)
     return LatencyResult(
         median_ms=st["median_ms"],
         p90_ms=st["p90_ms"],
         iqr_ms=st["iqr_ms"],
         mean_ms=st["mean_ms"],
         min_ms=st["min_ms"],
-        repeats=len(samples),
+        repeats=len(timing.samples_ms),
         method=method,
-        device=device_label(dev),
+        device=device,
         threads=threads,
         batch_size=batch_size,
-        warmup=warm,
-        stop_reason=stop,
-        dtype=str(dtype).removeprefix("torch."),
+        warmup=timing.warmup,
+        stop_reason=timing.stop_reason,
+        dtype=dtype,
         channels_last=channels_last,
-        first_forward_ms=None if math.isnan(first_ms) else first_ms,
+        first_forward_ms=timing.first_forward_ms,
         budget_s=budget_s,
-        elapsed_s=time.perf_counter() - t_start,
+        elapsed_s=timing.elapsed_s if elapsed_s is None else elapsed_s,
     )
 
 
-def _time_cpu(model: nn.Module, x: torch.Tensor, plan: _Plan) -> tuple[list[float], str, int, float]:
+def _time_cpu(model: nn.Module, x: torch.Tensor, timed: Callable[[Callable[[], float]], Timing]) -> Timing:
     def forward_ms() -> float:
         t = time.perf_counter()
         model(x)
         return (time.perf_counter() - t) * 1e3
 
-    return _run_plan(forward_ms, plan)
+    return timed(forward_ms)
 
 
 def _time_cuda(
-    model: nn.Module, x: torch.Tensor, dev: torch.device, plan: _Plan
-) -> tuple[list[float], str, int, float]:
+    model: nn.Module, x: torch.Tensor, dev: torch.device, timed: Callable[[Callable[[], float]], Timing]
+) -> Timing:
     bench_before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
@@ -317,7 +396,7 @@ def _time_cuda(
                 end.synchronize()
                 return float(start.elapsed_time(end))
 
-            return _run_plan(forward_ms, plan)
+            return timed(forward_ms)
     finally:
         torch.backends.cudnn.benchmark = bench_before
 

@@ -9,6 +9,9 @@ metric                            how
 ``latency_p90_ms_b{N}``           its 90th percentile
 ``latency_ms_b{N}_cpu``           on the CPU (a CPU copy when the trial runs on CUDA), if ``"cpu"``
                                   is in ``measure.latency.devices``; same for ``_cuda`` / ``"cuda"``
+``latency_ms_b{N}_ort``           ONNX Runtime on the CPU (the student exported to ONNX once, in
+                                  memory), if ``"ort-cpu"`` is listed; p90 beside it; the method
+                                  records the runtime's version, provider, threads, optimisation
 ``peak_infer_memory_mb_b{N}``     CUDA allocator peak of one forward + weights (CUDA only)
 ``model_size_mb``                 parameters + buffers, MB = 10^6 bytes
 ``activation_peak_mb_b1``         largest leaf-module (input + output) footprint, batch 1
@@ -55,6 +58,7 @@ from kdsearch.measure.memory import (
     model_size_mb,
     peak_inference_memory_mb,
 )
+from kdsearch.measure.runtime_ort import ORT_DEVICE, OrtLatency
 
 __all__ = ["Measurements", "measure_inference"]
 
@@ -224,7 +228,7 @@ def measure_inference(
     def expected_forward_s(kind: str, b: int) -> float | None:
         """On the CPU, a forward costs about batch-proportional time: scale the largest smaller
         batch measured (or judged) on the same device. None on CUDA (far from proportional)."""
-        if kind != "cpu":
+        if kind not in ("cpu", ORT_DEVICE):
             return None
         smaller = [(bb, r) for (k, bb), r in cache.items() if k == kind and bb < b]
         if not smaller:
@@ -246,6 +250,8 @@ def measure_inference(
                         model, res, b, lat, chans,
                         budget_s=left(), expected_forward_s=expected_forward_s(kind, b),
                     )
+                elif kind == ORT_DEVICE:
+                    cache[(kind, b)] = ort.measure(b, budget_s=left(), expected_forward_s=expected_forward_s(kind, b))
                 else:
                     raise AssertionError(kind)
             except OverBudget as exc:
@@ -261,6 +267,9 @@ def measure_inference(
     for name in ("cpu", "cuda"):
         if name in lat.devices:
             targets.append((f"_{name}", name))
+    ort = OrtLatency(model, res, chans, lat)  # exports nothing until an _ort figure is measured
+    if ORT_DEVICE in lat.devices:
+        targets.append(("_ort", ORT_DEVICE))
     # Ascending batch sizes: a small batch is cheap and its time predicts the larger ones.
     for b in sorted(lat.batch_sizes):
         for suffix, kind in targets:
@@ -275,11 +284,11 @@ def measure_inference(
                 try:
                     r = latency_on(kind, b)
                 except OverBudget as exc:
-                    how = _over_budget_method(exc, "cpu" if kind == "cpu" else device_label(dev), b)
+                    how = _over_budget_method(exc, kind if kind in ("cpu", ORT_DEVICE) else device_label(dev), b)
                     m.methods[med] = how
                     m.methods[p90] = how
                     raise
-                how = _latency_method(r)
+                how = _latency_method(r) if kind != ORT_DEVICE else {**_latency_method(r), **ort.method}
                 m.set(med, r.median_ms, how)
                 m.set(p90, r.p90_ms, how)
 

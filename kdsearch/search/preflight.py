@@ -21,10 +21,11 @@ from kdsearch.data import load_data
 from kdsearch.distill.cache_size import check_caches_fit
 from kdsearch.errors import ConfigError
 from kdsearch.measure.energy import energy_unavailable_reason
+from kdsearch.measure.runtime_ort import ORT_DEVICE, ORT_EXTRA, onnxruntime_missing
 from kdsearch.metrics import metric_info
 from kdsearch.models import create_teacher, get_family
 
-__all__ = ["preflight", "check_measurable", "check_workers"]
+__all__ = ["preflight", "check_measurable", "check_ort_runtime", "check_workers"]
 
 
 def preflight(cfg: StudyConfig) -> int:
@@ -32,6 +33,7 @@ def preflight(cfg: StudyConfig) -> int:
     return the data set's class count. Storage is checked when the study is opened, which writes
     nothing until the URL has opened."""
     check_measurable(cfg)
+    check_ort_runtime(cfg)
     resolutions = _int_values(cfg.student.resolution)
     for name in cfg.student.families:
         # e.g. a ViT needs a patch size that divides every resolution the study can propose
@@ -110,3 +112,26 @@ def check_workers(cfg: StudyConfig, n_workers: int, n_gpus: int) -> int:
             f"use --workers {n_gpus} or fewer, or set study.share_gpu: true to share on purpose (recorded per trial)",
         )
     return per_gpu
+
+
+def check_ort_runtime(cfg: StudyConfig) -> None:
+    """Refuse an ``ort-cpu`` latency this machine cannot measure, in a second.
+
+    ``ort-cpu`` in ``measure.latency.devices`` needs onnxruntime, and onnx and onnxscript to
+    export the student (the optional ``export`` extra); an objective or constraint on a
+    ``*_ort`` latency needs ``ort-cpu`` listed, or no trial would ever store it.
+    """
+    devices = cfg.measure.latency.devices
+    wanted = [("objectives", n) for n in cfg.objectives] + [("constraints", n) for n in cfg.constraints]
+    ort_metrics = [(sec, n) for sec, n in wanted if n.startswith("latency") and n.endswith("_ort")]
+    if ort_metrics and ORT_DEVICE not in devices:
+        sec, name = ort_metrics[0]
+        raise ConfigError(
+            f"{sec}.{name}", f"is measured only when measure.latency.devices lists {ORT_DEVICE}", list(devices),
+            f"add {ORT_DEVICE} to measure.latency.devices, e.g. [auto, {ORT_DEVICE}]",
+        )
+    if ORT_DEVICE in devices and (missing := onnxruntime_missing()) is not None:
+        raise ConfigError(
+            "measure.latency.devices", f"{ORT_DEVICE} needs {missing}, which is not installed", ORT_DEVICE,
+            f"{ORT_EXTRA}, or drop {ORT_DEVICE}",
+        )
