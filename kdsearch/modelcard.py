@@ -120,7 +120,11 @@ def render_readme(card: dict[str, Any], files: dict[str, str]) -> str:
     """The README.md of a card of either kind; ``files`` maps file names to sha256."""
     if card.get("kind") == FINETUNE_KIND:
         return "\n".join(_finetune_lines(card) + _files_lines(files))
-    return "\n".join(_export_lines(card) + _files_lines(files) + _verification_lines(card))
+    lines = _export_lines(card)  # title, blank line, then the body
+    return "\n".join(
+        lines[:2] + _int8_warning_lines(card) + lines[2:] + _quantization_lines(card) + _files_lines(files)
+        + _verification_lines(card)
+    )
 
 
 def _input_shape(card: dict[str, Any]) -> tuple[int, int]:
@@ -220,6 +224,65 @@ def _export_lines(card: dict[str, Any]) -> list[str]:
         "```json",
         json.dumps(card.get("environment"), indent=1, sort_keys=True, default=str),
         "```",
+        "",
+    ]
+
+
+def _int8_warning_lines(card: dict[str, Any]) -> list[str]:
+    q = card.get("quantization")
+    if not isinstance(q, dict) or not q.get("warning"):
+        return []
+    return [f"> **Warning (int8):** {q['warning']}.", ""]
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def _quantization_lines(card: dict[str, Any]) -> list[str]:
+    """The int8 section of an export card (``kdsearch export --quantize int8``)."""
+    q = card.get("quantization")
+    if not isinstance(q, dict):
+        return []
+    acc, lat, cal, agree = q["accuracy"], q["latency_ms"], q["calibration"], q["top1_agreement"]
+    m = q["latency_method"]
+    rows = [
+        f"| val accuracy | {_pct(acc['fp32']['val'])} | {_pct(acc['int8']['val'])} "
+        f"| {-100 * acc['drop']['val']:+.2f} points |",
+        f"| test accuracy | {_pct(acc['fp32']['test'])} | {_pct(acc['int8']['test'])} "
+        f"| {-100 * acc['drop']['test']:+.2f} points |",
+        *[
+            f"| CPU latency, batch {b[1:]} (ms) | {lat['fp32'][b]:.4g} | {lat['int8'][b]:.4g} "
+            f"| {lat['speedup'][b]:.2f}x speed-up |"
+            for b in lat["fp32"]
+        ],
+        f"| file size (MB) | {q['size_mb']['fp32']:.4g} | {q['size_mb']['int8']:.4g} "
+        f"| {q['size_mb']['fp32'] / q['size_mb']['int8']:.2f}x smaller |",
+    ]
+    return [
+        "## int8 (ONNX Runtime static quantization)",
+        "",
+        f"`{q['file']}`: {q['tool']} (onnxruntime {q['onnxruntime_version']}), {q['format']} format, "
+        f"activations {q['activations']}, weights {q['weights']}, reduce_range {q['reduce_range']} "
+        f"({q['types_chosen_for']}). Calibration: {cal['method']} over {cal['images']} images of the "
+        f"{cal['split']} split ({cal['sampling']}).",
+        "",
+        "| | fp32 (`model.onnx`) | int8 | change |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"Accuracy through {acc['runtime']}, on the study's val ({q['data']['n_val']}) and test "
+        f"({q['data']['n_test']}) images. Top-1 agreement of int8 with fp32 predictions (the round-trip "
+        f"check; bit-level equality does not apply): val {_pct(agree['val'])}, test {_pct(agree['test'])}. "
+        f"Latency: {m['method']}, {m['execution_provider']}, {m['intra_op_threads']} intra-op / "
+        f"{m['inter_op_threads']} inter-op threads, graph optimisation {m['graph_optimization_level']}.",
+        "",
+        f"Val-accuracy drop limit {100 * q['max_val_drop']:.2f} points: "
+        + ("within it." if q.get("within_limit") else "**exceeded** (see the warning at the top)."),
+        "",
+        "```python\nimport onnxruntime as ort\n"
+        f"sess = ort.InferenceSession(\"DIR/{q['file']}\", providers=[\"CPUExecutionProvider\"])"
+        "  # same input and output as model.onnx\n```",
         "",
     ]
 

@@ -84,6 +84,12 @@ CASES = [
     ("early-stop-that-cannot-fire", lambda t, r: ["optimize", "--config", SMOKE, "--set", "distill.early_stop.enabled=true"], "distill.early_stop.patience: can never fire"),
     ("early-stop-patience-too-long", lambda t, r: ["optimize", "--config", SMOKE, "--set", "distill.eval_every_fraction=0.25", "--set", "distill.early_stop={enabled: true, patience: 3}"], "lower distill.early_stop.patience to 2"),
     ("energy-objective-energy-off", lambda t, r: ["optimize", "--config", SMOKE, "--set", "objectives.infer_energy_mj_per_image_b1=minimize", "--set", "measure.energy.enabled=false"], "is an energy figure, and measure.energy.enabled is false"),
+    ("latency-device-unknown", lambda t, r: ["optimize", "--config", SMOKE, "--set", "measure.latency.devices=[auto, onnx]"], "measure.latency.devices: each must be auto, cpu, cuda or ort-cpu"),
+    ("ort-threads-zero", lambda t, r: ["optimize", "--config", SMOKE, "--set", "measure.latency.ort_threads=0"], "measure.latency.ort_threads: must be >= 1"),
+    ("ort-objective-without-ort-device", lambda t, r: ["optimize", "--config", SMOKE, "--run-dir", r, "--set", "objectives.latency_ms_b1_ort=minimize"], "is measured only when measure.latency.devices lists ort-cpu"),
+    ("export-quantize-not-onnx", lambda t, r: ["export", "--study-name", "smoke", "--run-dir", r, "--trial", "0", "--quantize", "int8", "--out", t / "x"], "--quantize: needs --format onnx"),
+    ("export-max-int8-drop-word", lambda t, r: ["export", "--study-name", "smoke", "--run-dir", r, "--trial", "0", "--format", "onnx", "--quantize", "int8", "--max-int8-drop", "small", "--out", t / "x"], "--max-int8-drop: must be a number"),
+    ("export-calibration-images-zero", lambda t, r: ["export", "--study-name", "smoke", "--run-dir", r, "--trial", "0", "--format", "onnx", "--quantize", "int8", "--calibration-images", "0", "--out", t / "x"], "--calibration-images: must be >= 1"),
 ]
 
 

@@ -22,6 +22,7 @@ from kdsearch.export.formats import (
     write_torchscript,
 )
 from kdsearch.export.pick import select_trial
+from kdsearch.export.quantize import INT8_FILE, QUANTIZE_CHOICES, QuantizeSettings, quantize_int8, study_data
 from kdsearch.modelcard import check_out_dir, staged_out_dir, write_card
 from kdsearch.storage import load_study
 
@@ -38,6 +39,12 @@ class ExportResult:
     files: dict[str, str]
     max_abs_diff: float | None
     card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """The card's ``quantization`` section (``--quantize``), or None."""
+        q = self.card.get("quantization")
+        return q if isinstance(q, dict) else None
 
 
 def _download_checkpoint(trial: FrozenTrial, artifact_dir: Path | None, dest: Path) -> None:
@@ -68,6 +75,9 @@ def export_trial(
     out_dir: str | Path,
     fmt: str = "safetensors",
     artifact_dir: str | Path | None = None,
+    quantize: str | None = None,
+    quantize_settings: QuantizeSettings | None = None,
+    data_root: str | None = None,
 ) -> ExportResult:
     """Export one COMPLETE trial's student to ``out_dir``.
 
@@ -78,12 +88,23 @@ def export_trial(
     ``model.safetensors``, so ``kdsearch finetune`` and :func:`kdsearch.load_student` work on it.
 
     Exactly one of ``trial_number`` and ``pick`` (a rule, see :mod:`kdsearch.report.pareto`).
+    ``quantize="int8"`` (ONNX only) also writes ``model.int8.onnx`` and the card's
+    ``quantization`` section: calibration on the study's training split, fp32 and int8 accuracy,
+    latency and top-1 agreement (:mod:`kdsearch.export.quantize`, ``quantize_settings``;
+    ``data_root`` overrides the stored ``data.root``).
     ``artifact_dir`` is the study's FileSystemArtifactStore folder (``<run_dir>/<study>/artifacts``).
     Raises :class:`ConfigError` for a bad trial/rule/format/output and :class:`ExportError` for a
     checkpoint that is missing, altered (sha256 mismatch) or an export that does not verify.
     """
     if fmt not in FORMATS:
         raise ConfigError("--format", f"must be one of {list(FORMATS)}", fmt)
+    if quantize is not None:
+        if quantize not in QUANTIZE_CHOICES:
+            raise ConfigError("--quantize", f"must be one of {list(QUANTIZE_CHOICES)}", quantize)
+        if fmt != "onnx":
+            raise ConfigError("--quantize", "needs --format onnx (ONNX Runtime quantizes the ONNX model)", fmt,
+                              "add --format onnx")
+    settings = quantize_settings or QuantizeSettings()
     out = Path(out_dir)
     check_out_dir(out)
     study = load_study(storage_url, study_name)
@@ -91,6 +112,8 @@ def export_trial(
     expected = trial.user_attrs.get("weights_sha256")
     if not expected:
         raise ExportError(f"trial {trial.number}: no 'weights_sha256' user attr; cannot check the checkpoint")
+    # The data first: a moved data folder fails before anything is exported.
+    data = study_data(study, trial, data_root) if quantize == "int8" else None
     with staged_out_dir(out) as stage:
         ckpt = stage / MODEL_FILE
         _download_checkpoint(trial, Path(artifact_dir) if artifact_dir is not None else None, ckpt)
@@ -116,5 +139,11 @@ def export_trial(
             files[MODEL_FILES[fmt]] = sha256_file(stage / MODEL_FILES[fmt])
         card = export_card(study, trial, spec, fmt)
         card["verification"] = verification_record(fmt, diff, diff_st)
+        if data is not None:
+            card["quantization"] = quantize_int8(
+                stage / MODEL_FILES["onnx"], stage / INT8_FILE, spec, data, settings,
+                {k: trial.user_attrs.get(k) for k in ("val_accuracy", "test_accuracy")},
+            )
+            files[INT8_FILE] = sha256_file(stage / INT8_FILE)
         all_files = write_card(stage, card, files)
     return ExportResult(trial.number, out, fmt, all_files, diff, card)
