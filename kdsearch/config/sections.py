@@ -207,21 +207,59 @@ class TeacherCacheConfig:
 
 @dataclass(frozen=True)
 class TeacherFitConfig:
-    """Fitting the teacher to the data set (fine-tune, or from scratch without weights)."""
+    """Fitting the teacher to the data set (fine-tune, or from scratch without weights).
+
+    Without ``target_accuracy`` and ``max_epochs`` the fit trains for ``time_s`` (a time box: its
+    quality depends on the machine's speed). With either, the fit aims at a quality instead and
+    ``time_s`` is only a cap: it stops once the val accuracy, checked every
+    ``eval_every_epochs`` epochs, reaches ``target_accuracy``, or after ``max_epochs`` epochs (the
+    LR schedule then runs over those epochs), or at the cap, whichever comes first.
+    """
 
     enabled: str = "auto"  # auto: fit when classes differ or no pretrained weights; true; false
-    time_s: float = 300.0
+    time_s: float = 300.0  # the box, or the cap once target_accuracy / max_epochs is set (wall clock)
     lr: float = 1e-3  # AdamW
     weight_decay: float = 0.05
     batch_size: int = 128
+    target_accuracy: float | None = None  # stop once the val accuracy (fraction 0..1) reaches it
+    max_epochs: float | None = None  # passes over the train split: schedule length and stop
+    eval_every_epochs: float = 1.0  # how often the val accuracy is checked for target_accuracy
+    flip: bool = True  # horizontal flips in the fit's augmentation (false for digits, text, ...)
 
     def __post_init__(self) -> None:
         if self.enabled not in ("auto", "true", "false"):
             raise ConfigError("teacher.fit.enabled", "must be auto, true or false", self.enabled)
+        if not self.time_s > 0:
+            raise ConfigError("teacher.fit.time", "must be > 0 (a duration such as 60s or 5m)", self.time_s)
         if not 0 < self.lr < 10:
             raise ConfigError("teacher.fit.lr", "must be in (0, 10)", self.lr)
         if self.batch_size < 1:
             raise ConfigError("teacher.fit.batch_size", "must be >= 1", self.batch_size)
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ConfigError(
+                "teacher.fit.target_accuracy", "must be in (0, 1] (a fraction of the val split)",
+                self.target_accuracy, "e.g. 0.9 for 90%",
+            )
+        if self.max_epochs is not None and not 0 < self.max_epochs <= 100_000:
+            raise ConfigError("teacher.fit.max_epochs", "must be in (0, 100000]", self.max_epochs)
+        if not 0 < self.eval_every_epochs <= 1000:
+            raise ConfigError("teacher.fit.eval_every_epochs", "must be in (0, 1000]", self.eval_every_epochs)
+
+    @property
+    def time_is_cap(self) -> bool:
+        """True when the fit aims at a target (accuracy or epochs) and ``time_s`` only caps it."""
+        return self.target_accuracy is not None or self.max_epochs is not None
+
+    def describe(self) -> str:
+        """What the fit aims at, for progress lines: ``"to 90% val, at most 30 epochs, cap 120s"``."""
+        aims: list[str] = []
+        if self.target_accuracy is not None:
+            aims.append(f"to {100 * self.target_accuracy:g}% val")
+        if self.max_epochs is not None:
+            aims.append(f"at most {self.max_epochs:g} epochs")
+        if not aims:
+            return f"for {self.time_s:g}s"
+        return ", ".join(aims) + f", cap {self.time_s:g}s"
 
 
 INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "nearest")

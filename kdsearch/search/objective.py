@@ -204,7 +204,7 @@ def _prepare_teacher(
     loaded = create_teacher(tcfg, bundle.num_classes, device)
     fit_info: dict[str, Any] = {}
     if teacher_needs_fit(tcfg, loaded, bundle.num_classes):
-        progress("teacher-fit", 0.0, f"fitting teacher {label} for {tcfg.fit.time_s:.0f}s")
+        progress("teacher-fit", 0.0, f"fitting teacher {label} {tcfg.fit.describe()}")
         loaded, fit_info = fit_teacher(
             loaded,
             bundle,

@@ -1,4 +1,4 @@
-"""fit_teacher: trains for the box, stores the weights, and a second call loads them."""
+"""fit_teacher: trains for the box or to a target (val accuracy, epochs) under a cap, stores the weights, and a second call loads them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from distill_helpers import tiny_bundle, tiny_teacher
 
 from kdsearch.config import TeacherFitConfig
 from kdsearch.distill import fit_key, fit_teacher
+from kdsearch.distill.fit import fit_key_config
 from kdsearch.measure import evaluate_accuracy
 from kdsearch.models import state_dict_sha256
 
@@ -75,3 +76,79 @@ def test_a_reset_head_is_not_part_of_the_fit_key() -> None:
         other_body.model.patch_embed.proj.weight.add_(1.0)  # a different backbone
     assert fit_key(other_head, bundle, cfg) == fit_key(base, bundle, cfg)
     assert fit_key(other_body, bundle, cfg) != fit_key(base, bundle, cfg)
+
+
+def test_fit_stops_at_its_target_accuracy_well_inside_the_cap(tmp_path: Path) -> None:
+    bundle = tiny_bundle(train_size=512, num_classes=4)
+    target = 0.6
+    cfg = TeacherFitConfig(time_s=60.0, lr=2e-3, batch_size=64, target_accuracy=target, eval_every_epochs=0.5)
+    fitted, info = fit_teacher(tiny_teacher(bundle.num_classes, seed=3), bundle, cfg, tmp_path, "cpu")
+    assert info["stop_reason"] == "target_accuracy" and info["target_reached"] is True
+    assert info["fit_time_s"] < 0.5 * cfg.time_s  # stopped by the target, far from the cap
+    history = info["val_history"]
+    assert history[-1][1] >= target and all(acc < target for _, acc in history[:-1])
+    assert [e for e, _ in history] == sorted(e for e, _ in history) and history[0][0] >= 0.5
+    # The recorded figure is the one the search reports for the teacher.
+    assert evaluate_accuracy(fitted.model, bundle.val, 32, fitted.mean, fitted.std, "cpu") == pytest.approx(history[-1][1])
+    again, info2 = fit_teacher(tiny_teacher(bundle.num_classes, seed=5), bundle, cfg, tmp_path, "cpu")
+    assert info2["from_cache"] and info2["stop_reason"] == "target_accuracy"
+    assert again.weights_sha256 == fitted.weights_sha256
+
+
+def test_fit_stops_after_max_epochs_or_at_the_cap(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bundle = tiny_bundle(train_size=256, num_classes=4)
+    by_epochs = TeacherFitConfig(time_s=60.0, lr=2e-3, batch_size=64, max_epochs=2)
+    _, info = fit_teacher(tiny_teacher(bundle.num_classes), bundle, by_epochs, tmp_path, "cpu")
+    assert info["stop_reason"] == "max_epochs" and info["epochs"] == pytest.approx(2.0, abs=0.3)
+    assert info["fit_time_s"] < 30 and "val_history" not in info
+
+    unreachable = TeacherFitConfig(time_s=1.0, lr=2e-3, batch_size=64, target_accuracy=1.0, eval_every_epochs=0.25)
+    with caplog.at_level("WARNING", logger="kdsearch.distill.fit"):
+        _, info = fit_teacher(tiny_teacher(bundle.num_classes), bundle, unreachable, tmp_path, "cpu")
+    assert info["stop_reason"] == "time_cap" and info["target_reached"] is False
+    assert 1.0 <= info["fit_time_s"] < 3.0 and info["val_history"]
+    assert "below teacher.fit.target_accuracy 100%" in caplog.text
+
+
+def test_target_keys_are_in_the_fit_key_and_leave_old_keys_alone() -> None:
+    bundle = tiny_bundle(train_size=64)
+    teacher = tiny_teacher(bundle.num_classes)
+    plain = TeacherFitConfig(time_s=60.0)
+    assert set(fit_key_config(plain)) == {"enabled", "time_s", "lr", "weight_decay", "batch_size"}
+    assert "flip" in fit_key_config(dataclasses.replace(plain, flip=False))
+    # eval_every_epochs changes nothing without a target: the key stays the time box's.
+    assert fit_key(teacher, bundle, dataclasses.replace(plain, eval_every_epochs=0.5)) == fit_key(teacher, bundle, plain)
+    keys = {
+        fit_key(teacher, bundle, c)
+        for c in (
+            plain,
+            dataclasses.replace(plain, target_accuracy=0.9),
+            dataclasses.replace(plain, target_accuracy=0.95),
+            dataclasses.replace(plain, target_accuracy=0.9, eval_every_epochs=0.5),
+            dataclasses.replace(plain, max_epochs=10),
+            dataclasses.replace(plain, target_accuracy=0.9, max_epochs=10),
+        )
+    }
+    assert len(keys) == 6
+
+
+@pytest.mark.parametrize(
+    ("fit", "message"),
+    [
+        ({"target_accuracy": 90}, "teacher.fit.target_accuracy: must be in (0, 1] (a fraction of the val split)"),
+        ({"max_epochs": 0}, "teacher.fit.max_epochs: must be in (0, 100000]"),
+        ({"eval_every_epochs": -1}, "teacher.fit.eval_every_epochs: must be in (0, 1000]"),
+        ({"flip": "no"}, "teacher.fit.flip: must be true or false"),
+    ],
+)
+def test_bad_fit_targets_are_one_line_errors(fit: dict, message: str) -> None:
+    from kdsearch.config import config_from_dict
+    from kdsearch.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"teacher": {"name": "vit_tiny_patch16_224", "fit": fit}})
+    assert message in str(err.value) and "\n" not in str(err.value)
+    ok = config_from_dict({"teacher": {"name": "vit_tiny_patch16_224", "fit": {
+        "target_accuracy": 0.95, "max_epochs": 40, "time": "150s", "flip": False}}})
+    assert ok.teacher.fit.describe() == "to 95% val, at most 40 epochs, cap 150s" and ok.teacher.fit.time_is_cap
+    assert TeacherFitConfig(time_s=60).describe() == "for 60s" and not TeacherFitConfig().time_is_cap
