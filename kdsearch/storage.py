@@ -234,7 +234,7 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 def load_study(storage_url: str, study_name: str) -> optuna.Study:
     """Open an existing study for reading (report, trials, export). One-line errors otherwise."""
     storage = open_storage(storage_url, create=False)
-    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+    names = sorted(optuna.get_all_study_names(storage))  # summaries would deep-copy every trial
     if study_name not in names:
         raise StorageError(
             f"--study-name: no study {study_name!r} in {redact_url(storage_url)!r}; known: {names or 'none'}"

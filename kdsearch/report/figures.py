@@ -2,8 +2,15 @@
 
 Optuna's visualisation module draws what it can (Pareto front with infeasible trials greyed out
 through the stored constraints, hypervolume history, parallel coordinates, parameter
-importances); the accuracy-vs-latency scatter (the paper's facets 2 and 3 at a glance: colour =
-input resolution, marker size = depth) is drawn here with plotly graph objects.
+importances); the accuracy-vs-cost scatters (one per cost objective, plus latency: the paper's
+facets 2 and 3 at a glance: colour = input resolution, marker size = depth, the teacher's val
+accuracy as a dashed horizontal line) are drawn here with plotly graph objects.
+
+Optuna's plots read ``study.trials`` (a deep copy of every trial with all its user attributes)
+once per parameter, which made a 1,000-trial report take minutes. They are given
+:func:`plot_study` instead: an in-memory view holding a light copy of each trial (params,
+distributions, values, state, constraints; of the user attributes only ``student`` and
+``teacher``, which also keeps the hover text short) that is never deep-copied again.
 
 A figure that cannot be drawn (too few trials, a single distinct value, no such metric) comes
 back as a :class:`ReportFigure` with ``figure=None`` and a ``note`` saying why; the report shows
@@ -16,7 +23,7 @@ import itertools
 import math
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import optuna
@@ -25,7 +32,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.metrics import metric_unit
-from kdsearch.report.pareto import feasible, metric_columns, metric_value, pareto_front
+from kdsearch.report.pareto import feasible, metric_columns, metric_value, pareto_front, teacher_accuracies
 
 __all__ = [
     "ReportFigure",
@@ -36,7 +43,10 @@ __all__ = [
     "parallel_coordinate_figure",
     "importance_figures",
     "accuracy_latency_figure",
+    "accuracy_cost_figures",
+    "cost_metrics",
     "latency_metric",
+    "plot_study",
     "all_figures",
 ]
 
@@ -62,6 +72,66 @@ def axis_title(metric: str) -> str:
 
 def _key(*parts: str) -> str:
     return "fig-" + "-".join(re.sub(r"[^A-Za-z0-9_]+", "_", p) for p in parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# A light study for Optuna's plots
+
+_PLOT_USER_ATTRS = ("student", "teacher")
+
+
+class _TrialListStudy(optuna.Study):
+    """An in-memory study (directions and metric names copied) whose trials are a fixed list,
+    handed out without copying: Optuna's plots only read them."""
+
+    def __init__(self, source: optuna.Study, trials: list[FrozenTrial]) -> None:
+        storage = optuna.storages.InMemoryStorage()
+        level = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line in the CLI
+        try:
+            storage.create_new_study(directions=list(source.directions), study_name=source.study_name)
+        finally:
+            optuna.logging.set_verbosity(level)
+        super().__init__(source.study_name, storage)
+        if source.metric_names:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.set_metric_names(list(source.metric_names))
+        self.kd_trials = trials
+
+    def get_trials(self, deepcopy: bool = True, states: Container[TrialState] | None = None) -> list[FrozenTrial]:
+        return [t for t in self.kd_trials if states is None or t.state in states]
+
+
+def _light(t: FrozenTrial) -> FrozenTrial:
+    # Optuna's plots use COMPLETE trials only; any other state stays as a FAIL placeholder so that
+    # trial numbers (the hypervolume history's x axis) are kept.
+    complete = t.state == TrialState.COMPLETE
+    return FrozenTrial(
+        number=t.number,
+        state=t.state if complete or t.state.is_finished() else TrialState.FAIL,
+        value=None,
+        values=t.values if complete else None,
+        datetime_start=t.datetime_start,
+        datetime_complete=t.datetime_complete,
+        params=t.params,
+        distributions=t.distributions,
+        user_attrs={k: t.user_attrs[k] for k in _PLOT_USER_ATTRS if k in t.user_attrs},
+        system_attrs=t.system_attrs,
+        intermediate_values=t.intermediate_values,
+        trial_id=t.number,  # the storage id is not read by the plots
+    )
+
+
+def plot_study(study: optuna.Study) -> optuna.Study:
+    """A read-only stand-in for ``study`` to hand to Optuna's plots (see the module docstring).
+
+    A study that is already one is returned as it is.
+    """
+    if isinstance(study, _TrialListStudy):
+        return study
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    return _TrialListStudy(study, [_light(t) for t in trials])
 
 
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
@@ -107,6 +177,7 @@ def pareto_figures(study: optuna.Study) -> list[ReportFigure]:
     Optuna marks infeasible trials (any stored constraint > 0) in grey. With more than two
     objectives, "best" in a pair figure means on the front over *all* objectives (projected).
     """
+    study = plot_study(study)
     names = _names(study)
     n = len(names)
     if n < 2:
@@ -161,6 +232,7 @@ def reference_point(study: optuna.Study) -> list[float] | None:
 def hypervolume_figure(study: optuna.Study) -> ReportFigure:
     """Optuna's hypervolume history (feasible trials only) with the stated reference point."""
     key, title = _key("hypervolume"), "Hypervolume history"
+    study = plot_study(study)
     names = _names(study)
     if len(names) < 2:
         return ReportFigure(key, title, None, "single-objective study: no hypervolume")
@@ -195,6 +267,7 @@ def parallel_coordinate_figure(study: optuna.Study) -> ReportFigure:
     """Optuna's parallel coordinates over the searched parameters (multi-objective: every
     objective as an axis, lines coloured by Pareto rank; infeasible trials dotted)."""
     key, title = _key("parallel"), "Parallel coordinates"
+    study = plot_study(study)
     done = _complete(study)
     if len(done) < 2:
         return ReportFigure(key, title, None, f"needs at least 2 COMPLETE trials (has {len(done)})")
@@ -207,6 +280,7 @@ def parallel_coordinate_figure(study: optuna.Study) -> ReportFigure:
 
 def importance_figures(study: optuna.Study) -> list[ReportFigure]:
     """Optuna's parameter importances (PED-ANOVA), one figure per objective (``target=``)."""
+    study = plot_study(study)
     names = _names(study)
     done = _complete(study)
     params = _searched_params(done)
@@ -238,8 +312,9 @@ def importance_figures(study: optuna.Study) -> list[ReportFigure]:
 # ----------------------------------------------------------------------------------------------
 # Accuracy vs latency (facets 2 and 3)
 
-_LAT_RE = re.compile(r"latency_ms_b(\d+)(_cpu|_cuda)?")
+_LAT_RE = re.compile(r"latency_ms_b(\d+)(_cpu|_cuda|_ort)?")
 _PALETTE = ("#636efa", "#ef553b", "#00cc96", "#ab63fa", "#ffa15a", "#19d3f3", "#ff6692", "#b6e880")
+_TEACHER_COLOURS = ("#444444", "#8c564b", "#7f7f7f")
 
 
 def latency_metric(study: optuna.Study) -> str | None:
@@ -251,6 +326,17 @@ def latency_metric(study: optuna.Study) -> str | None:
     return cols[0] if cols else None
 
 
+def cost_metrics(study: optuna.Study) -> list[str]:
+    """The objectives that are not accuracies (unit other than ``fraction``), in objective order,
+    then the latency metric (:func:`latency_metric`) when no objective is one: what the
+    accuracy-vs-cost figures put on their x axes."""
+    out = [n for n in (study.metric_names or []) if metric_unit(n) not in (None, "fraction")]
+    lat = latency_metric(study)
+    if lat is not None and lat not in out:
+        out.append(lat)
+    return out
+
+
 def _spec_value(t: FrozenTrial, field: str, param: str) -> int | None:
     spec = t.user_attrs.get("spec")
     v = spec.get(field) if isinstance(spec, dict) else None
@@ -259,28 +345,39 @@ def _spec_value(t: FrozenTrial, field: str, param: str) -> int | None:
     return int(v) if isinstance(v, (int, float)) else None
 
 
-def accuracy_latency_figure(study: optuna.Study, accuracy: str = "val_accuracy") -> ReportFigure:
-    """Accuracy vs latency of every COMPLETE trial: colour = resolution (px), size = depth
-    (layers), ``x`` = infeasible, black ring = on the feasible Pareto front."""
-    lat = latency_metric(study)
-    key = _key("acc_latency")
-    title = f"{accuracy} vs {lat or 'latency'}: colour = resolution, size = depth"
-    if lat is None:
-        return ReportFigure(key, title, None, "no latency metric stored")
+
+
+def accuracy_cost_figure(
+    study: optuna.Study,
+    cost: str,
+    accuracy: str = "val_accuracy",
+    teachers: dict[str, float] | None = None,
+    front: set[int] | None = None,
+    key: str | None = None,
+) -> ReportFigure:
+    """``accuracy`` against ``cost`` for every COMPLETE trial: colour = input resolution (px),
+    size = depth (layers), ``x`` = infeasible, black ring = on the feasible Pareto front, and
+    each teacher's val accuracy (``teachers``: label -> fraction, default the stored ones) as a
+    dashed horizontal line. The y axis spans the students and the teachers. ``key``: the div id
+    (default ``fig-acc-<cost>``; the report's latency figure keeps ``fig-acc_latency``)."""
+    key = key or _key("acc", cost)
+    title = f"{accuracy} vs {cost}: colour = resolution, size = depth, dashed = teacher"
     names = list(study.metric_names or [])
-    front = {t.number for t in pareto_front(study, feasible_only=True)}
+    teachers = teacher_accuracies(study) if teachers is None else teachers
+    if front is None:
+        front = {t.number for t in pareto_front(study, feasible_only=True)}
     pts: list[tuple[FrozenTrial, float, float, int | None, int | None]] = []
     skipped: list[str] = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        x, y = metric_value(t, lat, names), metric_value(t, accuracy, names)
+        x, y = metric_value(t, cost, names), metric_value(t, accuracy, names)
         if x is None or y is None:
-            miss = [m for m, v in ((lat, x), (accuracy, y)) if v is None]
+            miss = [m for m, v in ((cost, x), (accuracy, y)) if v is None]
             why = (t.user_attrs.get("missing_metrics") or {}).get(miss[0], "not recorded")
             skipped.append(f"trial {t.number} ({miss[0]}: {why})")
             continue
         pts.append((t, x, y, _spec_value(t, "resolution", "resolution"), _spec_value(t, "depth", "vgg_depth")))
     if not pts:
-        return ReportFigure(key, title, None, f"no COMPLETE trial has both {accuracy} and {lat}")
+        return ReportFigure(key, title, None, f"no COMPLETE trial has both {accuracy} and {cost}")
     depths = [d for *_, d in pts if d is not None]
     dmin, dmax = (min(depths), max(depths)) if depths else (0, 0)
 
@@ -289,6 +386,7 @@ def accuracy_latency_figure(study: optuna.Study, accuracy: str = "val_accuracy")
             return 14.0
         return 9.0 + 21.0 * (d - dmin) / (dmax - dmin)  # px: the shallowest 9, the deepest 30
 
+    unit = metric_unit(cost) or ""
     fig = go.Figure()
     resolutions = sorted({r for *_, r, _ in pts if r is not None}) + ([None] if any(r is None for *_, r, _ in pts) else [])
     for idx, res in enumerate(resolutions):
@@ -306,7 +404,7 @@ def accuracy_latency_figure(study: optuna.Study, accuracy: str = "val_accuracy")
                     for p in group
                 ],
                 customdata=[p[0].number for p in group],
-                hovertemplate=f"%{{text}}<br>{lat} = %{{x:.4g}} ms<br>{accuracy} = %{{y:.4f}}<extra></extra>",
+                hovertemplate=f"%{{text}}<br>{cost} = %{{x:.4g}} {unit}<br>{accuracy} = %{{y:.4f}}<extra></extra>",
                 marker={
                     "color": color,
                     "size": [size(p[4]) for p in group],
@@ -319,19 +417,62 @@ def accuracy_latency_figure(study: optuna.Study, accuracy: str = "val_accuracy")
                 },
             )
         )
+    ys = [p[2] for p in pts] + list(teachers.values())
+    lo, hi = min(ys), max(ys)
+    pad = max(0.02, 0.06 * (hi - lo))
+    for idx, (label, acc) in enumerate(teachers.items()):
+        fig.add_hline(
+            y=acc,
+            line={"dash": "dash", "color": _TEACHER_COLOURS[idx % len(_TEACHER_COLOURS)], "width": 2},
+            annotation_text=f"teacher {label}: val {100 * acc:.2f}%",
+            annotation_position="bottom right" if idx % 2 == 0 else "top right",
+        )
     fig.update_layout(
-        xaxis_title=axis_title(lat),
+        xaxis_title=axis_title(cost),
         yaxis_title=axis_title(accuracy),
+        yaxis_range=[max(lo - pad, 0.0), min(hi + pad, 1.0) if hi <= 1.0 else hi + pad],
         legend_title_text="input resolution",
     )
+    if cost in ("macs", "params") or (unit == "ms" and max(p[1] for p in pts) > 50 * max(min(p[1] for p in pts), 1e-12)):
+        fig.update_xaxes(type="log")  # spans decades
     note = (
         f"Marker size = depth ({dmin} to {dmax} layers); x = infeasible; black ring = on the feasible Pareto front."
         if depths
         else "x = infeasible; black ring = on the feasible Pareto front."
     )
+    note += (
+        " Dashed: the teacher's val accuracy ("
+        + ", ".join(f"{label} {100 * acc:.2f}%" for label, acc in teachers.items()) + ")."
+        if teachers
+        else " The teacher's accuracy was not recorded with this study."
+    )
     if skipped:
-        note += " Not shown (metric missing): " + "; ".join(skipped) + "."
+        note += " Not shown (metric missing): " + "; ".join(skipped[:20]) + (
+            f" and {len(skipped) - 20} more" if len(skipped) > 20 else "") + "."
     return ReportFigure(key, title, _titled(fig, title), note)
+
+
+def accuracy_latency_figure(study: optuna.Study, accuracy: str = "val_accuracy") -> ReportFigure:
+    """Accuracy vs the latency metric (:func:`latency_metric`); see :func:`accuracy_cost_figure`."""
+    lat = latency_metric(study)
+    if lat is None:
+        title = f"{accuracy} vs latency: colour = resolution, size = depth, dashed = teacher"
+        return ReportFigure(_key("acc_latency"), title, None, "no latency metric stored")
+    return accuracy_cost_figure(study, lat, accuracy, key=_key("acc_latency"))
+
+
+def accuracy_cost_figures(study: optuna.Study, accuracy: str = "val_accuracy") -> list[ReportFigure]:
+    """One :func:`accuracy_cost_figure` per :func:`cost_metrics` entry (a note when there is none)."""
+    costs = cost_metrics(study)
+    if not costs:
+        return [accuracy_latency_figure(study, accuracy)]
+    lat = latency_metric(study)
+    teachers = teacher_accuracies(study)
+    front = {t.number for t in pareto_front(study, feasible_only=True)}
+    return [
+        accuracy_cost_figure(study, c, accuracy, teachers, front, key=_key("acc_latency") if c == lat else None)
+        for c in costs
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,10 +480,11 @@ def accuracy_latency_figure(study: optuna.Study, accuracy: str = "val_accuracy")
 
 def all_figures(study: optuna.Study) -> list[ReportFigure]:
     """Every figure of the report, in page order."""
+    light = plot_study(study)
     figs: list[ReportFigure] = []
-    figs += pareto_figures(study)
-    figs.append(accuracy_latency_figure(study))
-    figs.append(hypervolume_figure(study))
-    figs.append(parallel_coordinate_figure(study))
-    figs += importance_figures(study)
+    figs += accuracy_cost_figures(study)  # what a user looks at first: the students against the teacher
+    figs += pareto_figures(light)
+    figs.append(hypervolume_figure(light))
+    figs.append(parallel_coordinate_figure(light))
+    figs += importance_figures(light)
     return figs

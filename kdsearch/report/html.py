@@ -1,8 +1,17 @@
 """One self-contained HTML report of a stored study; it works offline.
 
+The page opens with what a user asks first ("At a glance", :func:`glance_html`): each
+teacher's accuracy, the student of the feasible Pareto front with the best value of each
+objective (with its distance to the teacher's val accuracy), and the student the default export
+picks (:data:`~kdsearch.report.pareto.DEFAULT_PICK_RULE`, selected by the same
+:func:`~kdsearch.report.pareto.pick_trial` as ``kdsearch export --pick``), with a link to its
+model card when an export of it sits beside the report, else the command that writes one. Then
+the study's details, the front table, the other trials and the figures.
+
 plotly.js is embedded inline once (the first figure, ``include_plotlyjs=True``; later figures
 reuse it), the trial table sorts with a few lines of inline JavaScript, and nothing is loaded
-from the network. The file is written atomically (temp file + ``os.replace``).
+from the network. The file is written atomically (temp file + ``os.replace``). Nothing here
+imports torch: a report of a 1,000-trial study takes seconds.
 """
 
 from __future__ import annotations
@@ -13,29 +22,41 @@ import json
 import logging
 import math
 import os
+import shlex
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import optuna
 import plotly.io as pio
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch._version import __version__
-from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import format_duration
+from kdsearch.errors import ConfigError
 from kdsearch.metrics import format_metric, metric_unit
 from kdsearch.report.figures import ReportFigure, all_figures
 from kdsearch.report.pareto import (
     TrialRow,
+    best_per_objective,
+    default_pick_rule,
     feasible,
     infeasible_reason,
     metric_columns,
+    metric_value,
+    pareto_front,
+    pick_trial,
+    teacher_accuracies,
     trial_rows,
 )
-from kdsearch.storage import load_study
+from kdsearch.storage import default_storage_url, load_study, redact_url
 
-__all__ = ["build_report", "render_report", "write_pngs"]
+__all__ = ["EXPORT_CARD_KIND", "build_report", "find_export", "glance_html", "render_report", "write_pngs"]
+
+EXPORT_CARD_KIND = "kdsearch-student-export"
+"""``card.json`` ``kind`` of a ``kdsearch export`` folder (:data:`kdsearch.modelcard.EXPORT_KIND`;
+not imported: the modelcard module pulls in torch)."""
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +73,10 @@ table.trials th .unit{font-weight:normal;color:#666;font-size:11px}
 table.trials th[aria-sort=ascending]::after{content:" \\25B2"} table.trials th[aria-sort=descending]::after{content:" \\25BC"}
 table.trials td.text{text-align:left} td.missing{color:#999;cursor:help}
 .figure{margin:12px 0 28px} .tablewrap{overflow-x:auto}
+#glance{background:#f7f9fc;border:1px solid #d8e0ec;border-radius:6px;padding:4px 16px 12px;margin:12px 0 20px}
+#glance h2{margin-top:12px;border:none} #glance tr.teacher td{background:#eef2f8;font-weight:600}
+#glance td.role{text-align:left;font-weight:600} .pos{color:#1a7f37} .neg{color:#b42318}
+code{background:#eef0f3;padding:1px 4px;border-radius:3px;font-size:12px}
 """
 
 # Click a header to sort by it; click again to reverse. Cells carry data-sort (a number, or
@@ -180,6 +205,178 @@ def _header(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# At a glance
+
+
+def find_export(study_name: str, trial_number: int, folders: list[Path]) -> Path | None:
+    """A ``kdsearch export`` folder of ``trial_number`` of ``study_name`` directly inside one of
+    ``folders`` (its ``card.json`` says so), or None. The newest card wins."""
+    found: list[tuple[float, Path]] = []
+    for folder in folders:
+        try:
+            cards = list(Path(folder).glob("*/card.json"))
+        except OSError:
+            continue
+        for card in cards:
+            try:
+                data = json.loads(card.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if (isinstance(data, dict) and data.get("kind") == EXPORT_CARD_KIND
+                    and data.get("study") == study_name and data.get("trial_number") == trial_number):
+                found.append((card.stat().st_mtime, card.parent))
+    return max(found)[1] if found else None
+
+
+def _export_command(study: optuna.Study, rule: str, run_dir: Path | None, storage_url: str | None) -> str:
+    """The shell command that exports the default pick (next to the report's default place)."""
+    name = study.study_name
+    parts = ["kdsearch", "export", "--study-name", name]
+    run = run_dir if run_dir is not None else Path("runs")
+    parts += ["--run-dir", str(run)]
+    if storage_url and storage_url != default_storage_url(run, name):
+        parts += ["--storage", redact_url(storage_url)]
+    parts += ["--pick", rule, "--out", str(run / name / "best-student")]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _delta_points(trial: FrozenTrial, names: list[str], teachers: dict[str, float]) -> tuple[str, str]:
+    """(text, css class) of the trial's val accuracy minus its teacher's, in percentage points."""
+    acc = metric_value(trial, "val_accuracy", names)
+    label = str(trial.user_attrs.get("teacher", ""))
+    ref = teachers.get(label)
+    if ref is None and len(teachers) == 1:
+        ref = next(iter(teachers.values()))
+    if acc is None or ref is None:
+        return "—", ""
+    d = 100.0 * (acc - ref)
+    return f"{d:+.2f} pts", "pos" if d >= 0 else "neg"
+
+
+def _stored_teachers(study: optuna.Study) -> dict[str, dict[str, Any]]:
+    stored = study.user_attrs.get("teachers")
+    return {str(k): v for k, v in stored.items() if isinstance(v, dict)} if isinstance(stored, dict) else {}
+
+
+_STOP_WORDS = {
+    "target_accuracy": "stopped at its target val accuracy",
+    "max_epochs": "stopped after teacher.fit.max_epochs",
+    "time_cap": "stopped by its time cap (teacher.fit.time) before its target",
+    "time": "trained for its time box (teacher.fit.time)",
+}
+
+
+def _fit_sentence(label: str, info: dict[str, Any]) -> str:
+    """``"Teacher ViT-tiny was fitted on the train split: stopped at its target val accuracy
+    after 21.0 epochs (38 s)."`` from the stored fit info; ``""`` when it was not fitted here."""
+    fit = info.get("fit")
+    if not isinstance(fit, dict) or not isinstance(fit.get("fit_time_s"), (int, float)):
+        return ""
+    why = _STOP_WORDS.get(str(fit.get("stop_reason", "time")), str(fit.get("stop_reason")))
+    epochs = fit.get("epochs")
+    ep = f" after {float(epochs):.1f} epochs" if isinstance(epochs, (int, float)) else ""
+    return f"Teacher {label} was fitted on the train split: {why}{ep} ({format_duration(float(fit['fit_time_s']))})."
+
+
+def _rule_words(rule: str) -> str:
+    """``"max val_accuracy"`` -> ``"highest val_accuracy"``."""
+    direction, _, metric = rule.partition(" ")
+    return f"{'highest' if direction == 'max' else 'lowest'} {metric}"
+
+
+def glance_html(
+    study: optuna.Study,
+    front: list[FrozenTrial],
+    out_dir: Path | None = None,
+    run_dir: Path | None = None,
+    storage_url: str | None = None,
+) -> str:
+    """The "At a glance" section (see the module docstring); ``front``: the feasible Pareto front."""
+    names = list(study.metric_names or [f"objective_{i}" for i in range(len(study.directions))])
+    dirs = ["max" if d == optuna.study.StudyDirection.MAXIMIZE else "min" for d in study.directions]
+    cols = names + ([] if "val_accuracy" in names else ["val_accuracy"])
+    val_t, test_t = teacher_accuracies(study, "val"), teacher_accuracies(study, "test")
+    head = ["", "#", "student"] + cols + ["vs teacher (val)", "model card"]
+    ths = "".join(
+        f"<th>{_e(h)}" + (f"<br><span class='unit'>[{_e(metric_unit(h))}]</span>" if h in cols and metric_unit(h) else "")
+        + "</th>"
+        for h in head
+    )
+    rows: list[str] = []
+    for label in sorted(set(val_t) | set(test_t)):
+        cells = "".join(
+            f"<td>{_e(format_metric(c, val_t[label]))}</td>" if c == "val_accuracy" and label in val_t else "<td>—</td>"
+            for c in cols
+        )
+        test = f" (test {format_metric('test_accuracy', test_t[label])})" if label in test_t else ""
+        rows.append(f"<tr class='teacher' data-teacher='{_e(label)}'><td class='role'>teacher</td><td>—</td>"
+                    f"<td class='text'>{_e(label)}{_e(test)}</td>{cells}<td>—</td><td>—</td></tr>")
+    notes: list[str] = []
+    if not val_t:
+        notes.append("The teachers' accuracies were not recorded with this study.")
+    info_notes = [_fit_sentence(label, info) for label, info in _stored_teachers(study).items()]
+    info_notes = [n for n in info_notes if n]
+    pick: FrozenTrial | None = None
+    rule = default_pick_rule(study, front)
+    if front:
+        try:
+            pick = pick_trial(study, rule)
+        except ConfigError as exc:
+            notes.append(f"The default export rule {rule!r} picks nothing: {exc}")
+    card_link, card_path = "—", None
+    if pick is not None:
+        folders = [p for p in (out_dir, (run_dir / study.study_name) if run_dir is not None else None) if p is not None]
+        card_path = find_export(study.study_name, pick.number, folders)
+        if card_path is not None:
+            target = card_path / "README.md" if (card_path / "README.md").is_file() else card_path / "card.json"
+            href = os.path.relpath(target, out_dir) if out_dir is not None else str(target)
+            card_link = f"<a href='{_e(href)}' id='glance-card'>{_e(card_path.name)}/{_e(target.name)}</a>"
+        else:
+            card_link = "<span title='not exported yet: see the command below'>not exported</span>"
+    best = best_per_objective(study, front)
+    picked_rows: list[tuple[str, FrozenTrial]] = [
+        (f"best {name} ({d})", best[name]) for name, d in zip(names, dirs, strict=False) if name in best
+    ]
+    if pick is not None:
+        picked_rows.append(("default export", pick))
+    for role, t in picked_rows:
+        cells = []
+        for c in cols:
+            v = metric_value(t, c, names)
+            bold = role.startswith("best ") and c == role.split(" ")[1]
+            txt = _e(format_metric(c, v)) if v is not None else "—"
+            cells.append(f"<td>{'<b>' + txt + '</b>' if bold else txt}</td>")
+        delta, cls = _delta_points(t, names, val_t)
+        link = card_link if role == "default export" else "—"
+        rows.append(
+            f"<tr data-trial='{t.number}' data-role='{_e(role)}'><td class='role'>{_e(role)}</td><td>{t.number}</td>"
+            f"<td class='text'>{_e(t.user_attrs.get('student', ''))}</td>{''.join(cells)}"
+            f"<td class='{cls}'>{_e(delta)}</td><td class='text'>{link}</td></tr>"
+        )
+    if not front:
+        notes.append("No feasible COMPLETE trial yet: no student to show or export.")
+    table = (f"<div class='tablewrap'><table class='trials' id='glance-table'><thead><tr>{ths}</tr></thead>"
+             f"<tbody>{''.join(rows)}</tbody></table></div>")
+    export_txt = ""
+    if pick is not None:
+        cmd = _export_command(study, rule, run_dir, storage_url)
+        where = (f"Its model card: <a href='{_e(os.path.relpath(card_path, out_dir) if out_dir else card_path)}'>"
+                 f"{_e(card_path)}</a>. " if card_path is not None else "Not exported yet. ")
+        export_txt = (
+            f"<p class='note' id='glance-export'>Default export: trial {pick.number}, picked by "
+            f"<code>--pick {_e(shlex.quote(rule))}</code>: the student with the {_e(_rule_words(rule))} on the "
+            f"feasible Pareto front (ties: the lowest trial number; the same selection as "
+            f"<code>kdsearch export --pick</code>). {where}Write or refresh it with "
+            f"<code id='glance-export-command'>{_e(cmd)}</code></p>"
+        )
+    note_html = "".join(f"<p class='note teacher-fit'>{_e(n)}</p>" for n in info_notes)
+    note_html += "".join(f"<p class='note warn'>{_e(n)}</p>" for n in notes)
+    return (f"<section id='glance'><h2>At a glance</h2>{table}{export_txt}{note_html}"
+            "<p class='note'>Best = the front student with the best value of that objective (bold). "
+            "vs teacher = the student's val accuracy minus its teacher's, in percentage points.</p></section>")
+
+
+# ----------------------------------------------------------------------------------------------
 # Tables
 
 
@@ -277,13 +474,20 @@ def render_report(
     artifact_dir: Path | None = None,
     figures: list[ReportFigure] | None = None,
     extra_notes: list[str] | None = None,
+    storage_url: str | None = None,
 ) -> str:
-    """The report page as one HTML string (``out_dir``: where it will live, for checkpoint links)."""
+    """The report page as one HTML string (``out_dir``: where it will live, for checkpoint and
+    model-card links; ``artifact_dir``: ``<run-dir>/<study>/artifacts``, which also names the run
+    folder in the export command; ``storage_url``: added to that command when not the default)."""
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     figs = figures if figures is not None else all_figures(study)
     columns = metric_columns(study, trials)
-    rows = trial_rows(study, columns=columns)
-    parts = [_header(study, trials)]
+    front = pareto_front(study, feasible_only=True, trials=trials)
+    rows = trial_rows(study, trials=front, columns=columns)
+    run_dir = Path(artifact_dir).parent.parent if artifact_dir is not None else None
+    header = _header(study, trials)
+    title_end = header.index("</h1>") + len("</h1>")
+    parts = [header[:title_end], glance_html(study, front, out_dir, run_dir, storage_url), header[title_end:]]
     for note in extra_notes or []:
         parts.append(f"<p class='note warn'>{_e(note)}</p>")
     parts.append(f"<h2>Pareto front (feasible): {len(rows)} trials</h2>")
@@ -358,8 +562,6 @@ def build_report(
     study = load_study(storage_url, study_name)
     out = Path(out_path)
     if out.exists() and out.is_dir():
-        from kdsearch.errors import ConfigError
-
         raise ConfigError("--out", "must be an HTML file path, not a folder", str(out), f"try {out / 'report.html'}")
     figs = all_figures(study)
     notes: list[str] = []
@@ -374,6 +576,25 @@ def build_report(
         artifact_dir=Path(artifact_dir).resolve() if artifact_dir is not None else None,
         figures=figs,
         extra_notes=notes,
+        storage_url=storage_url,
     )
-    atomic_write_text(out, page)
+    _atomic_write_text(out, page)
     return out
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temp file beside it and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # a page others may read (mkstemp makes it 0600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

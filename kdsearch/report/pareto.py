@@ -59,7 +59,15 @@ __all__ = [
     "parse_pick",
     "pick_trial",
     "trial_state_label",
+    "teacher_accuracies",
+    "DEFAULT_PICK_RULE",
+    "default_pick_rule",
+    "front_sorted",
+    "best_per_objective",
 ]
+
+DEFAULT_PICK_RULE = "max val_accuracy"
+"""The rule of the default export: the most accurate student (val split) on the feasible front."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,18 +149,30 @@ def pareto_front(
     With ``feasible_only`` (the default) infeasible trials are left out *before* dominance is
     computed, so an infeasible trial never hides a feasible one. Trials with identical values
     are all kept. ``trials`` restricts the pool (default: every stored trial).
+
+    Cost O(n log n + n * f) for n candidates and f front trials: the candidates are sorted
+    lexicographically on their signed values, so a trial can only be dominated by one before it,
+    and (dominance being transitive) by a front trial if by any.
     """
     pool = _trials_of(trials if trials is not None else study)
     signs = _signs(study.directions)
-    cands = [
-        t
-        for t in pool
-        if t.state == TrialState.COMPLETE
-        and t.values is not None
-        and all(math.isfinite(v) for v in t.values)
-        and (feasible(t) or not feasible_only)
-    ]
-    return [t for t in cands if not any(_dominates(o.values, t.values, signs) for o in cands if o is not t)]
+    keyed = sorted(
+        (
+            (tuple(sg * v for sg, v in zip(signs, t.values, strict=False)), t.number, t)
+            for t in pool
+            if t.state == TrialState.COMPLETE
+            and t.values is not None
+            and all(math.isfinite(v) for v in t.values)
+            and (not feasible_only or feasible(t))
+        ),
+        key=lambda k: (k[0], k[1]),
+    )
+    front: list[tuple[tuple[float, ...], int, FrozenTrial]] = []
+    ones = [1.0] * len(signs)
+    for key, number, t in keyed:
+        if not any(_dominates(f[0], key, ones) for f in front):
+            front.append((key, number, t))
+    return [t for _, _, t in sorted(front, key=lambda f: f[1])]
 
 
 def trial_state_label(trial: FrozenTrial) -> str:
@@ -160,6 +180,59 @@ def trial_state_label(trial: FrozenTrial) -> str:
     if trial.state == TrialState.COMPLETE and not feasible(trial):
         return "INFEASIBLE"
     return trial.state.name
+
+
+def teacher_accuracies(study: optuna.Study, split: str = "val") -> dict[str, float]:
+    """Each teacher's accuracy on ``split`` (``val`` or ``test``), label -> fraction, as the
+    search stored it (study user attr ``teachers``); empty when not recorded."""
+    stored = study.user_attrs.get("teachers")
+    out: dict[str, float] = {}
+    if isinstance(stored, dict):
+        for label, info in stored.items():
+            v = info.get(f"{split}_accuracy") if isinstance(info, dict) else None
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out[str(label)] = float(v)
+    return out
+
+
+def front_sorted(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """``trials`` best first by the first objective (ties: the next objectives, then the trial
+    number); a trial without values goes last."""
+    signs = _signs(study.directions)
+
+    def key(t: FrozenTrial) -> tuple[int, tuple[float, ...], int]:
+        if t.values is None:
+            return (1, (), t.number)
+        return (0, tuple(sg * v for sg, v in zip(signs, t.values, strict=False)), t.number)
+
+    return sorted(trials, key=key)
+
+
+def best_per_objective(study: optuna.Study, front: Sequence[FrozenTrial] | None = None) -> dict[str, FrozenTrial]:
+    """For each objective (by name), the trial of the feasible Pareto front with its best value
+    (ties: the lowest trial number). Empty when the front is."""
+    pool = list(front) if front is not None else pareto_front(study, feasible_only=True)
+    names = list(study.metric_names or [f"objective_{i}" for i in range(len(study.directions))])
+    out: dict[str, FrozenTrial] = {}
+    for k, (name, sg) in enumerate(zip(names, _signs(study.directions), strict=False)):
+        done = [t for t in pool if t.values is not None]
+        if done:
+            out[name] = min(done, key=lambda t, k=k, sg=sg: (sg * t.values[k], t.number))
+    return out
+
+
+def default_pick_rule(study: optuna.Study, front: Sequence[FrozenTrial] | None = None) -> str:
+    """The ``--pick`` rule of the default export: :data:`DEFAULT_PICK_RULE` (every trial stores
+    ``val_accuracy``); for a study whose front lacks it, the best value of its first objective
+    (``max NAME`` / ``min NAME``) when that is a known, selectable metric."""
+    names = list(study.metric_names or [])
+    pool = list(front) if front is not None else pareto_front(study, feasible_only=True)
+    if any(metric_value(t, "val_accuracy", names) is not None for t in pool) or not names:
+        return DEFAULT_PICK_RULE
+    first = names[0]
+    if not is_known_metric(first) or not is_selectable_metric(first):
+        return DEFAULT_PICK_RULE
+    return f"{'min' if study.directions[0] == StudyDirection.MINIMIZE else 'max'} {first}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 or as JSON-ready records.
 
 ``pareto=True`` keeps the feasible Pareto front plus the COMPLETE trials that break a constraint
-(marked INFEASIBLE, so a user sees why a good-looking trial is not on the front).
+(marked INFEASIBLE, so a user sees why a good-looking trial is not on the front), front first,
+each group sorted best first by the first objective. The table opens with one row per teacher
+(its val accuracy in the ``val_accuracy`` column) and gives every student's val accuracy minus its
+teacher's (``vs teacher``, percentage points), so the students are read against the teacher.
 """
 
 from __future__ import annotations
@@ -12,30 +15,52 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
 from kdsearch.metrics import format_metric
-from kdsearch.report.pareto import feasible, pareto_front
+from kdsearch.report.pareto import feasible, front_sorted, metric_value, pareto_front, teacher_accuracies
 
 __all__ = ["PARETO_FOOTNOTE", "table_trials", "trials_table", "trial_records"]
 
-PARETO_FOOTNOTE = "* = on the feasible Pareto front; INFEASIBLE rows break a constraint and are not on it."
+PARETO_FOOTNOTE = (
+    "* = on the feasible Pareto front; INFEASIBLE rows break a constraint and are not on it. "
+    "Sorted by the first objective, best first; vs teacher = val accuracy minus the teacher's, in points."
+)
 
 
 def table_trials(study: optuna.Study, pareto: bool) -> tuple[list[FrozenTrial], set[int]]:
-    """(the trials to show, the numbers of the trials on the feasible front)."""
-    trials = study.get_trials(deepcopy=False)
-    front = {t.number for t in pareto_front(study, feasible_only=True)}
+    """(the trials to show, the numbers of the trials on the feasible front).
+
+    ``pareto``: the front, then the infeasible COMPLETE trials, each sorted best first by the
+    first objective; otherwise every trial in number order.
+    """
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    front_trials = pareto_front(study, feasible_only=True, trials=trials)
+    front = {t.number for t in front_trials}
     if pareto:
-        trials = [t for t in trials if t.number in front or (t.state == TrialState.COMPLETE and not feasible(t))]
+        infeasible = [t for t in trials if t.state == TrialState.COMPLETE and t.number not in front and not feasible(t)]
+        trials = front_sorted(study, front_trials) + front_sorted(study, infeasible)
     return trials, front
 
 
+def _vs_teacher(trial: FrozenTrial, names: list[str], teachers: dict[str, float]) -> str:
+    acc = metric_value(trial, "val_accuracy", names)
+    ref = teachers.get(str(trial.user_attrs.get("teacher", "")))
+    if ref is None and len(teachers) == 1:
+        ref = next(iter(teachers.values()))
+    return "—" if acc is None or ref is None else f"{100.0 * (acc - ref):+.2f} pts"
+
+
 def trials_table(study: optuna.Study, pareto: bool) -> Table:
-    """One row per trial: number, state, student, teacher, each objective, KD time, front mark."""
+    """Teacher rows, then one row per trial: number, state, student, teacher, each objective,
+    val accuracy (when not an objective), KD time, vs teacher, front mark."""
     trials, front = table_trials(study, pareto)
-    names = study.metric_names or [f"value{i}" for i in range(len(study.directions))]
+    names = list(study.metric_names or [f"value{i}" for i in range(len(study.directions))])
+    teachers = teacher_accuracies(study)
     table = Table(title=f"{study.study_name}: {'Pareto front (feasible)' if pareto else 'all trials'}")
-    extra = [] if "kd_time_s" in names else ["kd_time_s"]
-    for col in ["#", "state", "student", "teacher", *names, *extra, "front"]:
+    extra = [m for m in ("val_accuracy", "kd_time_s") if m not in names]
+    for col in ["#", "state", "student", "teacher", *names, *extra, "vs teacher", "front"]:
         table.add_column(col, justify="right" if col not in ("state", "student", "teacher") else "left")
+    for label, acc in teachers.items():
+        cells = [format_metric(m, acc) if m == "val_accuracy" else "—" for m in [*names, *extra]]
+        table.add_row("T", "teacher", "—", label, *cells, "—", "", style="bold")
     for t in trials:
         ua = t.user_attrs
         vals = [format_metric(m, v) for m, v in zip(names, t.values, strict=True)] if t.values else ["—"] * len(names)
@@ -45,15 +70,17 @@ def trials_table(study: optuna.Study, pareto: bool) -> Table:
         elif state == "FAIL":
             state = f"FAIL ({ua.get('fail_reason', '?')})"
         mark = "*" if t.number in front else ""
-        kd = [format_metric("kd_time_s", ua.get("kd_time_s"))] if extra else []
-        table.add_row(str(t.number), state, str(ua.get("student", "")), str(ua.get("teacher", "")), *vals, *kd, mark)
+        more = [format_metric(m, ua.get(m)) for m in extra]
+        table.add_row(str(t.number), state, str(ua.get("student", "")), str(ua.get("teacher", "")), *vals, *more,
+                      _vs_teacher(t, names, teachers), mark)
     return table
 
 
 def trial_records(study: optuna.Study, pareto: bool) -> list[dict[str, object]]:
-    """The same trials as records: number, state, params, values, user attrs, constraints,
-    ``feasible`` (None unless COMPLETE) and ``pareto``."""
+    """The same trials as records, in trial-number order: number, state, params, values, user
+    attrs, constraints, ``feasible`` (None unless COMPLETE) and ``pareto``."""
     trials, front = table_trials(study, pareto)
+    trials = sorted(trials, key=lambda t: t.number)
     return [
         {
             "number": t.number,

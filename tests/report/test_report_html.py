@@ -17,8 +17,11 @@ from optuna.storages.journal import JournalFileBackend
 from kdsearch.config import format_duration
 from kdsearch.errors import ConfigError, StorageError
 from kdsearch.metrics import metric_unit
+from kdsearch.modelcard import EXPORT_KIND
 from kdsearch.report import build_report
 from kdsearch.report.figures import all_figures, reference_point
+from kdsearch.report.html import EXPORT_CARD_KIND
+from kdsearch.report.pareto import DEFAULT_PICK_RULE, pick_trial
 
 from helpers_study import FIXTURE_ROWS, LATENCY_LIMIT_MS, FixtureStudy
 
@@ -64,8 +67,9 @@ def test_every_figure_is_drawn_with_the_real_trial_values(fixture_study: Fixture
     figs = all_figures(fixture_study.open())
     keys = [f.key for f in figs]
     assert keys == [
-        "fig-pareto-val_accuracy-macs",
+        "fig-acc-macs",
         "fig-acc_latency",
+        "fig-pareto-val_accuracy-macs",
         "fig-hypervolume",
         "fig-parallel",
         "fig-importance-val_accuracy",
@@ -95,6 +99,20 @@ def test_every_figure_is_drawn_with_the_real_trial_values(fixture_study: Fixture
     sizes = {n: s for t in data for n, s in zip(t["customdata"], t["marker"]["size"], strict=False)}
     assert sizes[0] < sizes[1] < sizes[7]  # depth 2 < 3 < 4
     assert "trial 5 (latency_ms_b1: error: RuntimeError during timing)" in page
+
+    # Accuracy vs each cost objective (MACs here, log axis), every trial shown; on both, the
+    # teacher's val accuracy (0.91) is a dashed line inside the y range.
+    data, layout = _plot_json(page, "fig-acc-macs")
+    assert {(x, y) for t in data for x, y in zip(t["x"], t["y"], strict=False)} == {(r[4], r[3]) for r in FIXTURE_ROWS.values()}
+    assert layout["xaxis"]["type"] == "log" and layout["xaxis"]["title"]["text"] == "macs (MACs)"
+    for key in ("fig-acc-macs", "fig-acc_latency"):
+        _, layout = _plot_json(page, key)
+        lines = [sh for sh in layout["shapes"] if sh.get("line", {}).get("dash") == "dash"]
+        assert [(sh["y0"], sh["y1"]) for sh in lines] == [(0.91, 0.91)]
+        assert [a["text"] for a in layout["annotations"]] == ["teacher deit_tiny: val 91.00%"]
+        lo, hi = layout["yaxis"]["range"]
+        assert lo < 0.41 and 0.91 < hi <= 1.0
+    assert "Dashed: the teacher&#x27;s val accuracy (deit_tiny 91.00%)." in page
 
     # Hypervolume: stated reference point, one value per COMPLETE trial, non-decreasing.
     ref = reference_point(fixture_study.open())
@@ -216,3 +234,70 @@ def test_report_write_is_atomic_and_errors_are_one_line(fixture_study: FixtureSt
         build_report(fixture_study.storage_url, "missing", out)
     with pytest.raises(ConfigError, match="--out: must be an HTML file path"):
         build_report(fixture_study.storage_url, fixture_study.study_name, tmp_path)
+
+
+def _glance(page: str) -> str:
+    m = re.search(r"<section id='glance'>(.*?)</section>", page, re.S)
+    assert m, "no At a glance section"
+    return m.group(1)
+
+
+def _rows(section: str) -> list[list[str]]:
+    body = re.search(r"<tbody>(.*?)</tbody>", section, re.S).group(1)
+    return [[htmllib.unescape(re.sub(r"<[^>]+>", "", c)) for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+            for row in re.findall(r"<tr[^>]*>(.*?)</tr>", body, re.S)]
+
+
+def test_at_a_glance_opens_the_page_with_teacher_best_students_and_the_default_export(
+    fixture_study: FixtureStudy, report: tuple[Path, str]
+) -> None:
+    path, page = report
+    assert page.index("<section id='glance'>") < page.index("<dl class='meta' id='summary'>") < page.index("<h2>Pareto")
+    section = _glance(page)
+    rows = _rows(section)
+    # role, #, student, val_accuracy, macs, vs teacher, model card
+    assert rows[0] == ["teacher", "—", "deit_tiny (test 90.00%)", "91.00%", "—", "—", "—"]
+    assert [r[:2] for r in rows[1:]] == [["best val_accuracy (max)", "7"], ["best macs (min)", "0"], ["default export", "7"]]
+    assert rows[1][3:6] == ["74.00%", "2.5 M", "-17.00 pts"] and rows[2][3:6] == ["41.00%", "0.1 M", "-50.00 pts"]
+    # The default export is what `kdsearch export --pick` selects with the default rule.
+    assert pick_trial(fixture_study.open(), DEFAULT_PICK_RULE).number == 7
+    assert rows[3][-1] == "not exported"
+    text = htmllib.unescape(re.sub(r"<[^>]+>", "", section))
+    assert "Default export: trial 7, picked by --pick 'max val_accuracy': the student with the highest val_accuracy" in text
+    cmd = htmllib.unescape(re.search(r"<code id='glance-export-command'>(.*?)</code>", section).group(1))
+    assert cmd == (f"kdsearch export --study-name fixture --run-dir {fixture_study.run_dir} "
+                   f"--pick 'max val_accuracy' --out {fixture_study.run_dir / 'fixture' / 'best-student'}")
+    assert EXPORT_CARD_KIND == EXPORT_KIND
+
+
+def test_the_default_exports_card_is_linked_once_it_is_exported(fixture_study: FixtureStudy, tmp_path: Path) -> None:
+    from kdsearch.export import export_trial
+
+    out = tmp_path / "fixture" / "report.html"
+    for number, folder in ((4, "other-student"), (7, "best-student")):  # only trial 7's card is the default's
+        export_trial(fixture_study.storage_url, fixture_study.study_name, number, None, out.parent / folder,
+                     artifact_dir=fixture_study.artifact_dir)
+    page = build_report(fixture_study.storage_url, fixture_study.study_name, out,
+                        artifact_dir=fixture_study.artifact_dir).read_text()
+    section = _glance(page)
+    assert _rows(section)[3][-1] == "best-student/README.md"
+    href = re.search(r"<a href='([^']+)' id='glance-card'>", section).group(1)
+    assert href == "best-student/README.md" and (out.parent / href).is_file()
+    card = json.loads((out.parent / "best-student" / "card.json").read_text())
+    assert (card["kind"], card["study"], card["trial_number"]) == (EXPORT_KIND, "fixture", 7)
+    assert "Its model card:" in section and "Not exported yet" not in section
+
+
+def test_at_a_glance_says_how_the_teacher_was_fitted_and_copes_without_a_front(tmp_path: Path) -> None:
+    url = _tiny_study(tmp_path, [])
+    study = optuna.load_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(url.removeprefix("journal:"))))
+    study.set_user_attr("teachers", {"ViT-tiny": {
+        "val_accuracy": 0.955, "test_accuracy": 0.94,
+        "fit": {"fit_time_s": 38.2, "epochs": 21.04, "stop_reason": "target_accuracy", "val_history": [[21.04, 0.955]]},
+    }})
+    page = build_report(url, "tiny", tmp_path / "r.html").read_text()
+    section = htmllib.unescape(re.sub(r"<[^>]+>", "", _glance(page)))
+    assert "Teacher ViT-tiny was fitted on the train split: stopped at its target val accuracy after 21.0 epochs (38.2s)." in section
+    assert "No feasible COMPLETE trial yet" in section
+    # No metric names stored: objective_0, objective_1, then val_accuracy for the teacher's figure.
+    assert _rows(_glance(page)) == [["teacher", "—", "ViT-tiny (test 94.00%)", "—", "—", "95.50%", "—", "—"]]

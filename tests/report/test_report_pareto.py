@@ -169,3 +169,34 @@ def test_pick_trial_without_a_match_names_the_rule(fixture_study: FixtureStudy) 
     # Trial 2 (0.55, dominated) meets this one: the message says so instead of picking it.
     with pytest.raises(ConfigError, match=r"feasible trials off the front that meet it: \[2\]"):
         pick_trial(study, "max val_accuracy where val_accuracy >= 0.5 and val_accuracy <= 0.6")
+
+
+@pytest.mark.parametrize("directions", [["maximize", "minimize"], ["minimize", "minimize", "maximize"]])
+def test_fast_front_equals_the_pairwise_definition_with_ties_and_constraints(directions: list[str]) -> None:
+    import random
+
+    import optuna
+    from optuna.trial import create_trial
+
+    rng = random.Random(len(directions))
+    study = optuna.create_study(directions=directions)
+    grid = [0.0, 0.25, 0.5, 0.75, 1.0]  # coarse values: many ties and duplicates
+    trials = []
+    for i in range(300):
+        values = [rng.choice(grid) for _ in directions]
+        violation = rng.choice([-1.0, -1.0, -1.0, 0.5])
+        state = TrialState.FAIL if i % 17 == 0 else TrialState.COMPLETE
+        trials.append(create_trial(state=state, values=values if state == TrialState.COMPLETE else None,
+                                   constraints={"c": violation}))
+    study.add_trials(trials)
+    stored = study.get_trials(deepcopy=False)
+    signs = [1 if d == "minimize" else -1 for d in directions]
+
+    def dominates(a: list[float], b: list[float]) -> bool:
+        return all(s * x <= s * y for s, x, y in zip(signs, a, b, strict=True)) and a != b
+
+    for feasible_only in (True, False):
+        pool = [t for t in stored if t.state == TrialState.COMPLETE and (feasible(t) or not feasible_only)]
+        expected = [t.number for t in pool if not any(dominates(o.values, t.values) for o in pool)]
+        assert [t.number for t in pareto_front(study, feasible_only=feasible_only)] == expected
+    assert len(expected) > len({tuple(t.values) for t in pareto_front(study, feasible_only=False)})  # ties kept
