@@ -46,6 +46,7 @@ __all__ = [
     "Split",
     "TEST_SPLIT_RULE",
     "format_metric",
+    "is_fixed_cost",
     "is_known_metric",
     "is_selectable_metric",
     "metric_examples",
@@ -145,6 +146,9 @@ FIXED_METRICS: dict[str, Metric] = _fixed(
     Metric("peak_kd_memory_total_mb", "MB", "minimize", "train",
            "CUDA allocator peak of the KD training steps for the whole process: peak_kd_memory_mb plus "
            "the resident data and teacher cache (CUDA only)", needs_cuda=True),
+    Metric("probe_peak_memory_mb", "MB", "minimize", "train",
+           "CUDA allocator peak of a few KD training steps run before the box (the fail-fast memory "
+           "probe), above the same baseline as peak_kd_memory_mb (CUDA only)", needs_cuda=True),
     Metric("kd_energy_j", "J", "minimize", "train",
            "NVML board energy of the KD training steps (in-loop validation excluded; idle power "
            "included); close to board power x box when the box is fixed (CUDA only)",
@@ -217,6 +221,15 @@ def is_known_metric(name: str, batch_sizes: Sequence[int] | None = None) -> bool
         if batch is not None:
             return batch_sizes is None or batch in batch_sizes
     return False
+
+
+def is_fixed_cost(name: str) -> bool:
+    """True for a figure that depends on the architecture (and the device) only, not on training:
+    params, MACs, size, activation peak, latency, inference memory and energy (``split`` None).
+    It is measured on the untrained student before the KD box, so a constraint on it is checked
+    before any training."""
+    info = metric_info(name)
+    return info is not None and info.split is None
 
 
 def is_selectable_metric(name: str) -> bool:

@@ -22,6 +22,32 @@ SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "nsga3", "random", "grid", "gp")
 
 
 @dataclass(frozen=True)
+class PruningSection:
+    """``study.pruning``: multi-objective early stopping at rungs of the KD box (asynchronous
+    successive halving across every worker of the study; :mod:`kdsearch.search.pruning`).
+
+    Rungs sit at ``min_fraction * eta**k`` of the box while below 1; at each, a trial outside
+    the top ``1/eta`` of the trials that reached it (ranked on validation accuracy and the
+    fixed-cost objectives) stops and is stored as PRUNED. ``min_competitors`` (default ``eta``):
+    the fewest trials at a rung before anything there is pruned.
+    """
+
+    enabled: bool = False
+    eta: int = 3
+    min_fraction: float = 1.0 / 9.0  # of the box: the first rung
+    min_competitors: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.eta < 2:
+            raise ConfigError("study.pruning.eta", "must be an integer >= 2", self.eta, "e.g. 3")
+        if not 0 < self.min_fraction < 1:
+            raise ConfigError("study.pruning.min_fraction", "must be a fraction of the box in (0, 1)",
+                              self.min_fraction, "e.g. 0.111 (1/9)")
+        if self.min_competitors is not None and self.min_competitors < 1:
+            raise ConfigError("study.pruning.min_competitors", "must be an integer >= 1", self.min_competitors)
+
+
+@dataclass(frozen=True)
 class StudySection:
     """Where the study lives and how it is driven."""
 
@@ -39,6 +65,7 @@ class StudySection:
     share_gpu: bool = False  # allow more workers than visible GPUs (their GPU figures then interfere)
     n_startup_trials: int = 10  # random trials before TPE/GP model the space
     population_size: int = 20  # NSGA-II/III population
+    pruning: PruningSection = field(default_factory=PruningSection)  # early stopping at rungs
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", self.name):

@@ -113,6 +113,12 @@ class StudyConfig:
             for section, names in (("objectives", self.objectives), ("constraints", self.constraints)):
                 if metric in names and not self.finetune.enabled:
                     raise ConfigError(f"{section}.{metric}", "needs finetune.enabled: true", metric)
+        if self.study.pruning.enabled and self.objectives.get("val_accuracy") != "maximize":
+            raise ConfigError(
+                "study.pruning.enabled", "needs val_accuracy as a maximised objective (rungs rank the "
+                "validation accuracy at a fraction of the box)", list(self.objectives),
+                "add objectives: {val_accuracy: maximize} or set study.pruning.enabled: false",
+            )
         if self.study.sampler == "grid":
             for name, sp in _iter_spaces(self):
                 if sp.choices is None and sp.step is None:
@@ -143,7 +149,7 @@ class StudyConfig:
         teacher (with its mean/std, fit and cache settings), the data that selects the images
         (data set, split fractions and seed, stored size, sample caps), the whole ``measure``
         section plus the measurement budget it resolves to, the ``finetune`` section, the time
-        box and the sampler. Left out (they may change between runs): budget, trial count,
+        box, the sampler and ``study.pruning`` (a pruned trial has no final figures). Left out (they may change between runs): budget, trial count,
         workers and GPU sharing, storage, grace (except through the measurement budget), the data
         folder, loader workers and residency, and the test-only ``debug`` section.
         """
@@ -162,6 +168,7 @@ class StudyConfig:
             "finetune": full["finetune"],
             "trial_time_s": self.study.trial_time_s,
             "sampler": self.study.sampler,
+            "pruning": full["study"]["pruning"],
         }
 
 

@@ -22,6 +22,33 @@ What the figures include (see also the metric registry, :mod:`kdsearch.metrics`)
   is chosen once per worker, used for the teacher's cache and every trial, and stored.
 * GPU sharing: a worker pinned to a GPU that it cannot see fails loudly; the number of workers
   on the worker's GPU (``study.share_gpu``) is stored with every trial (``gpu_sharing``).
+
+Before the box (issue 12), in this order, each able to end the trial in seconds:
+
+1. **Fixed costs**: everything that depends on the architecture only (params, MACs, size,
+   activation peak, latency at every batch size and device, inference memory and energy) is
+   measured once, on the untrained student in the layout training will give it, under the same
+   ``measure.max_time`` budget. A constraint on any of them that is broken ends the trial as
+   PRUNED with ``screened: true``, ``screen_reason``, its values and its violations set with
+   ``trial.set_constraint`` (0.0 for constraints that need training), so TPE and NSGA-II learn
+   from it as from any infeasible trial. These figures are not measured again after KD: a trained
+   student runs the same kernels as the untrained one of the same architecture (each method
+   record says ``"measured_on": "untrained student, before KD"``).
+2. **Memory probe** (CUDA only): :data:`PROBE_STEPS` real training steps of a copy of the student
+   at the trial's batch and resolution, teacher targets included, give ``probe_peak_memory_mb``
+   (the allocator peak above the same baseline as ``peak_kd_memory_mb``). Over the
+   ``peak_kd_memory_mb`` constraint, or out of memory, the trial ends infeasible (PRUNED,
+   ``screened: true``) with the reason. On the CPU the probe is skipped and the figure is missing
+   with the reason.
+3. **Rungs** (``study.pruning.enabled``): :class:`kdsearch.search.pruning.RungPruner` is the
+   ``on_eval`` hook of the box and the loop evaluates at every rung fraction (the evaluation grid
+   ``distill.eval_every_fraction`` is refined to divide ``study.pruning.min_fraction``). A trial
+   stopped at a rung is stored as PRUNED with its partial curve (``kd_history``), ``pruned_rung``,
+   ``pruned_rank``, ``pruned_front`` and the ``pruning`` record (every decision with the
+   competitors it was taken against, so any decision can be recomputed from storage).
+
+A pruned or screened trial raises :class:`optuna.TrialPruned` after storing all that; the worker
+tells it as PRUNED.
 """
 
 from __future__ import annotations
@@ -32,7 +59,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +90,11 @@ from kdsearch.measure import (
     evaluate_accuracy,
     measure_inference,
 )
+from kdsearch.metrics import is_fixed_cost, metric_unit
 from kdsearch.models import LoadedTeacher, build_student, create_teacher, teacher_needs_fit
 from kdsearch.models.teacher import weak_teacher_warning
+from kdsearch.search.pruning import OptunaRungStore, PruningConfig, RungEntry, RungPruner
+from kdsearch.search.screening import screen_fixed_costs
 from kdsearch.search.space import Proposal, suggest
 from kdsearch.storage import RunPaths, artifact_store
 
@@ -77,7 +107,15 @@ __all__ = [
     "pick_device",
     "ENV_EXPECT_CUDA",
     "ENV_WORKERS_PER_GPU",
+    "PROBE_STEPS",
+    "UNTRAINED_NOTE",
+    "rung_eval_fraction",
 ]
+
+PROBE_STEPS = 3
+"""Training steps of the fail-fast memory probe (CUDA only)."""
+UNTRAINED_NOTE = "untrained student, before KD"
+"""``measured_on`` of every fixed-cost figure: latency and size do not depend on the weights."""
 
 ENV_EXPECT_CUDA = "KDSEARCH_EXPECT_CUDA"
 """Set to ``1`` by the supervisor for a worker it pins to a GPU: finding none is then an error."""
@@ -216,6 +254,7 @@ def _prepare_teacher(
         _free_device_memory(device)  # the fit's optimiser state and activations
     loaded.model.eval()
     batch = cfg.measure.eval_batch_size
+    progress("teacher", None, f"measuring teacher {label} accuracy (val, test)")
     val_acc = evaluate_accuracy(loaded.model, bundle.val, loaded.input_size, loaded.mean, loaded.std, device, batch,
                                 interpolation=loaded.interpolation)
     test_acc = evaluate_accuracy(loaded.model, bundle.test, loaded.input_size, loaded.mean, loaded.std, device, batch,
@@ -280,11 +319,43 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     fault = FaultInjector(inject) if inject is not None else None  # test-only (debug.inject)
 
     seed = cfg.study.seed * 100_003 + trial.number
+    torch.manual_seed(seed)
+    try:
+        student = build_student(spec)
+    except Exception as exc:  # noqa: BLE001 - a student that cannot be built is this trial's failure
+        raise _fail(trial, "error", f"{type(exc).__name__}: {exc}") from None
+
+    # 1. Fixed costs, on the untrained student, then the constraints they decide.
+    progress("measure", 0.0, "fixed costs of the untrained student")
+    fixed = _measure_fixed_costs(ctx, student, spec.resolution)
+    screen = screen_fixed_costs(fixed.values, cfg.constraints, [m for m in cfg.constraints if is_fixed_cost(m)])
+    if not screen.feasible_so_far:
+        _screen_out(trial, cfg, fixed, screen.constraint_values(cfg.constraints), screen.reason(cfg.constraints))
+
+    # 2. The fail-fast memory probe (CUDA only).
+    probe_attrs = _memory_probe(ctx, student, spec, teacher, hyper, seed, fixed)
+    limit = cfg.constraints.get("peak_kd_memory_mb")
+    probe_mb = fixed.values.get("probe_peak_memory_mb")
+    probe_reason = None
+    if probe_attrs.get("oom"):
+        probe_reason = f"out of memory in the {PROBE_STEPS}-step memory probe: {probe_attrs['oom']}"
+    elif limit is not None and probe_mb is not None and probe_mb > limit:
+        probe_reason = f"probe_peak_memory_mb={probe_mb:.4g} > peak_kd_memory_mb limit {limit:.4g}"
+    if probe_reason is not None:
+        cons = screen.constraint_values(cfg.constraints)
+        if limit is not None:
+            cons["peak_kd_memory_mb"] = 1e18 if probe_mb is None else float(probe_mb) - float(limit)
+        _screen_out(trial, cfg, fixed, cons, probe_reason)
+
+    # 3. The box, with the rung pruner when study.pruning is on.
+    pruner = _rung_pruner(trial, cfg, fixed)
+    distill_cfg = cfg.distill
+    if pruner is not None:
+        distill_cfg = replace(cfg.distill, eval_every_fraction=rung_eval_fraction(
+            cfg.distill.eval_every_fraction, cfg.study.pruning.min_fraction))
     kd_memory = KDMemoryTracker(device)
     kd_energy = EnergyMeter.for_device(device, cfg.measure.energy.poll_interval_s)
     try:
-        torch.manual_seed(seed)
-        student = build_student(spec)
         progress("distil", 0.0, spec.label)
         with kd_memory, kd_energy:  # both paused by distill() around every validation
             result: DistillResult = distill(
@@ -294,7 +365,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
                 bundle=ctx.bundle,
                 teacher_source=teacher.source,
                 hyper=hyper,
-                cfg=cfg.distill,
+                cfg=distill_cfg,
                 time_box_s=cfg.study.trial_time_s,
                 resolution=spec.resolution,
                 device=device,
@@ -302,6 +373,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
                 view_spec=ctx.view_spec,
                 progress=lambda frac, msg: progress("distil", frac, msg),
                 eval_batch_size=cfg.measure.eval_batch_size,
+                on_eval=pruner,
                 on_step=fault,
                 meters=(kd_memory, kd_energy),
                 train_dtype=ctx.train_dtype,
@@ -327,6 +399,11 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     })
     _store_kd_memory(m, kd_memory)
     _store_kd_energy(m, kd_energy, result)
+    trial.set_user_attr("kd_history", _kd_history(result))
+    if pruner is not None:
+        trial.set_user_attr("pruning", _pruning_record(pruner, distill_cfg.eval_every_fraction))
+    if pruner is not None and pruner.pruned_at is not None:
+        _store_pruned(trial, cfg, m, fixed, pruner, student, device)
 
     progress("measure", 0.0, "accuracy")
     student.eval()
@@ -371,9 +448,8 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
         m.set("post_ft_accuracy", post_test, ft_test)
         m.set("ft_gain", post_test - pre_test, ft_test)
 
-    progress("measure", 0.3, "latency, memory, energy, ops")
-    m.update(measure_inference(student, spec.resolution, device, cfg.measure,
-                               budget_s=cfg.measure.budget_s(cfg.study.grace_s)))
+    # Latency, size, inference memory and energy were measured before KD (fixed costs).
+    m.update(fixed)
     values = m.values
     missing = m.missing
 
@@ -382,18 +458,6 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     for name, value in m.to_user_attrs().items():
         trial.set_user_attr(name, value)
     trial.set_user_attr("normalization", {"mean": list(ctx.bundle.mean), "std": list(ctx.bundle.std)})
-    trial.set_user_attr("kd_history", {
-        "val": [[round(t, 3), a] for t, a in result.val_history],
-        "steps": result.steps,
-        "epochs": result.epochs,
-        "images_seen": result.images_seen,
-        "final_train_loss": result.final_train_loss,
-        "stopped_early": result.stopped_early,
-        "stop_requested_s": result.stop_requested_s,
-        "cooldown_s": result.cooldown_s,
-        "teacher_forward_count": result.teacher_forward_count,
-        "train_dtype": result.train_dtype,
-    })
     if diff:
         trial.set_user_attr("env_diff", diff)
 
@@ -439,6 +503,199 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
         out.append(float(v))
     progress("done", 1.0, "")
     return out
+
+
+def rung_eval_fraction(eval_every_fraction: float, min_fraction: float) -> float:
+    """The evaluation grid of a box with rungs: the largest fraction <= ``eval_every_fraction``
+    that divides ``min_fraction`` (every rung ``min_fraction * eta**k`` is then a grid point, so
+    the loop evaluates at each rung; the LR schedule and the training clock are unchanged)."""
+    return min_fraction / math.ceil(min_fraction / eval_every_fraction - 1e-9)
+
+
+def _measure_fixed_costs(ctx: WorkerContext, student: torch.nn.Module, resolution: int) -> Measurements:
+    """Every architecture-only figure of the untrained ``student``, in the memory layout the
+    training loop gives it (channels-last on CUDA when ``distill.channels_last``), under the
+    ``measure.max_time`` budget; the student goes back to the CPU afterwards, so the KD memory
+    baseline is what it was."""
+    cfg, device = ctx.cfg, ctx.device
+    student.to(device)
+    if device.type == "cuda" and cfg.distill.channels_last:
+        student.to(memory_format=torch.channels_last)
+    fixed = measure_inference(student, resolution, device, cfg.measure, budget_s=cfg.measure.budget_s(cfg.study.grace_s))
+    for name in list(fixed.values):
+        fixed.methods[name] = {**fixed.methods.get(name, {}), "measured_on": UNTRAINED_NOTE}
+    student.to("cpu")
+    _free_device_memory(device)
+    return fixed
+
+
+class _ProbeDone(Exception):
+    """Raised by the probe's step hook once its steps have run."""
+
+
+class _StopAfter:
+    """A :data:`~kdsearch.distill.hooks.StepHook` that ends the call after ``steps`` full steps."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __call__(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step > self.steps:
+            raise _ProbeDone
+        return loss
+
+
+def _memory_probe(
+    ctx: WorkerContext, student: torch.nn.Module, spec: Any, teacher: PreparedTeacher, hyper: Any, seed: int,
+    fixed: Measurements,
+) -> dict[str, Any]:
+    """Run :data:`PROBE_STEPS` KD steps of a copy of ``student`` (CUDA only) and set
+    ``probe_peak_memory_mb`` in ``fixed``. Returns ``{"oom": message}`` when the probe ran out of
+    memory, else ``{}``."""
+    cfg, device = ctx.cfg, ctx.device
+    how = {"method": f"{PROBE_STEPS} KD training steps of a copy of the untrained student before the box",
+           "steps": PROBE_STEPS, "batch_size": cfg.distill.batch_size, "resolution": spec.resolution,
+           "train_dtype": ctx.train_dtype}
+    if device.type != "cuda":
+        fixed.set_missing("probe_peak_memory_mb", f"the memory probe runs on CUDA only; this worker runs on {device.type}",
+                          {**how, "method": "skipped"})
+        return {}
+    probe = copy.deepcopy(student)
+    tracker = KDMemoryTracker(device)
+    out: dict[str, Any] = {}
+    try:
+        with tracker:
+            distill(
+                probe, train=ctx.train_source, val=ctx.bundle.val, bundle=ctx.bundle, teacher_source=teacher.source,
+                hyper=hyper, cfg=cfg.distill, time_box_s=cfg.study.trial_time_s, resolution=spec.resolution,
+                device=device, seed=seed, view_spec=ctx.view_spec, eval_batch_size=cfg.measure.eval_batch_size,
+                on_step=_StopAfter(PROBE_STEPS), meters=(tracker,), train_dtype=ctx.train_dtype,
+            )
+    except _ProbeDone:
+        pass
+    except torch.OutOfMemoryError as exc:
+        out["oom"] = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    finally:
+        del probe
+        _free_device_memory(device)
+    if tracker.value_mb is not None:
+        fixed.set("probe_peak_memory_mb", tracker.value_mb, {**how, **tracker.method()})
+    else:
+        fixed.set_missing("probe_peak_memory_mb", out.get("oom") or str(tracker.reason or "not measured"),
+                          {**how, **tracker.method()})
+    return out
+
+
+def _screen_out(
+    trial: optuna.Trial, cfg: StudyConfig, fixed: Measurements, constraints: dict[str, float], reason: str
+) -> None:
+    """End the trial before the box: store what was measured and the violations, and raise
+    :class:`optuna.TrialPruned` (told PRUNED, infeasible; the sampler learns from its constraints)."""
+    for name, value in fixed.to_user_attrs().items():
+        trial.set_user_attr(name, value)
+    for metric, violation in constraints.items():
+        trial.set_constraint(metric, violation)
+    trial.set_user_attr("constraint_violations", constraints)
+    trial.set_user_attr("feasible", False)
+    trial.set_user_attr("infeasible_reason", reason)
+    trial.set_user_attr("screened", True)
+    trial.set_user_attr("screen_reason", reason)
+    # The objectives it has (fixed costs); the rest (accuracy, ...) needs training: None.
+    trial.set_user_attr("screened_values", {n: fixed.values.get(n) for n in cfg.metric_names})
+    raise optuna.TrialPruned(f"screened before training: {reason}")
+
+
+class _RecordingStore:
+    """An :class:`OptunaRungStore` that remembers the competitors each decision was taken against."""
+
+    def __init__(self, inner: OptunaRungStore) -> None:
+        self.inner = inner
+        self.seen: dict[int, list[RungEntry]] = {}
+
+    def record(self, key: int, rung_index: int, fraction: float, values: Any, train_s: float) -> None:
+        self.inner.record(key, rung_index, fraction, values, train_s)
+
+    def competitors(self, key: int, rung_index: int) -> list[RungEntry]:
+        found = self.inner.competitors(key, rung_index)
+        self.seen[rung_index] = list(found)
+        return found
+
+
+def _rung_pruner(trial: optuna.Trial, cfg: StudyConfig, fixed: Measurements) -> RungPruner | None:
+    """The ``on_eval`` hook of ``study.pruning`` (None when it is off): rung vectors are the
+    validation accuracy and the fixed-cost objectives (log scale for counts and MACs)."""
+    p = cfg.study.pruning
+    if not p.enabled:
+        return None
+    names = [n for n in cfg.metric_names if n != "val_accuracy" and is_fixed_cost(n)]
+    values = [fixed.values.get(n) for n in names]
+    return RungPruner(
+        key=trial.number,
+        store=_RecordingStore(OptunaRungStore(trial, ["val_accuracy", *names])),
+        config=PruningConfig(eta=p.eta, min_fraction=p.min_fraction, min_competitors=p.min_competitors),
+        fixed_values=[math.nan if v is None else float(v) for v in values],
+        directions=["maximize", *(cfg.objectives[n] for n in names)],
+        scales=["linear", *("log" if metric_unit(n) in ("count", "MACs") else "linear" for n in names)],
+    )
+
+
+def _pruning_record(pruner: RungPruner, eval_every_fraction: float) -> dict[str, Any]:
+    """User attr ``pruning``: the decisions, the curve, and what each decision was taken against
+    (the rule's settings and the competitors' rung vectors), so :func:`decide_at_rung` can
+    recompute it from storage alone."""
+    store = pruner.store
+    seen = store.seen if isinstance(store, _RecordingStore) else {}
+    names = store.inner.names if isinstance(store, _RecordingStore) else []
+    c = pruner.config
+    return {
+        **pruner.summary(),
+        "eta": c.eta, "min_fraction": c.min_fraction, "min_competitors": c.min_competitors,
+        "rungs": list(c.rungs), "names": names, "directions": list(pruner.directions),
+        "scales": list(pruner.scales or ()), "eval_every_fraction": eval_every_fraction,
+        "competitors": {str(k): [[e.key, list(e.values)] for e in v] for k, v in seen.items()},
+    }
+
+
+def _store_pruned(
+    trial: optuna.Trial, cfg: StudyConfig, m: Measurements, fixed: Measurements, pruner: RungPruner,
+    student: torch.nn.Module, device: torch.device,
+) -> None:
+    """Store a trial stopped at a rung (its figures so far, the rung, rank and front, its known
+    constraint violations) and raise :class:`optuna.TrialPruned`."""
+    d = pruner.pruned_at
+    assert d is not None
+    m.update(fixed)
+    for name, value in m.to_user_attrs().items():
+        trial.set_user_attr(name, value)
+    trial.set_user_attr("pruned_rung", d.rung)
+    trial.set_user_attr("pruned_rung_index", d.rung_index)
+    trial.set_user_attr("pruned_rank", d.rank)
+    trial.set_user_attr("pruned_front", d.front)
+    trial.set_user_attr("prune_reason", d.reason)
+    known = screen_fixed_costs(m.values, cfg.constraints, [n for n in cfg.constraints if is_fixed_cost(n)])
+    cons = known.constraint_values(cfg.constraints)
+    for metric, violation in cons.items():
+        trial.set_constraint(metric, violation)
+    trial.set_user_attr("constraint_violations", cons)
+    del student
+    _free_device_memory(device)
+    raise optuna.TrialPruned(f"pruned at rung {d.rung:.3g} of the box: {d.reason}")
+
+
+def _kd_history(result: DistillResult) -> dict[str, Any]:
+    """User attr ``kd_history``: the validation curve (training s, accuracy) and the loop's counts."""
+    return {
+        "val": [[round(t, 3), a] for t, a in result.val_history],
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "images_seen": result.images_seen,
+        "final_train_loss": result.final_train_loss,
+        "stopped_early": result.stopped_early,
+        "stop_requested_s": result.stop_requested_s,
+        "cooldown_s": result.cooldown_s,
+        "teacher_forward_count": result.teacher_forward_count,
+        "train_dtype": result.train_dtype,
+    }
 
 
 def _store_kd_memory(m: Measurements, tracker: KDMemoryTracker) -> None:

@@ -269,8 +269,13 @@ def run_trials(ctx: WorkerContext, study: optuna.Study, spec: RunSpec, status: _
             with trial_heartbeat(study, trial.number):
                 values = run_trial(ctx, trial, status.progress)
             _tell(study, trial, values)
+        except optuna.TrialPruned:
+            # Screened out before the box, or stopped at a rung: run_trial stored why (screened /
+            # screen_reason, or pruned_rung / pruned_rank and the partial curve).
+            _tell(study, trial, state=TrialState.PRUNED)
         except TrialFailure:
             _fail_trial(study, trial)  # run_trial stored fail_reason / fail_detail
+            _log_failure(trial.number)
         except KeyboardInterrupt:
             _fail_trial(study, trial, "interrupted", "stopped by a second Ctrl-C")
             return "interrupted"
@@ -279,10 +284,17 @@ def run_trials(ctx: WorkerContext, study: optuna.Study, spec: RunSpec, status: _
             if ctx.device.type == "cuda":
                 torch.cuda.empty_cache()
             _fail_trial(study, trial, reason, f"{type(exc).__name__}: {exc}")
+            _log_failure(trial.number)
         finally:
             status.update(force=True, trial=None, trial_started_at=None, phase="idle", fraction=None, message="",
                           trials_done=int(status.data.get("trials_done", 0)) + 1)
         durations.append(time.monotonic() - t0)
+
+
+def _log_failure(number: int) -> None:
+    """The traceback of a failed trial, into this worker's log (stderr): the trial stores only a
+    500-character detail, and the supervisor keeps the logs of workers whose trials failed."""
+    print(f"trial {number} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
 
 
 def worker_main(spec_path: str) -> int:

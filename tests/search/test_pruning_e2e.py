@@ -1,0 +1,105 @@
+"""Issue 12 live: a smoke study with study.pruning on, on two worker processes sharing one journal.
+
+It shows PRUNED trials with their rungs and partial curves, no COMPLETE trial lost, and that every
+stored stopping decision is the one :func:`decide_at_rung` gives from the storage alone, whichever
+worker ran the competing trials.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+from search_run_helpers import (
+    artifact_sha,
+    assert_no_storage_errors,
+    open_study,
+    optimize_args,
+    seed_study_folder,
+)
+
+from kdsearch.search.pruning import RUNG_ATTR_PREFIX, PruningConfig, RungDecision, RungEntry, decide_at_rung
+
+from cli_helpers import run_cli
+
+N_TRIALS = 12
+
+
+def _decision(d: dict) -> RungDecision:
+    return RungDecision(**d)
+
+
+def test_pruning_on_two_workers(smoke_run: Path, tmp_path: Path) -> None:
+    seed_study_folder(smoke_run, tmp_path, "prune")
+    code = run_cli(*optimize_args(
+        tmp_path, "prune", "--workers", "2", "--n-trials", str(N_TRIALS),
+        "--set", "study.pruning.enabled=true", "--set", "study.trial_time=1.5s", "--set", "study.n_startup_trials=4",
+    ))
+    assert code == 0
+    study = open_study(tmp_path, "prune")
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(N_TRIALS))  # none lost, none extra
+    states = [t.state for t in trials]
+    assert set(states) <= {TrialState.COMPLETE, TrialState.PRUNED}, [t.user_attrs.get("fail_detail") for t in trials]
+    pids = {t.user_attrs["worker"]["pid"] for t in trials}
+    assert len(pids) == 2
+
+    # Every COMPLETE trial is whole: values, checkpoint, full curve, fixed costs measured before KD.
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert complete
+    for t in complete:
+        assert t.values == [t.user_attrs["val_accuracy"], t.user_attrs["macs"]]
+        assert artifact_sha(tmp_path, "prune", t.user_attrs["artifact_id"]) == t.user_attrs["weights_sha256"]
+        assert t.user_attrs["methods"]["macs"]["measured_on"] == "untrained student, before KD"
+        assert t.user_attrs["missing_metrics"]["probe_peak_memory_mb"].startswith("the memory probe runs on CUDA only")
+
+    # PRUNED trials: stopped at a rung, with the rung, rank, front and the partial curve.
+    cfg = PruningConfig()  # the defaults the study file leaves in place: eta 3, rungs 1/9, 1/3
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, [t.user_attrs.get("pruning", {}).get("decisions") for t in trials]
+    for t in pruned:
+        a = t.user_attrs
+        assert a["pruned_rung"] in cfg.rungs and a["pruned_rank"] >= 0 and a["pruned_front"] >= 0
+        assert a["pruned_rung"] == pytest.approx(cfg.rungs[a["pruned_rung_index"]])
+        curve = a["kd_history"]["val"]
+        assert curve and a["kd_history"]["stopped_early"]
+        assert a["kd_time_s"] < 0.9 * 1.5  # stopped well inside the box
+        assert a["pruning"]["pruned_at"]["prune"] is True
+        assert "artifact_id" not in a
+
+    # Every decision (continue or prune) recomputed from storage gives the stored answer, and the
+    # competitors it was taken against are exactly the rung vectors other trials stored.
+    by_number = {t.number: t for t in trials}
+    cross_worker = 0
+    n_decisions = 0
+    for t in trials:
+        rec = t.user_attrs.get("pruning")
+        if rec is None:
+            continue
+        assert rec["names"] == ["val_accuracy", "macs"] and rec["directions"] == ["maximize", "minimize"]
+        for d in rec["decisions"]:
+            k = d["rung_index"]
+            mine = t.user_attrs[f"{RUNG_ATTR_PREFIX}{k}"]
+            assert mine["fraction"] >= cfg.rungs[k] * (1 - 1e-9)
+            others = []
+            for key, values in rec["competitors"][str(k)]:
+                stored = by_number[key].user_attrs[f"{RUNG_ATTR_PREFIX}{k}"]["values"]
+                assert values == stored
+                others.append(RungEntry(key, tuple(values)))
+                if by_number[key].user_attrs["worker"]["pid"] != t.user_attrs["worker"]["pid"]:
+                    cross_worker += 1
+            random.Random(k).shuffle(others)  # read order does not matter
+            again = decide_at_rung(RungEntry(t.number, tuple(mine["values"])), others, rec["directions"],
+                                   PruningConfig(eta=rec["eta"], min_fraction=rec["min_fraction"],
+                                                 min_competitors=rec["min_competitors"]), k, rec["scales"])
+            assert again == _decision(d)
+            n_decisions += 1
+        if t.state == TrialState.PRUNED:
+            assert _decision(rec["pruned_at"]) == _decision(rec["decisions"][-1])
+    assert n_decisions >= N_TRIALS
+    assert cross_worker > 0  # decisions counted trials of the other worker
+    assert all(math.isfinite(t.user_attrs["macs"]) for t in trials)
+    assert_no_storage_errors(tmp_path, "prune")
