@@ -1,7 +1,7 @@
 """Live progress for ``kdsearch optimize``.
 
 On a terminal: a rich live panel with the budget (used, left, ETA), trial counts (done, failed,
-infeasible), the current trial's phase with a bar, and the best value so far per objective. When
+infeasible, pruned: stopped at a rung or screened out before the box), the current trial's phase with a bar, and the best value so far per objective. When
 the output is not a terminal (CI, ``| tee``, nohup): plain, timestamped log lines, one per phase
 change and per finished trial, so logs stay readable.
 """
@@ -36,6 +36,7 @@ class SearchDisplay:
         self.done = 0
         self.failed = 0
         self.infeasible = 0
+        self.pruned = 0  # PRUNED: stopped at a rung (study.pruning) or screened out before the box
         self.best: dict[str, float] = {}
         self.phase = "starting"
         self.phase_msg = ""
@@ -95,6 +96,8 @@ class SearchDisplay:
                     better = cur is None or (value > cur if direction == "maximize" else value < cur)
                     if better:
                         self.best[metric] = value
+        elif state == optuna.trial.TrialState.PRUNED:
+            self.pruned += 1
         else:
             self.failed += 1
         line = self._trial_line(trial, wall_s)
@@ -111,6 +114,14 @@ class SearchDisplay:
             vals = ", ".join(f"{m}={format_metric(m, v)}" for m, v in zip(self.cfg.metric_names, trial.values or [], strict=False))
             tag = "" if ua.get("feasible", True) else f"  infeasible: {ua.get('infeasible_reason', '')}"
             return f"{head} COMPLETE {vals} ({format_duration(wall_s)}){tag}"
+        if trial.state == optuna.trial.TrialState.PRUNED:
+            if ua.get("screened"):
+                why = f"screened before training: {ua.get('screen_reason', '')}"
+            else:
+                rung = ua.get("pruned_rung")
+                at = f"at rung {rung:.3g} of the box" if isinstance(rung, (int, float)) else "at a rung"
+                why = f"{at}, {ua.get('prune_reason', '')}"
+            return f"{head} PRUNED {why} ({format_duration(wall_s)})"
         return f"{head} {trial.state.name} {ua.get('fail_reason', '')}: {ua.get('fail_detail', '')} ({format_duration(wall_s)})"
 
     # -- rendering -----------------------------------------------------------------------------
@@ -125,7 +136,8 @@ class SearchDisplay:
             f"budget {format_duration(used)} used / {format_duration(left)} left ({eta})",
         )
         head.add_row(
-            f"trials: [green]{self.done} done[/], [red]{self.failed} failed[/], [yellow]{self.infeasible} infeasible[/]",
+            f"trials: [green]{self.done} done[/], [red]{self.failed} failed[/], [yellow]{self.infeasible} infeasible[/], "
+            f"[magenta]{self.pruned} pruned[/]",
             f"box {format_duration(self.cfg.study.trial_time_s)} per trial",
         )
         best = Table(box=None, show_header=True, header_style="bold")

@@ -42,6 +42,7 @@ __all__ = [
     "hypervolume_figure",
     "parallel_coordinate_figure",
     "importance_figures",
+    "learning_curves_figure",
     "accuracy_latency_figure",
     "accuracy_cost_figures",
     "cost_metrics",
@@ -478,6 +479,56 @@ def accuracy_cost_figures(study: optuna.Study, accuracy: str = "val_accuracy") -
 # ----------------------------------------------------------------------------------------------
 
 
+def learning_curves_figure(study: optuna.Study) -> ReportFigure:
+    """Every trial's in-box validation accuracy against its KD training time (``kd_history``):
+    COMPLETE trials solid, PRUNED ones dashed and ending in a cross at the rung that stopped them
+    (dotted lines mark the rungs, ``study.pruning``), so the reader sees why each was stopped.
+    Trials screened out before the box have no curve and are counted in the note."""
+    key, title = _key("curves"), "Validation accuracy vs KD time (pruned trials marked)"
+    trials = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+                    key=lambda t: t.number)
+    fig = go.Figure()
+    drawn = screened = pruned = 0
+    rungs: set[float] = set()
+    box_s: float | None = None
+    for t in trials:
+        ua = t.user_attrs
+        if ua.get("screened"):
+            screened += 1
+            continue
+        curve = (ua.get("kd_history") or {}).get("val") or []
+        if not curve:
+            continue
+        xs, ys = [float(p[0]) for p in curve], [float(p[1]) for p in curve]
+        is_pruned = t.state == TrialState.PRUNED
+        pruned += is_pruned
+        rec = ua.get("pruning") or {}
+        method = (ua.get("methods") or {}).get("kd_time_s") or {}
+        if isinstance(method.get("box_s"), (int, float)):
+            box_s = float(method["box_s"])
+        rungs.update(float(r) for r in rec.get("rungs", []))
+        label = f"#{t.number} {ua.get('student', '')}"
+        how = f"PRUNED at rung {ua.get('pruned_rung', 0):.3g} ({ua.get('prune_reason', '')})" if is_pruned else "COMPLETE"
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="lines+markers", name=label, legendgroup="pruned" if is_pruned else "complete",
+            line={"dash": "dash" if is_pruned else "solid", "width": 1 if is_pruned else 2},
+            marker={"size": [4] * (len(xs) - 1) + [10 if is_pruned else 4],
+                    "symbol": ["circle"] * (len(xs) - 1) + ["x" if is_pruned else "circle"]},
+            hovertemplate=f"{label}<br>{how}<br>KD %{{x:.3g}} s<br>val %{{y:.4f}}<extra></extra>",
+        ))
+        drawn += 1
+    if not drawn:
+        return ReportFigure(key, title, None, "no trial stored an in-box validation curve yet")
+    if box_s is not None:
+        for r in sorted(rungs):
+            fig.add_vline(x=r * box_s, line={"dash": "dot", "color": "grey"}, annotation_text=f"rung {r:.3g}")
+    fig.update_layout(xaxis_title=axis_title("kd_time_s"), yaxis_title=axis_title("val_accuracy"))
+    note = f"{drawn} trials drawn ({pruned} pruned at a rung, dashed)"
+    if screened:
+        note += f"; {screened} screened out before the box (no curve)"
+    return ReportFigure(key, title, _titled(fig, title), note + ".")
+
+
 def all_figures(study: optuna.Study) -> list[ReportFigure]:
     """Every figure of the report, in page order."""
     light = plot_study(study)
@@ -485,6 +536,7 @@ def all_figures(study: optuna.Study) -> list[ReportFigure]:
     figs += accuracy_cost_figures(study)  # what a user looks at first: the students against the teacher
     figs += pareto_figures(light)
     figs.append(hypervolume_figure(light))
+    figs.append(learning_curves_figure(study))
     figs.append(parallel_coordinate_figure(light))
     figs += importance_figures(light)
     return figs

@@ -17,7 +17,7 @@ from rich.table import Table
 from kdsearch.metrics import format_metric
 from kdsearch.report.pareto import feasible, front_sorted, metric_value, pareto_front, teacher_accuracies
 
-__all__ = ["PARETO_FOOTNOTE", "table_trials", "trials_table", "trial_records"]
+__all__ = ["PARETO_FOOTNOTE", "pruned_label", "table_trials", "trials_table", "trial_records"]
 
 PARETO_FOOTNOTE = (
     "* = on the feasible Pareto front; INFEASIBLE rows break a constraint and are not on it. "
@@ -38,6 +38,15 @@ def table_trials(study: optuna.Study, pareto: bool) -> tuple[list[FrozenTrial], 
         infeasible = [t for t in trials if t.state == TrialState.COMPLETE and t.number not in front and not feasible(t)]
         trials = front_sorted(study, front_trials) + front_sorted(study, infeasible)
     return trials, front
+
+
+def pruned_label(user_attrs: dict[str, object]) -> str:
+    """``PRUNED (rung 0.111)`` for a trial stopped at a rung (the rung as a fraction of the box),
+    ``PRUNED (screened)`` for one ended before the box by a fixed cost or the memory probe."""
+    if user_attrs.get("screened"):
+        return "PRUNED (screened)"
+    rung = user_attrs.get("pruned_rung")
+    return f"PRUNED (rung {rung:.3g})" if isinstance(rung, (int, float)) else "PRUNED"
 
 
 def _vs_teacher(trial: FrozenTrial, names: list[str], teachers: dict[str, float]) -> str:
@@ -69,6 +78,8 @@ def trials_table(study: optuna.Study, pareto: bool) -> Table:
             state = "INFEASIBLE"
         elif state == "FAIL":
             state = f"FAIL ({ua.get('fail_reason', '?')})"
+        elif state == "PRUNED":
+            state = pruned_label(ua)
         mark = "*" if t.number in front else ""
         more = [format_metric(m, ua.get(m)) for m in extra]
         table.add_row(str(t.number), state, str(ua.get("student", "")), str(ua.get("teacher", "")), *vals, *more,

@@ -71,6 +71,7 @@ def test_every_figure_is_drawn_with_the_real_trial_values(fixture_study: Fixture
         "fig-acc_latency",
         "fig-pareto-val_accuracy-macs",
         "fig-hypervolume",
+        "fig-curves",
         "fig-parallel",
         "fig-importance-val_accuracy",
         "fig-importance-macs",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
+from rich.console import Console
 from search_run_helpers import (
     artifact_sha,
     assert_no_storage_errors,
@@ -21,9 +22,13 @@ from search_run_helpers import (
     seed_study_folder,
 )
 
+from kdsearch.config import load_config
+from kdsearch.progress import SearchDisplay
+from kdsearch.report.figures import learning_curves_figure
+from kdsearch.report.trials_table import trials_table
 from kdsearch.search.pruning import RUNG_ATTR_PREFIX, PruningConfig, RungDecision, RungEntry, decide_at_rung
 
-from cli_helpers import run_cli
+from cli_helpers import SMOKE, run_cli
 
 N_TRIALS = 12
 
@@ -103,3 +108,46 @@ def test_pruning_on_two_workers(smoke_run: Path, tmp_path: Path) -> None:
     assert cross_worker > 0  # decisions counted trials of the other worker
     assert all(math.isfinite(t.user_attrs["macs"]) for t in trials)
     assert_no_storage_errors(tmp_path, "prune")
+
+    # What the user sees: `kdsearch trials` labels each pruned trial with its rung, the report
+    # draws every curve with the pruned ones dashed and crossed at their last point, and the
+    # progress display counts them.
+    console = Console(width=250, record=True)
+    console.print(trials_table(study, pareto=False))
+    text = console.export_text()
+    for t in pruned:
+        assert f"PRUNED (rung {t.user_attrs['pruned_rung']:.3g})" in text
+    fig = learning_curves_figure(study)
+    assert fig.figure is not None and fig.note.startswith(f"{N_TRIALS} trials drawn ({len(pruned)} pruned")
+    dashed = [tr for tr in fig.figure.data if tr.line.dash == "dash"]
+    assert len(dashed) == len(pruned) and all(tr.marker.symbol[-1] == "x" for tr in dashed)
+    assert {f"#{t.number} {t.user_attrs['student']}" for t in pruned} == {tr.name for tr in dashed}
+    display = SearchDisplay(load_config(SMOKE), Console(record=True), live=False)
+    for t in trials:
+        display.trial_end(t, 1.0)
+    assert (display.done, display.pruned, display.failed) == (len(complete), len(pruned), 0)
+    assert "PRUNED at rung" in display.console.export_text()
+
+
+def test_a_fixed_cost_over_its_limit_ends_the_trial_before_the_box(smoke_run: Path, tmp_path: Path) -> None:
+    """A macs constraint the first smoke trials straddle: those over it are PRUNED in seconds,
+    screened, with their violation set for the sampler; the others train as usual."""
+    smoke = open_study(smoke_run, "smoke").get_trials()
+    limit = sorted(t.user_attrs["macs"] for t in smoke)[1]  # the median of the same first proposals
+    seed_study_folder(smoke_run, tmp_path, "screen")
+    code = run_cli(*optimize_args(tmp_path, "screen", "--n-trials", "3", "--set", f"constraints.macs={limit}"))
+    assert code == 0
+    trials = open_study(tmp_path, "screen").get_trials()
+    screened = [t for t in trials if t.user_attrs.get("screened")]
+    assert screened, [(t.state, t.user_attrs.get("macs")) for t in trials]
+    for t in trials:
+        macs = t.user_attrs["macs"]
+        assert t.user_attrs["methods"]["macs"]["measured_on"] == "untrained student, before KD"
+        if macs > limit:
+            assert t.state == TrialState.PRUNED and t.user_attrs["screened"] is True
+            assert t.user_attrs["screen_reason"] == f"macs={macs:.4g} > {limit:.4g}"
+            assert t.constraints == {"macs": pytest.approx(macs - limit)}
+            assert t.user_attrs["feasible"] is False and "kd_history" not in t.user_attrs
+            assert t.user_attrs["screened_values"] == {"val_accuracy": None, "macs": macs}
+        else:
+            assert t.state == TrialState.COMPLETE and t.constraints == {"macs": pytest.approx(macs - limit)}
