@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -11,9 +13,10 @@ import torch
 from optuna.trial import TrialState
 
 import kdsearch
-from kdsearch.storage import default_storage_url, load_study
+from kdsearch.config import apply_overrides, load_config
+from kdsearch.storage import default_storage_url, load_study, run_paths
 
-from cli_helpers import SMOKE, run_cli
+from cli_helpers import ROOT, SMOKE, run_cli
 
 REQUIRED_ATTRS = ("val_accuracy", "test_accuracy", "kd_time_s", "params", "macs", "teacher", "spec",
                   "artifact_id", "weights_sha256", "latency_ms_b1", "latency_ms_b16", "model_size_mb",
@@ -93,6 +96,27 @@ def test_resume_with_a_different_space_is_an_error(copy_run: Path, capsys: pytes
     assert len(_study(copy_run).trials) == 3
 
 
+def test_resume_with_pruning_switched_on_is_an_error(copy_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """study.pruning is in the search signature: a pruned trial has no final figures, so a study
+    run without it is not resumed with it (nor the other way round)."""
+    code = run_cli("optimize", "--config", SMOKE, "--n-trials", "1", "--run-dir", copy_run,
+                   "--set", "study.pruning.enabled=true", "--plain")
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "pruning.enabled" in err and err.count("\n") == 0
+    assert len(_study(copy_run).trials) == 3
+
+
+def test_pruning_keys_are_checked_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    for override, field in (("study.pruning.eta=1", "study.pruning.eta"),
+                            ("study.pruning.min_fraction=1.5", "study.pruning.min_fraction"),
+                            ("study.pruning.min_competitors=0", "study.pruning.min_competitors"),
+                            ("study.pruning.bogus=1", "study.pruning.bogus")):
+        code = run_cli("optimize", "--config", SMOKE, "--n-trials", "1", "--set", override, "--plain")
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and field in err, (override, err)
+
+
 def test_env_prints_what_a_bug_report_needs(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("env", "--json") == 0
     env = json.loads(capsys.readouterr().out)
@@ -106,7 +130,8 @@ def test_env_prints_what_a_bug_report_needs(capsys: pytest.CaptureFixture[str]) 
 
 def test_help_loads_no_heavy_library() -> None:
     """``kdsearch --help`` and every ``kdsearch <command> --help`` build their parsers without
-    torch, Optuna, timm or plotly: each command imports those inside its ``run``."""
+    torch, Optuna, timm or plotly: each command imports those inside its ``run``. Nor rich, YAML or
+    the study-file package: together they were half of the time ``--help`` took."""
     import subprocess
     import sys
 
@@ -118,7 +143,7 @@ def test_help_loads_no_heavy_library() -> None:
         "from kdsearch.cli import main\n"
         f"for argv in [['--help'], ['--version']] + [[c, '--help'] for c in {names!r}]:\n"
         "    assert main(argv) == 0, argv\n"
-        "heavy = [m for m in ('torch', 'optuna', 'timm', 'plotly') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'optuna', 'timm', 'plotly', 'rich', 'yaml', 'kdsearch.config') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -132,3 +157,114 @@ def test_export_format_choices_are_the_export_formats() -> None:
     from kdsearch.export import FORMATS
 
     assert FORMAT_CHOICES == list(FORMATS)
+
+
+# -- issue 13: bundled studies, a CLI that answers at once, tidy run folders ------------------------
+
+NO_MODEL_CODE = """
+import sys
+from kdsearch.cli import main
+code = main(sys.argv[1:])
+heavy = [m for m in ('torch', 'timm', 'plotly', 'torchvision') if m in sys.modules]
+print('RESULT', code, heavy, file=sys.stderr)
+"""
+
+NO_MODEL_CASES = [
+    ("trials", lambda run, t: ["trials", "--study-name", "smoke", "--run-dir", run], 0),
+    ("trials-pareto-json", lambda run, t: ["trials", "--study-name", "smoke", "--run-dir", run, "--pareto", "--json"], 0),
+    ("table", lambda run, t: ["table", "--study-name", "smoke", "--run-dir", run, "--rows", "vgg_depth",
+                              "--cols", "resolution", "--metric", "val_accuracy"], 0),
+    ("studies", lambda run, t: ["studies"], 0),
+    ("studies-show", lambda run, t: ["studies", "show", "paper/table1-arch"], 0),
+    ("argument-error", lambda run, t: ["optimize", "--config", "smoke", "--n-trials", "0"], 2),
+    ("unknown-study-name", lambda run, t: ["optimize", "--config", "smoek"], 2),
+    ("empty-study-file", lambda run, t: ["optimize", "--config", _touch(t / "empty.yaml")], 2),
+    ("section-error", lambda run, t: ["optimize", "--config", "smoke", "--set", "distill.alpha=3"], 2),
+    ("duration-error", lambda run, t: ["optimize", "--config", "smoke", "--budget", "2x"], 2),
+    ("unknown-key", lambda run, t: ["optimize", "--config", "smoke", "--set", "measure.latncy.repeats=3"], 2),
+]
+
+
+def _touch(path: Path) -> Path:
+    path.write_text("")
+    return path
+
+
+@pytest.mark.parametrize(("name", "argv", "expected"), NO_MODEL_CASES, ids=[c[0] for c in NO_MODEL_CASES])
+def test_commands_that_need_no_model_never_load_torch(name: str, argv, expected: int, smoke_run: Path, tmp_path: Path) -> None:
+    """Reading a study, listing the bundled studies and every argument or study-file error in a
+    section other than ``student`` answer without torch, timm or plotly (seconds saved on each).
+    They run from another folder, so bundled names resolve without the repository."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    args = [str(a) for a in argv(smoke_run, tmp_path)]
+    out = subprocess.run([sys.executable, "-c", NO_MODEL_CODE, *args], capture_output=True, text=True, cwd=cwd,
+                         check=False, timeout=120)
+    result = out.stderr.strip().splitlines()[-1]
+    assert result == f"RESULT {expected} []", (name, out.stderr[-1500:])
+
+
+def test_studies_lists_and_shows_every_bundled_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    top = ROOT / "studies"
+    in_repo = sorted(str(p.relative_to(top).with_suffix("")) for p in top.rglob("*.yaml"))
+    monkeypatch.chdir(tmp_path)  # from any folder
+    assert run_cli("studies") == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.strip() and not line.startswith("run one")]
+    assert sorted(line.split()[0] for line in rows) == in_repo
+    smoke_row = next(line for line in rows if line.split()[0] == "smoke")
+    assert smoke_row.split(None, 1)[1] == "Smoke study: synthetic data, a tiny ViT teacher fitted on the spot, seconds per trial."
+    assert all(len(line.split(None, 1)) == 2 for line in rows), "every bundled study has a description"
+    assert run_cli("studies", "show", "smoke") == 0
+    assert capsys.readouterr().out == SMOKE.read_text()
+    # As --config: a bundled name, its file name, or its repository path, from this folder.
+    want = load_config(SMOKE).search_signature()
+    for name in ("smoke", "smoke.yaml", "studies/smoke.yaml"):
+        assert load_config(name).search_signature() == want, name
+    assert load_config("paper/table1-arch").study.name == "table1-arch"
+    # A file of that name in this folder wins over the bundled study.
+    (tmp_path / "smoke.yaml").write_text(SMOKE.read_text().replace("name: smoke", "name: my-smoke"))
+    assert load_config("smoke.yaml").study.name == "my-smoke"
+
+
+def test_a_clean_run_leaves_no_worker_files(smoke_run: Path) -> None:
+    workers = smoke_run / "smoke" / "workers"
+    assert workers.is_dir() and not list(workers.iterdir())
+
+
+def test_a_failed_trial_keeps_its_workers_log(copy_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_cli("optimize", "--config", SMOKE, "--n-trials", "1", "--run-dir", copy_run, "--plain",
+                   "--set", "debug.inject=error")
+    out = capsys.readouterr().out
+    assert code == 0
+    trial = _study(copy_run).trials[-1]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "error"
+    logs = list((copy_run / "smoke" / "workers").glob("kdsearch-run-*/worker*.log"))
+    assert len(logs) == 1, logs
+    assert f"logs of workers with failed trials (kept): {logs[0]}" in out
+    text = logs[0].read_text()
+    assert f"trial {trial.number} failed:" in text and "Traceback" in text and "injected error" in text
+    # What a re-run of that worker needs stays beside it: its spec and its last status.
+    assert {p.name for p in logs[0].parent.iterdir()} == {"worker0-0.log", "worker0-0.json", "spec-worker0-0.json"}
+
+
+def test_the_progress_line_says_when_the_teacher_accuracy_is_measured(copy_run: Path) -> None:
+    from kdsearch.search.objective import prepare_worker
+
+    cfg = apply_overrides(load_config(SMOKE), run_dir=str(copy_run))
+    seen: list[tuple[str, str]] = []
+    prepare_worker(cfg, run_paths(copy_run, "smoke"), torch.device("cpu"), progress=lambda p, f, m: seen.append((p, m)))
+    messages = [m for _, m in seen]
+    measuring = messages.index("measuring teacher ViT-tiny accuracy (val, test)")
+    assert messages.index("creating teacher ViT-tiny") < measuring
+    assert "teacher-fit" not in [p for p, _ in seen[measuring:]]  # measured after the fit, not during it
+
+
+def test_the_cli_default_run_dir_is_the_study_files() -> None:
+    """``commands.arguments`` spells the default out (importing the study-file package would
+    double ``--help``); it must stay the study file's default."""
+    from kdsearch.commands.arguments import DEFAULT_RUN_DIR
+    from kdsearch.config import StudySection
+
+    assert DEFAULT_RUN_DIR == StudySection.run_dir
