@@ -1,13 +1,19 @@
-"""Loading a study file: YAML -> raw mapping -> CLI overrides -> validated :class:`StudyConfig`."""
+"""Loading a study file: YAML -> raw mapping -> CLI overrides -> validated :class:`StudyConfig`.
+
+A study is named by a path or by the name of a study shipped with the package (``smoke``,
+``cifar10-deit``, ``paper/table1-arch``: :func:`bundled_studies`); an existing file wins.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.resources
 import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,16 @@ from kdsearch.config.student import STUDENT_KEYS, StudentConfig, student_family,
 from kdsearch.config.study import DURATION_KEYS, TOP_KEYS, StudyConfig, config_to_dict
 from kdsearch.errors import ConfigError, unknown_key_error
 
-__all__ = ["load_config", "config_from_dict", "apply_overrides"]
+__all__ = [
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "read_study_file",
+    "find_study_file",
+    "bundled_study",
+    "bundled_studies",
+    "study_description",
+]
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field[Any]]:
@@ -188,9 +203,11 @@ def config_from_dict(raw: Mapping[str, Any], source: str | None = None) -> Study
         if key not in TOP_KEYS:
             raise unknown_key_error("", key, TOP_KEYS)
     kwargs: dict[str, Any] = {}
+    # The student section last: it imports the family files (and torch with them), so a mistake
+    # in any other section is reported without that wait.
     for key, cls in _SECTION_TYPES.items():
-        if key in raw:
-            kwargs[key] = _build_student(raw[key]) if cls is StudentConfig else _build_section(cls, raw[key], key)
+        if key in raw and cls is not StudentConfig:
+            kwargs[key] = _build_section(cls, raw[key], key)
     if "teacher" in raw:
         t = raw["teacher"]
         if isinstance(t, list):
@@ -209,32 +226,122 @@ def config_from_dict(raw: Mapping[str, Any], source: str | None = None) -> Study
         if not isinstance(con, Mapping):
             raise ConfigError("constraints", "must map metric names to upper limits", con)
         kwargs["constraints"] = {str(k): _as_number(v) for k, v in con.items()}
+    if "student" in raw:
+        kwargs["student"] = _build_student(raw["student"])
     return StudyConfig(**kwargs, source=source)
 
 
-def read_study_file(path: str | Path) -> dict[str, Any]:
-    """The study file's raw mapping. A missing file or bad YAML raises ConfigError."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError("--config", "must be an existing study file", str(path), "see the files in studies/")
+BUNDLED_DIR = "studies"
+"""The folder of study files inside the ``kdsearch`` package (``studies/`` of the repository)."""
+
+STUDY_SUFFIXES = (".yaml", ".yml")
+
+
+def bundled_studies() -> dict[str, Traversable]:
+    """The study files shipped with kdsearch, by name: the path below ``studies/`` without
+    ``.yaml`` (``smoke``, ``cifar10-deit``, ``paper/table1-arch``), sorted, top level first."""
+    found: dict[str, Traversable] = {}
+
+    def walk(folder: Traversable, prefix: str) -> None:
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+            if entry.is_file() and entry.name.endswith(STUDY_SUFFIXES):
+                found[prefix + entry.name.rsplit(".", 1)[0]] = entry
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+            if entry.is_dir() and not entry.name.startswith((".", "_")):
+                walk(entry, f"{prefix}{entry.name}/")
+
+    root = importlib.resources.files("kdsearch") / BUNDLED_DIR
+    if root.is_dir():
+        walk(root, "")
+    return found
+
+
+def _bundled_name(text: str) -> str:
+    """``studies/smoke.yaml``, ``smoke.yaml`` and ``smoke`` all name the bundled ``smoke``."""
+    name = text.replace("\\", "/").strip()
+    if name.startswith(f"{BUNDLED_DIR}/"):
+        name = name[len(BUNDLED_DIR) + 1 :]
+    for suffix in STUDY_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+def bundled_study(name: str, field: str = "studies show", rule: str = "must name a bundled study") -> Traversable:
+    """The bundled study ``name`` (``smoke``, ``smoke.yaml`` or ``studies/smoke.yaml``); any other
+    name is a one-line ConfigError that lists the bundled names."""
+    bundled = bundled_studies()
+    key = _bundled_name(str(name))
+    if key in bundled:
+        return bundled[key]
+    names = ", ".join(bundled) or "none (this kdsearch was installed without its study files)"
+    raise ConfigError(field, rule, str(name), f"bundled studies: {names} (kdsearch studies lists them)")
+
+
+def find_study_file(config: str | Path) -> Path | Traversable:
+    """The study file ``--config`` names: an existing file, else a bundled study by name (so
+    ``--config studies/smoke.yaml`` works from any folder). Anything else is a ConfigError that
+    lists the bundled names."""
+    p = Path(config).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        raise ConfigError("--config", "must be a study file, not a folder", str(config))
+    return bundled_study(str(config), "--config", "must be an existing study file or the name of a bundled study")
+
+
+def study_description(text: str) -> str:
+    """The first sentence of a study file's leading comment block (one line), or ``""``."""
+    lines: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped.startswith("#"):
+            break
+        body = stripped.lstrip("#").strip()
+        if not body:
+            if lines:
+                break
+            continue
+        lines.append(body)
+    joined = " ".join(lines)
+    first = re.split(r"(?<=[.!?])\s", joined, maxsplit=1)[0]
+    return first.strip()
+
+
+def read_study_file(path: str | Path | Traversable) -> dict[str, Any]:
+    """The study file's raw mapping. ``path`` is a file, a bundled study's name or resource.
+    A missing file, bad YAML and a file without any section raise ConfigError."""
+    source = find_study_file(path) if isinstance(path, (str, Path)) else path
+    shown = str(path)
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("--config", f"cannot be read ({type(exc).__name__}: {exc})", shown) from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(str(path), f"is not valid YAML{where}") from None
-    if raw is None:
-        return {}
+        raise ConfigError(shown, f"is not valid YAML{where}") from None
+    if raw is None or raw == {}:
+        # An empty file must not silently start a default study (synthetic data, a teacher fitted
+        # for minutes): say so, and where to start from.
+        raise ConfigError(
+            shown, "is empty: a study file needs its sections (data, teacher, student, objectives, ...)",
+            None, "start from a bundled study: kdsearch studies show smoke > my-study.yaml",
+        )
     if not isinstance(raw, Mapping):
-        raise ConfigError(str(path), "must be a YAML mapping of sections", type(raw).__name__)
+        raise ConfigError(shown, "must be a YAML mapping of sections", type(raw).__name__)
     return dict(raw)
 
 
 def load_config(path: str | Path, sets: Sequence[str] = (), **flags: Any) -> StudyConfig:
-    """Load a study file, apply ``--set`` strings and CLI flags to its raw mapping, then build and
-    validate the config once. Missing file, bad YAML and every invalid value raise ConfigError."""
-    raw = read_study_file(path)
-    return config_from_dict(override_raw(raw, sets, **flags), source=str(Path(path)))
+    """Load a study file (a path or a bundled study's name), apply ``--set`` strings and CLI flags
+    to its raw mapping, then build and validate the config once. Missing file, bad YAML and every
+    invalid value raise ConfigError."""
+    source = find_study_file(path)
+    raw = read_study_file(source)
+    return config_from_dict(override_raw(raw, sets, **flags), source=str(source))
 
 
 def apply_overrides(cfg: StudyConfig, sets: Sequence[str] = (), **flags: Any) -> StudyConfig:
