@@ -5,6 +5,11 @@ Both are started as fresh processes with the same interpreter, interleaved (pass
 the ratio of the medians; the target is <= 3 (the CLI must not import torch, timm or Optuna's heavy
 parts to print its help). Also reported: ``kdsearch trials --help`` and ``kdsearch optimize --help``.
 
+The commands run in a temporary folder, so ``-m kdsearch`` imports the installed kdsearch of this
+interpreter (an editable install: the checkout; a wheel: site-packages), never a ``kdsearch/``
+folder that happens to be in the current directory. Run it with a wheel install's interpreter to
+measure what a ``pip install`` user gets.
+
     python benchmarks/bench_cli.py [--runs 10]
 """
 
@@ -14,6 +19,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 TARGET = 3.0
@@ -21,7 +27,7 @@ TARGET = 3.0
 
 def wall_s(argv: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tempfile.gettempdir())
     return time.perf_counter() - t0
 
 

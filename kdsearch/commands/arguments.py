@@ -1,7 +1,7 @@
 """Command-line arguments several commands share: typed numbers and the storage flags.
 
-Light on purpose (argparse, ``kdsearch.errors``, ``kdsearch.config``): the parsers are built for
-``--help`` too. The storage module (and Optuna with it) loads only when a command runs.
+Light on purpose (argparse and ``kdsearch.errors`` only): the parsers are built for ``--help``
+too. The study-file package, the storage module (and Optuna with it) load only when a command runs.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from kdsearch.config import StudySection
 from kdsearch.errors import ConfigError
 
 __all__ = ["DEFAULT_RUN_DIR", "integer", "positive_int", "add_storage_args", "storage_url", "artifact_dir"]
 
-DEFAULT_RUN_DIR: str = StudySection.run_dir  # the study file's default run folder ("runs")
+DEFAULT_RUN_DIR: str = "runs"
+"""The study file's default run folder (``StudySection.run_dir``; a test keeps the two equal).
+Not imported from ``kdsearch.config``: that package (YAML, every section) would double ``--help``."""
 
 
 def integer(flag: str) -> Callable[[str], int]:
