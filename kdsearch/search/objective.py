@@ -556,12 +556,12 @@ def _memory_probe(
     how = {"method": f"{PROBE_STEPS} KD training steps of a copy of the untrained student before the box",
            "steps": PROBE_STEPS, "batch_size": cfg.distill.batch_size, "resolution": spec.resolution,
            "train_dtype": ctx.train_dtype}
-    if device.type != "cuda":
+    tracker = KDMemoryTracker(device)
+    if not tracker.available:  # no allocator counters: the CPU
         fixed.set_missing("probe_peak_memory_mb", f"the memory probe runs on CUDA only; this worker runs on {device.type}",
                           {**how, "method": "skipped"})
         return {}
     probe = copy.deepcopy(student)
-    tracker = KDMemoryTracker(device)
     out: dict[str, Any] = {}
     try:
         with tracker:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from search_run_helpers import (
 )
 
 from kdsearch.config import load_config
+from kdsearch.measure import KDMemoryTracker
 from kdsearch.progress import SearchDisplay
 from kdsearch.report.figures import learning_curves_figure
 from kdsearch.report.trials_table import trials_table
@@ -151,3 +153,70 @@ def test_a_fixed_cost_over_its_limit_ends_the_trial_before_the_box(smoke_run: Pa
             assert t.user_attrs["screened_values"] == {"val_accuracy": None, "macs": macs}
         else:
             assert t.state == TrialState.COMPLETE and t.constraints == {"macs": pytest.approx(macs - limit)}
+
+
+class _BigAllocator:
+    """Allocator counters of a device whose training peak is ``peak_mb`` above an empty baseline;
+    counts the segments the probe opens (each real training segment resets the peak)."""
+
+    def __init__(self, peak_mb: float) -> None:
+        self.peak_mb = peak_mb
+        self.resets = 0
+
+    def synchronize(self) -> None:
+        return None
+
+    def allocated_bytes(self) -> int:
+        return 0
+
+    def peak_bytes(self) -> int:
+        return int(self.peak_mb * 1e6)
+
+    def reset_peak(self) -> None:
+        self.resets += 1
+
+
+def test_the_memory_probe_ends_a_trial_over_the_memory_limit(copy_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real probe steps (KD with teacher targets) run before the box, read through allocator
+    counters that report a 5 GB peak: over a 100 MB peak_kd_memory_mb limit the trial ends at
+    once, infeasible (PRUNED, screened) with the reason, and the box never starts. On the CPU
+    (no counters) the probe is skipped and its figure missing with the reason."""
+    import optuna
+    import torch
+
+    from kdsearch.config import apply_overrides
+    from kdsearch.search import objective
+    from kdsearch.storage import run_paths
+
+    cfg = apply_overrides(load_config(SMOKE), run_dir=str(copy_run))
+    ctx = objective.prepare_worker(cfg, run_paths(copy_run, "smoke"), torch.device("cpu"))
+    ctx.cfg = replace(cfg, constraints={"peak_kd_memory_mb": 100.0})
+    fake = _BigAllocator(5000.0)
+    monkeypatch.setattr(objective, "KDMemoryTracker", lambda device: KDMemoryTracker(device, counters=fake))
+    boxes: list[float] = []
+    real_distill = objective.distill
+
+    def spy(*args: object, **kwargs: object) -> object:
+        boxes.append(kwargs["time_box_s"])
+        return real_distill(*args, **kwargs)
+
+    monkeypatch.setattr(objective, "distill", spy)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned, match="probe_peak_memory_mb=5000 > peak_kd_memory_mb limit 100"):
+        objective.run_trial(ctx, trial)
+    study.tell(trial, state=TrialState.PRUNED)
+    t = study.trials[0]
+    assert len(boxes) == 1  # the probe's call; the box never started
+    assert t.user_attrs["screened"] is True and t.user_attrs["probe_peak_memory_mb"] == pytest.approx(5000.0)
+    assert t.user_attrs["methods"]["probe_peak_memory_mb"]["steps"] == objective.PROBE_STEPS
+    assert t.constraints == {"peak_kd_memory_mb": pytest.approx(4900.0)}
+    assert "kd_history" not in t.user_attrs and fake.resets >= 1
+
+    # On the CPU: no counters, no probe, the figure is missing with its reason.
+    monkeypatch.undo()
+    ctx.cfg = cfg
+    trial = study.ask()
+    objective.run_trial(ctx, trial)
+    assert trial.user_attrs["probe_peak_memory_mb"] is None
+    assert "CUDA only" in trial.user_attrs["missing_metrics"]["probe_peak_memory_mb"]
