@@ -62,10 +62,20 @@ def check_out_dir(out: Path, flag: str = "--out") -> None:
             )
 
 
-def staging_dir(out: Path) -> Path:
-    """A fresh hidden folder beside ``out`` (same file system, so the final rename is atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+def staging_dir(out: Path, flag: str = "--out") -> Path:
+    """A fresh hidden folder beside ``out`` (same file system, so the final rename is atomic).
+
+    A parent that cannot be created or written (``/proc/...``, a read-only mount, a file in the
+    way) is a one-line ConfigError naming ``flag``.
+    """
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise ConfigError(
+            flag, f"cannot create the folder there ({exc.strerror or type(exc).__name__})", str(out),
+            "choose a writable folder",
+        ) from None
 
 
 def publish_dir(staging: Path, out: Path, flag: str = "--out") -> None:
@@ -91,7 +101,7 @@ def publish_dir(staging: Path, out: Path, flag: str = "--out") -> None:
 def staged_out_dir(out: Path, flag: str = "--out") -> Iterator[Path]:
     """Yield a staging folder for ``out``; publish it when the block ends, delete it if it raises."""
     check_out_dir(out, flag)
-    stage = staging_dir(out)
+    stage = staging_dir(out, flag)
     try:
         yield stage
         publish_dir(stage, out, flag)

@@ -48,6 +48,7 @@ __all__ = [
     "GRACE_ENV",
     "RunPaths",
     "run_paths",
+    "make_folder",
     "check_study_name",
     "default_storage_url",
     "storage_url_for",
@@ -88,8 +89,21 @@ class RunPaths:
     workers: Path
 
     def ensure(self) -> None:
+        """Create every folder; one that cannot be created is a one-line ConfigError."""
         for p in (self.root, self.artifacts, self.cache, self.teachers, self.workers):
-            p.mkdir(parents=True, exist_ok=True)
+            make_folder(p, "teacher.cache.dir" if p == self.cache and p.parent != self.root else "study.run_dir")
+
+
+def make_folder(folder: Path, field: str) -> None:
+    """``mkdir -p folder``; a folder that cannot be created (``/proc/...``, read-only, a file in
+    the way) is a one-line ConfigError naming ``field``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            field, f"cannot create the folder {str(folder)!r} ({exc.strerror or type(exc).__name__})", None,
+            "choose a writable folder",
+        ) from None
 
 
 def run_paths(run_dir: str | Path, study_name: str, cache_dir: str | None = None) -> RunPaths:
@@ -211,7 +225,7 @@ def open_storage(
         )
     if path.exists() and path.is_dir():
         raise StorageError(f"--storage: {str(path)!r} is a folder, not a journal file")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, "--run-dir/--storage")
     # The open-lock works on every POSIX file system (NFS included), unlike symlink locks.
     return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 

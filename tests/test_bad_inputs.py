@@ -4,6 +4,7 @@ nothing the user stored changes."""
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,36 @@ CASES = [
     ("vit-resolution-without-patch-size", lambda t, r: ["optimize", "--config", SMOKE, "--run-dir", r, "--set", "student.family=[vgg, vit]", "--set", "student.resolution={low: 17, high: 40}"], "a ViT student needs a resolution"),
     ("unknown-command", lambda t, r: ["optimise"], "invalid choice"),
     ("optimize-without-config", lambda t, r: ["optimize"], "--config"),
+    # Paths and values a new user gets wrong (issue 13): study files, output folders, run folders,
+    # the offline hub, and the other commands' flags.
+    ("empty-study-file", lambda t, r: ["optimize", "--config", _write(t, "")], "is empty"),
+    ("comments-only-study-file", lambda t, r: ["optimize", "--config", _write(t, "# to do\n")], "is empty"),
+    ("config-is-a-folder", lambda t, r: ["optimize", "--config", t], "must be a study file, not a folder"),
+    ("config-not-text", lambda t, r: ["optimize", "--config", _write_bytes(t, b"\xff\xfe\x00study")], "cannot be read"),
+    ("config-unknown-bundled-name", lambda t, r: ["optimize", "--config", "cifar10-deti"], "bundled studies: cifar10-deit"),
+    ("studies-show-unknown", lambda t, r: ["studies", "show", "smok"], "studies show: must name a bundled study"),
+    ("set-wrong-type", lambda t, r: ["optimize", "--config", SMOKE, "--set", "distill.batch_size=big"], "distill.batch_size: must be an integer"),
+    ("set-bool-for-duration", lambda t, r: ["optimize", "--config", SMOKE, "--set", "study.budget=true"], "study.budget: must be a duration"),
+    ("run-dir-uncreatable", lambda t, r: ["optimize", "--config", SMOKE, "--run-dir", UNCREATABLE], "cannot create the folder"),
+    ("run-dir-under-a-file", lambda t, r: ["optimize", "--config", SMOKE, "--run-dir", _file(t) / "runs"], "cannot create the folder"),
+    ("cache-dir-uncreatable", lambda t, r: ["optimize", "--config", SMOKE, "--run-dir", r, "--cache-dir", UNCREATABLE], "teacher.cache.dir: cannot create the folder"),
+    ("teacher-pretrained-offline", lambda t, r: ["optimize", "--config", SMOKE, "--run-dir", r, "--set", "teacher.pretrained=true"], "not in the local Hugging Face cache and the hub is unreachable (HF_HUB_OFFLINE is set)"),
+    ("teacher-pretrained-hub-unreachable", lambda t, r: ["optimize", "--config", SMOKE, "--run-dir", r, "--set", "teacher.pretrained=true"], "the hub is unreachable (cannot connect to proxy 127.0.0.1:9"),
+    ("export-out-uncreatable", lambda t, r: ["export", "--study-name", "smoke", "--run-dir", r, "--trial", "0", "--out", f"{UNCREATABLE}/student"], "--out: cannot create the folder"),
+    ("export-out-under-a-file", lambda t, r: ["export", "--study-name", "smoke", "--run-dir", r, "--trial", "0", "--out", _file(t) / "student"], "--out: cannot create the folder"),
+    ("report-out-uncreatable", lambda t, r: ["report", "--study-name", "smoke", "--run-dir", r, "--out", f"{UNCREATABLE}/report.html"], "--out: cannot create the folder"),
+    ("trials-storage-scheme", lambda t, r: ["trials", "--study-name", "smoke", "--storage", "redis://x"], "--storage: must be"),
+    ("finetune-checkpoint-missing", lambda t, r: ["finetune", "--checkpoint", t / "gone", "--data", "synthetic", "--out", t / "ft"], "no such file or folder"),
+    ("finetune-data-folder-missing", lambda t, r: ["finetune", "--checkpoint", _exported(t, r), "--data", f"imagefolder:{t / 'no-images'}", "--out", t / "ft"], "no-images"),
+    ("finetune-data-unknown", lambda t, r: ["finetune", "--checkpoint", _exported(t, r), "--data", "imagenet", "--out", t / "ft"], "--data: must be imagefolder:PATH"),
+    ("finetune-out-uncreatable", lambda t, r: ["finetune", "--checkpoint", _exported(t, r), "--data", "synthetic", "--out", f"{UNCREATABLE}/ft", "--epochs", "1"], "--out: cannot create the folder"),
+    ("finetune-lr-nan", lambda t, r: ["finetune", "--checkpoint", _exported(t, r), "--data", "synthetic", "--out", t / "ft", "--lr", "nan"], "--lr: must be in"),
+    ("finetune-holdout-fraction", lambda t, r: ["finetune", "--checkpoint", _exported(t, r), "--data", "synthetic", "--out", t / "ft", "--holdout-fraction", "1.5"], "--holdout-fraction: must be in"),
+    ("finetune-device-unknown", lambda t, r: ["finetune", "--checkpoint", _exported(t, r), "--data", "synthetic", "--out", t / "ft", "--device", "tpu7"], "--device: must be a torch device"),
+    ("dashboard-port-out-of-range", lambda t, r: ["dashboard", "--study-name", "smoke", "--run-dir", r, "--port", "70000"], "--port: must be an integer in [0, 65535]"),
+    ("dashboard-port-not-int", lambda t, r: ["dashboard", "--study-name", "smoke", "--run-dir", r, "--port", "http"], "--port: must be an integer"),
+    ("worker-storage-unreachable", lambda t, r: ["worker", "--study-name", "smoke", "--storage", "postgresql://nobody@127.0.0.1:1/x"], "cannot open"),
+    ("worker-budget-unparsable", lambda t, r: ["worker", "--study-name", "smoke", "--run-dir", r, "--budget", "2x"], "--budget: must be a duration"),
     ("teacher-std-zero", lambda t, r: ["optimize", "--config", SMOKE, "--set", "teacher.std=[0.2, 0, 0.2]"], "teacher.std: each must be > 0"),
     ("teacher-mean-0-255", lambda t, r: ["optimize", "--config", SMOKE, "--set", "teacher.mean=[125, 122, 104]"], "divide them by 255"),
     ("teacher-mean-length", lambda t, r: ["optimize", "--config", SMOKE, "--set", "teacher.mean=[0.5, 0.5]"], "teacher.mean: must be 3 numbers"),
@@ -99,6 +130,39 @@ def _write(tmp_path: Path, text: str) -> Path:
     return p
 
 
+UNCREATABLE = "/proc/kdsearch-cannot-create-this"  # procfs refuses new folders, even to root
+
+ROW_ENV: dict[str, dict[str, str]] = {
+    # Offline: the hub client would retry for about a minute; kdsearch must answer in seconds.
+    "teacher-pretrained-offline": {"HF_HUB_OFFLINE": "1"},
+    # The one reachability probe goes to the HTTPS proxy when one is set: a closed local port.
+    "teacher-pretrained-hub-unreachable": {"HF_HUB_OFFLINE": "0", "HTTPS_PROXY": "http://127.0.0.1:9"},
+}
+"""Environment of a row (set for that row only)."""
+
+FAST_ROWS_S = 10.0  # the offline-hub rows must fail within this (in-process, torch already loaded)
+
+
+def _write_bytes(tmp_path: Path, data: bytes) -> Path:
+    p = tmp_path / "binary.yaml"
+    p.write_bytes(data)
+    return p
+
+
+def _file(tmp_path: Path) -> Path:
+    """A plain file, where a folder would have to be created."""
+    p = tmp_path / "a-file"
+    p.write_text("not a folder\n")
+    return p
+
+
+def _exported(tmp_path: Path, run_dir: Path) -> Path:
+    """Trial 0 of the run, exported to a folder under ``tmp_path`` (not the run folder)."""
+    out = tmp_path / "exported"
+    assert run_cli("export", "--study-name", "smoke", "--run-dir", run_dir, "--trial", "0", "--out", out) == 0
+    return out
+
+
 def _snapshot(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -112,9 +176,25 @@ def test_there_are_at_least_25_cases() -> None:
 
 
 @pytest.mark.parametrize(("name", "argv", "fragment"), CASES, ids=[c[0] for c in CASES])
-def test_bad_input(name: str, argv, fragment: str, copy_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input(name: str, argv, fragment: str, copy_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                   monkeypatch: pytest.MonkeyPatch) -> None:
     before = _snapshot(copy_run)
-    code = run_cli(*argv(tmp_path, copy_run))
+    args = argv(tmp_path, copy_run)
+    capsys.readouterr()  # what building the arguments printed (an export) is not the row's output
+    env = ROW_ENV.get(name, {})
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if "HF_HUB_OFFLINE" in env:  # the hub client reads it once, at import: keep the two in step
+        import huggingface_hub
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", env["HF_HUB_OFFLINE"] == "1")
+    t0 = time.monotonic()
+    code = run_cli(*args)
+    elapsed_s = time.monotonic() - t0
+    captured = capsys.readouterr()
+    t0 = time.monotonic()
+    code = run_cli(*args)
+    elapsed_s = time.monotonic() - t0
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert code == 2, (name, captured.out[-500:], err)
@@ -122,6 +202,9 @@ def test_bad_input(name: str, argv, fragment: str, copy_run: Path, tmp_path: Pat
     assert "Traceback" not in captured.err + captured.out
     assert fragment in err, err
     assert _snapshot(copy_run) == before
+    assert not list(tmp_path.glob("**/ft")) and not list(tmp_path.glob("**/student")), "an output was written"
+    if name in ROW_ENV:
+        assert elapsed_s < FAST_ROWS_S, f"{name}: the error took {elapsed_s:.1f} s"
 
 
 def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

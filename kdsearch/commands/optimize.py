@@ -12,7 +12,7 @@ __all__ = ["add_parser", "run", "run_supervised"]
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     o = subparsers.add_parser("optimize", help="run or resume a study")
-    o.add_argument("--config", required=True, help="study file (YAML), e.g. studies/cifar10-deit.yaml")
+    o.add_argument("--config", required=True, help="study file (YAML) or a bundled study's name (kdsearch studies lists them), e.g. cifar10-deit")
     o.add_argument("--budget", help="wall-clock budget of this run: 90s, 30m, 24h")
     o.add_argument("--trial-time", help="KD time box per trial: 60s, 5m")
     o.add_argument("--storage", help="storage URL: journal:PATH, sqlite:///PATH, postgresql://...")
@@ -112,6 +112,9 @@ def run_supervised(cfg: Any, *, plain: bool, create: bool) -> int:
         f"{format_duration(total)} over all runs.",
         highlight=False,
     )
+    if outcome.kept_logs:
+        console.print(f"logs of workers with failed trials (kept): {', '.join(outcome.kept_logs)}",
+                      highlight=False, markup=False)
     console.print(trials_table(outcome.study, pareto=True))
     console.print(PARETO_FOOTNOTE)
     return 130 if outcome.stop_reason.startswith("interrupted") else 0

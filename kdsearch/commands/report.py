@@ -24,9 +24,11 @@ def run(args: argparse.Namespace) -> int:
     from kdsearch.commands.arguments import artifact_dir, storage_url
     from kdsearch.commands.output import stdout_console
     from kdsearch.report import build_report
+    from kdsearch.storage import make_folder
 
     url = storage_url(args)
     out = Path(args.out or f"{args.run_dir}/{args.study_name}/report.html")
+    make_folder(out.parent, "--out")  # a folder that cannot be made is one line, before any work
     path = build_report(
         storage_url=url, study_name=args.study_name, out_path=out,
         artifact_dir=artifact_dir(args), png_dir=Path(args.png) if args.png else None,

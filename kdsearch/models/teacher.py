@@ -16,7 +16,9 @@ that do not fit). Where the weights come from:
   freshly initialised for ``num_classes`` (``head_reset=True``: the teacher needs fitting).
   ``pretrained`` is ignored when a checkpoint is given.
 * ``pretrained: true``: timm downloads the weights (Hugging Face Hub). When ``num_classes``
-  differs from the pretrained classifier, timm resets the head (``head_reset=True``).
+  differs from the pretrained classifier, timm resets the head (``head_reset=True``). Offline
+  (``HF_HUB_OFFLINE``, or the hub not answering one short probe: :mod:`kdsearch.models.hub`),
+  only the local cache is read, so missing weights fail in seconds, not after the retries.
 * neither: random init (``pretrained=False`` on the result; the teacher needs fitting).
 
 Preprocessing: the teacher sees images resized to ``input_size`` px with ``interpolation`` and
@@ -45,6 +47,7 @@ from torch import nn
 
 from kdsearch.config import TeacherConfig
 from kdsearch.errors import CheckpointError, TeacherError
+from kdsearch.models.hub import hub_offline, hub_unreachable_reason
 
 __all__ = [
     "LoadedTeacher",
@@ -297,10 +300,21 @@ def _create_model(cfg: TeacherConfig, num_classes: int, pretrained: bool) -> nn.
                 f"teacher.model_kwargs.{key}: is not allowed; use teacher.pretrained or teacher.checkpoint"
             )
     name = cfg.name
+    from_hub = name.startswith(("hf-hub:", "hf_hub:"))
+    offline = hub_unreachable_reason() if pretrained or from_hub else None
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        with hub_offline(offline is not None):
+            return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except OSError as exc:  # HF hub / urllib / requests / httpx network errors are all OSErrors
-        if name.startswith(("hf-hub:", "hf_hub:")):
+        if offline is not None:
+            what = f"{name!r}" if from_hub else f"the weights of {name!r}"
+            raise TeacherError(
+                f"{'teacher.name' if from_hub else 'teacher.pretrained'}: {what} are not in the local "
+                f"Hugging Face cache and the hub is unreachable ({offline}); download them once with "
+                "network access, or set teacher.checkpoint to a local .pth/.safetensors file"
+                + ("" if from_hub else " (or teacher.pretrained: false)")
+            ) from None
+        if from_hub:
             repo = name.split(":", 1)[1]
             raise TeacherError(
                 f"teacher.name: cannot fetch {name!r} from the Hugging Face Hub ({_first_line(exc)}); "

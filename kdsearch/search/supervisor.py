@@ -16,6 +16,11 @@
   and are stored as FAIL ``interrupted``.
 - The wall time of this invocation is added to the study's ``time_spent_s`` every
   :data:`TIME_FLUSH_EVERY_S` and at the end.
+- Each run keeps its workers' spec, status and log files in ``<run>/<study>/workers/kdsearch-run-*``.
+  When the run ends without an error, the files of every worker that exited 0 and stored no
+  FAIL trial are removed; the rest (a post-mortem's logs) stay, named in
+  ``SearchOutcome.kept_logs``. After an error everything stays, and so it does with
+  ``KDSEARCH_KEEP_WORKER_FILES=1`` (to read a clean worker's warnings).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,12 +53,21 @@ from kdsearch.search.study import add_time_spent, create_or_resume
 from kdsearch.search.worker import EXIT_USER_ERROR, RunSpec
 from kdsearch.storage import heartbeat_interval_s, run_paths
 
-__all__ = ["StopFlag", "SearchOutcome", "supervise", "default_workers", "worker_env"]
+__all__ = [
+    "StopFlag",
+    "SearchOutcome",
+    "supervise",
+    "default_workers",
+    "worker_env",
+    "tidy_worker_files",
+    "KEEP_WORKER_FILES_ENV",
+]
 
 POLL_S = 0.5
 RECOVER_EVERY_S = 5.0  # also capped by the heartbeat interval (RDB)
 TIME_FLUSH_EVERY_S = 60.0  # time_spent_s is updated this often, so a killed run loses little
 MAX_DEATHS_IN_A_ROW = 5  # a slot whose workers die this often without storing a trial is given up
+KEEP_WORKER_FILES_ENV = "KDSEARCH_KEEP_WORKER_FILES"  # "1": a clean run keeps every worker's files too
 
 
 class StopFlag:
@@ -93,6 +108,7 @@ class SearchOutcome:
     stop_reason: str = ""
     stale_recovered: list[int] = field(default_factory=list)
     timeouts: list[int] = field(default_factory=list)
+    kept_logs: list[str] = field(default_factory=list)  # worker logs kept for a post-mortem
 
 
 def default_workers() -> int:
@@ -154,12 +170,12 @@ def supervise(
     n_workers = n_workers or cfg.study.workers or default_workers()
     gpus = _visible_gpus()
     check_workers(cfg, n_workers, len(gpus))  # more workers than GPUs only with study.share_gpu
+    paths = run_paths(cfg.study.run_dir, cfg.study.name, cfg.teacher.cache.dir)
+    paths.ensure()  # before the study exists: a folder that cannot be made leaves nothing behind
     study, resumed = create_or_resume(cfg, create=create)
     outcome = SearchOutcome(study=study, resumed=resumed, trials_before=len(study.get_trials(deepcopy=False)))
     # A restart after a crash or a kill: the trials its workers left RUNNING are stale.
     outcome.stale_recovered = recover_stale(study, cfg.study.max_retries)
-    paths = run_paths(cfg.study.run_dir, cfg.study.name, cfg.teacher.cache.dir)
-    paths.ensure()
     invocation = uuid.uuid4().hex[:12]
     spec = RunSpec(
         config=json.loads(json.dumps(config_to_dict(cfg))),
@@ -183,6 +199,7 @@ def supervise(
     last_recover = time.monotonic()
     last_flush = t0
     fresh_study = outcome.trials_before == 0
+    spawned: dict[str, subprocess.Popen[bytes]] = {}  # file stem (worker0-0) -> its process
 
     def sampler_seed(slot: _Slot) -> int | None:
         # Every worker process would otherwise replay the same seeded random draws (the
@@ -219,6 +236,7 @@ def supervise(
                 [sys.executable, "-m", "kdsearch.search.worker", str(spec_path)],
                 env=gpu_worker_env(slot), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
+        spawned[name] = slot.proc
 
     def flush_time() -> None:
         nonlocal last_flush
@@ -323,7 +341,43 @@ def supervise(
     outcome.stop_reason = "; ".join(reasons) or "done"
     if stop.requests:
         outcome.stop_reason = "interrupted (Ctrl-C)"
+    keep_all = os.environ.get(KEEP_WORKER_FILES_ENV, "").strip() not in ("", "0")
+    outcome.kept_logs = tidy_worker_files(spec_dir, spawned, new, remove=not keep_all)
     return outcome
+
+
+def tidy_worker_files(
+    folder: Path, spawned: dict[str, subprocess.Popen[bytes]], trials: list[FrozenTrial], *, remove: bool = True
+) -> list[str]:
+    """After a run that ended without an error: remove the spec, status and log files of every
+    worker that exited 0 and stored no FAIL trial; keep the others' for a post-mortem, and the
+    folder only while it holds any. Returns the log paths a post-mortem needs (``remove=False``
+    finds them and deletes nothing).
+
+    ``spawned`` maps each worker's file stem (``worker0-1``) to its finished process; ``trials``
+    are this run's, whose ``worker`` attr names the host and pid that ran them.
+    """
+    host = socket.gethostname()
+    failed_pids = {
+        (t.user_attrs.get("worker") or {}).get("pid")
+        for t in trials
+        if t.state == TrialState.FAIL and (t.user_attrs.get("worker") or {}).get("host") == host
+    }
+    kept: list[str] = []
+    for name, proc in spawned.items():
+        files = [folder / f"spec-{name}.json", folder / f"{name}.json", folder / f"{name}.log"]
+        if proc.returncode != 0 or proc.pid in failed_pids:
+            kept.append(str(files[2]))
+            continue
+        if not remove:
+            continue
+        for f in files:
+            f.unlink(missing_ok=True)
+    try:
+        folder.rmdir()  # only when empty
+    except OSError:
+        pass
+    return kept
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

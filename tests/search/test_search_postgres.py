@@ -68,9 +68,11 @@ def pg_url() -> Iterator[str]:
         admin.close()
 
 
-def test_optimize_and_a_joining_worker_share_a_postgres_study(smoke_run: Path, tmp_path: Path, pg_url: str) -> None:
+def test_optimize_and_a_joining_worker_share_a_postgres_study(smoke_run: Path, tmp_path: Path, pg_url: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """`optimize --workers 2` plus `kdsearch worker --workers 2` (the command another host runs):
     four worker processes on one study finish exactly 3 + 3 trials."""
+    monkeypatch.setenv("KDSEARCH_KEEP_WORKER_FILES", "1")  # the logs are read below, after clean runs
     seed_study_folder(smoke_run, tmp_path, "pg4")
     log = tmp_path / "run.log"
     main = start_cli(optimize_args(tmp_path, "pg4", "--storage", pg_url, "--workers", "2", "--n-trials", "3",

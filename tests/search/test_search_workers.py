@@ -26,7 +26,9 @@ from kdsearch.search.worker import align_objectives
 from cli_helpers import SMOKE, run_cli
 
 
-def test_four_workers_on_a_journal_finish_exactly_n_trials(smoke_run: Path, tmp_path: Path) -> None:
+def test_four_workers_on_a_journal_finish_exactly_n_trials(smoke_run: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(supervisor.KEEP_WORKER_FILES_ENV, "1")  # a clean run would remove them: read below
     seed_study_folder(smoke_run, tmp_path, "w4")
     code = run_cli(*optimize_args(tmp_path, "w4", "--workers", "4", "--n-trials", "8", "--set", "study.trial_time=1s"))
     assert code == 0
