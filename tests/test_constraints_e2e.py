@@ -30,7 +30,8 @@ def test_an_unmeetable_constraint_leaves_no_feasible_trial(
     trials = study.get_trials()
     assert len(trials) == 2
     for t in trials:
-        assert t.state.name == "COMPLETE"
+        # Params depend on the architecture only: the trial ends before the box (issue 12).
+        assert t.state.name == "PRUNED" and t.user_attrs["screened"] is True
         # What the sampler sees (TPE and NSGA-II read trial.constraints): violation = value - limit.
         assert t.constraints["params"] == pytest.approx(t.user_attrs["params"] - 1)
         assert t.user_attrs["latency_ms_b16"] is None

@@ -28,23 +28,26 @@ PARETO_FOOTNOTE = (
 def table_trials(study: optuna.Study, pareto: bool) -> tuple[list[FrozenTrial], set[int]]:
     """(the trials to show, the numbers of the trials on the feasible front).
 
-    ``pareto``: the front, then the infeasible COMPLETE trials, each sorted best first by the
-    first objective; otherwise every trial in number order.
+    ``pareto``: the front, then the infeasible COMPLETE trials and the trials screened out before
+    the box (PRUNED, a fixed cost or the memory probe over its limit), each sorted best first by
+    the first objective; otherwise every trial in number order.
     """
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     front_trials = pareto_front(study, feasible_only=True, trials=trials)
     front = {t.number for t in front_trials}
     if pareto:
-        infeasible = [t for t in trials if t.state == TrialState.COMPLETE and t.number not in front and not feasible(t)]
+        infeasible = [t for t in trials if (t.state == TrialState.COMPLETE and t.number not in front and not feasible(t))
+                      or (t.state == TrialState.PRUNED and t.user_attrs.get("screened"))]
         trials = front_sorted(study, front_trials) + front_sorted(study, infeasible)
     return trials, front
 
 
 def pruned_label(user_attrs: dict[str, object]) -> str:
     """``PRUNED (rung 0.111)`` for a trial stopped at a rung (the rung as a fraction of the box),
-    ``PRUNED (screened)`` for one ended before the box by a fixed cost or the memory probe."""
+    ``INFEASIBLE (screened)`` for one ended before the box (stored PRUNED) because a fixed cost
+    or the memory probe broke a constraint."""
     if user_attrs.get("screened"):
-        return "PRUNED (screened)"
+        return "INFEASIBLE (screened)"
     rung = user_attrs.get("pruned_rung")
     return f"PRUNED (rung {rung:.3g})" if isinstance(rung, (int, float)) else "PRUNED"
 
@@ -100,7 +103,7 @@ def trial_records(study: optuna.Study, pareto: bool) -> list[dict[str, object]]:
             "values": t.values,
             "user_attrs": t.user_attrs,
             "constraints": t.constraints,
-            "feasible": feasible(t) if t.state == TrialState.COMPLETE else None,
+            "feasible": feasible(t) if t.state == TrialState.COMPLETE else (False if t.user_attrs.get("screened") else None),
             "pareto": t.number in front,
         }
         for t in trials

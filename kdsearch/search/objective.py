@@ -330,7 +330,8 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     fixed = _measure_fixed_costs(ctx, student, spec.resolution)
     screen = screen_fixed_costs(fixed.values, cfg.constraints, [m for m in cfg.constraints if is_fixed_cost(m)])
     if not screen.feasible_so_far:
-        _screen_out(trial, cfg, fixed, screen.constraint_values(cfg.constraints), screen.reason(cfg.constraints))
+        cons, missing = _known_violations(cfg, fixed)
+        _screen_out(trial, cfg, fixed, cons, "; ".join([screen.reason(cfg.constraints), *missing]))
 
     # 2. The fail-fast memory probe (CUDA only).
     probe_attrs = _memory_probe(ctx, student, spec, teacher, hyper, seed, fixed)
@@ -342,7 +343,8 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     elif limit is not None and probe_mb is not None and probe_mb > limit:
         probe_reason = f"probe_peak_memory_mb={probe_mb:.4g} > peak_kd_memory_mb limit {limit:.4g}"
     if probe_reason is not None:
-        cons = screen.constraint_values(cfg.constraints)
+        cons, missing = _known_violations(cfg, fixed)
+        probe_reason = "; ".join([probe_reason, *missing])
         if limit is not None:
             cons["peak_kd_memory_mb"] = 1e18 if probe_mb is None else float(probe_mb) - float(limit)
         _screen_out(trial, cfg, fixed, cons, probe_reason)
@@ -586,6 +588,21 @@ def _memory_probe(
     return out
 
 
+def _known_violations(cfg: StudyConfig, m: Measurements) -> tuple[dict[str, float], list[str]]:
+    """``set_constraint`` values of a trial that ends before its final check: value - limit for
+    each fixed cost measured; a fixed cost that could not be measured is infeasible (1e18, as in
+    the final check: it will not be measured later), with its reason; 0.0 ("not known to be
+    violated") for a constraint that needs training."""
+    screen = screen_fixed_costs(m.values, cfg.constraints, [n for n in cfg.constraints if is_fixed_cost(n)])
+    cons = screen.constraint_values(cfg.constraints)
+    missing: list[str] = []
+    for metric in cfg.constraints:
+        if is_fixed_cost(metric) and metric not in screen.violations:
+            cons[metric] = 1e18
+            missing.append(f"{metric} missing ({m.missing.get(metric, 'not measured')})")
+    return cons, missing
+
+
 def _screen_out(
     trial: optuna.Trial, cfg: StudyConfig, fixed: Measurements, constraints: dict[str, float], reason: str
 ) -> None:
@@ -672,8 +689,7 @@ def _store_pruned(
     trial.set_user_attr("pruned_rank", d.rank)
     trial.set_user_attr("pruned_front", d.front)
     trial.set_user_attr("prune_reason", d.reason)
-    known = screen_fixed_costs(m.values, cfg.constraints, [n for n in cfg.constraints if is_fixed_cost(n)])
-    cons = known.constraint_values(cfg.constraints)
+    cons, _ = _known_violations(cfg, m)
     for metric, violation in cons.items():
         trial.set_constraint(metric, violation)
     trial.set_user_attr("constraint_violations", cons)
