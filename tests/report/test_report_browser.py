@@ -100,7 +100,7 @@ def test_report_renders_in_headless_chromium(fixture_study: FixtureStudy, tmp_pa
     out = json.loads(html.unescape(m.group(1)))
     assert out["errors"] == []
     summary = json.loads(re.search(r"id='kdsearch-report-data'>(.*?)</script>", page).group(1))
-    assert out["plots"] == len(summary["figures"]) == 7
+    assert out["plots"] == len(summary["figures"]) == 8
     assert out["empty"] == [] and sorted(out["drawn"]) == sorted(summary["figures"])
     assert out["initial"] == [0, 1, 4, 7]
     assert out["asc"] == [0, 1, 4, 7]  # accuracy 0.41 < 0.62 < 0.70 < 0.74
