@@ -42,7 +42,8 @@ Before the box (issue 12), in this order, each able to end the trial in seconds:
    with the reason.
 3. **Rungs** (``study.pruning.enabled``): :class:`kdsearch.search.pruning.RungPruner` is the
    ``on_eval`` hook of the box and the loop evaluates at every rung fraction (the evaluation grid
-   ``distill.eval_every_fraction`` is refined to divide ``study.pruning.min_fraction``). A trial
+   ``distill.eval_every_fraction`` is refined to divide ``study.pruning.min_fraction``; a plateau
+   stop's patience then counts evaluations on that finer grid). A trial
    stopped at a rung is stored as PRUNED with its partial curve (``kd_history``), ``pruned_rung``,
    ``pruned_rank``, ``pruned_front`` and the ``pruning`` record (every decision with the
    competitors it was taken against, so any decision can be recomputed from storage).
