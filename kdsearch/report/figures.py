@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 HV_MARGIN = 0.10  # reference point = worst value per objective pushed out by 10% of its span
+MAX_CURVE_TRACES = 60  # learning curves: above this many trials, one trace per kind instead of per trial
+MAX_PARALLEL_LINES = 300  # parallel coordinates: above this many COMPLETE trials, a spread sample
 
 
 @dataclass
@@ -275,8 +277,28 @@ def parallel_coordinate_figure(study: optuna.Study) -> ReportFigure:
     params = _searched_params(done)
     if not params:
         return ReportFigure(key, title, None, "every parameter has a single value: nothing to compare")
+    note = "Dotted lines: infeasible trials."
+    if len(done) > MAX_PARALLEL_LINES:  # Optuna draws one plotly trace per trial: seconds at 1,000
+        kept = _spread_sample(study, done, MAX_PARALLEL_LINES)
+        study = _TrialListStudy(study, [t for t in study.get_trials() if t.state != TrialState.COMPLETE
+                                        or t.number in kept])
+        note += (f" {MAX_PARALLEL_LINES} of the {len(done)} COMPLETE trials are drawn: the feasible front, then "
+                 f"trials spread evenly over the ranking by {_names(study)[0]}.")
     fig = _quiet(lambda: optuna.visualization.plot_parallel_coordinate(study, params=params))
-    return ReportFigure(key, title, _titled(fig, title), "Dotted lines: infeasible trials.")
+    return ReportFigure(key, title, _titled(fig, title), note)
+
+
+def _spread_sample(study: optuna.Study, done: list[FrozenTrial], n: int) -> set[int]:
+    """Trial numbers of at most ``n`` of ``done``: the feasible front first, then trials evenly
+    spaced over the ranking by the first objective (best to worst), so every part shows."""
+    front = [t.number for t in pareto_front(study, feasible_only=True, trials=done)][:n]
+    sign = 1.0 if study.directions[0] == StudyDirection.MINIMIZE else -1.0
+    rest = sorted((t for t in done if t.number not in set(front)), key=lambda t: (sign * t.values[0], t.number))
+    room = n - len(front)
+    if room <= 0 or not rest:
+        return set(front)
+    step = len(rest) / room
+    return set(front) | {rest[int(i * step)].number for i in range(min(room, len(rest)))}
 
 
 def importance_figures(study: optuna.Study) -> list[ReportFigure]:
@@ -491,6 +513,7 @@ def learning_curves_figure(study: optuna.Study) -> ReportFigure:
     drawn = screened = pruned = 0
     rungs: set[float] = set()
     box_s: float | None = None
+    curves: list[tuple[str, str, bool, list[float], list[float]]] = []  # label, how, pruned, xs, ys
     for t in trials:
         ua = t.user_attrs
         if ua.get("screened"):
@@ -509,21 +532,51 @@ def learning_curves_figure(study: optuna.Study) -> ReportFigure:
         rungs.update(float(r) for r in rec.get("rungs", []))
         label = f"#{t.number} {ua.get('student', '')}"
         how = f"PRUNED at rung {ua.get('pruned_rung', 0):.3g} ({ua.get('prune_reason', '')})" if is_pruned else "COMPLETE"
-        fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="lines+markers", name=label, legendgroup="pruned" if is_pruned else "complete",
-            line={"dash": "dash" if is_pruned else "solid", "width": 1 if is_pruned else 2},
-            marker={"size": [4] * (len(xs) - 1) + [10 if is_pruned else 4],
-                    "symbol": ["circle"] * (len(xs) - 1) + ["x" if is_pruned else "circle"]},
-            hovertemplate=f"{label}<br>{how}<br>KD %{{x:.3g}} s<br>val %{{y:.4f}}<extra></extra>",
-        ))
+        curves.append((label, how, is_pruned, xs, ys))
         drawn += 1
     if not drawn:
         return ReportFigure(key, title, None, "no trial stored an in-box validation curve yet")
+    if drawn <= MAX_CURVE_TRACES:  # one trace (and legend entry) per trial
+        for label, how, is_pruned, xs, ys in curves:
+            fig.add_trace(go.Scatter(
+                x=xs, y=ys, mode="lines+markers", name=label, legendgroup="pruned" if is_pruned else "complete",
+                line={"dash": "dash" if is_pruned else "solid", "width": 1 if is_pruned else 2},
+                marker={"size": [4] * (len(xs) - 1) + [10 if is_pruned else 4],
+                        "symbol": ["circle"] * (len(xs) - 1) + ["x" if is_pruned else "circle"]},
+                hovertemplate=f"{label}<br>{how}<br>KD %{{x:.3g}} s<br>val %{{y:.4f}}<extra></extra>",
+            ))
+    else:  # many trials: one trace per kind (curves joined by gaps), which plots in a blink
+        for kind in (False, True):
+            group = [c for c in curves if c[2] == kind]
+            if not group:
+                continue
+            xs_all: list[float | None] = []
+            ys_all: list[float | None] = []
+            text: list[str] = []
+            for label, how, _, xs, ys in group:
+                xs_all += [*xs, None]
+                ys_all += [*ys, None]
+                text += [f"{label}<br>{how}"] * len(xs) + [""]
+            fig.add_trace(go.Scatter(
+                x=xs_all, y=ys_all, text=text, mode="lines", connectgaps=False, opacity=0.5,
+                name=f"{'PRUNED' if kind else 'COMPLETE'} ({len(group)} trials)",
+                line={"dash": "dash" if kind else "solid", "width": 1},
+                hovertemplate="%{text}<br>KD %{x:.3g} s<br>val %{y:.4f}<extra></extra>",
+            ))
+            if kind:
+                fig.add_trace(go.Scatter(
+                    x=[c[3][-1] for c in group], y=[c[4][-1] for c in group], mode="markers",
+                    text=[f"{c[0]}<br>{c[1]}" for c in group], name="pruned here",
+                    marker={"symbol": "x", "size": 8},
+                    hovertemplate="%{text}<br>KD %{x:.3g} s<br>val %{y:.4f}<extra></extra>",
+                ))
     if box_s is not None:
         for r in sorted(rungs):
             fig.add_vline(x=r * box_s, line={"dash": "dot", "color": "grey"}, annotation_text=f"rung {r:.3g}")
     fig.update_layout(xaxis_title=axis_title("kd_time_s"), yaxis_title=axis_title("val_accuracy"))
     note = f"{drawn} trials drawn ({pruned} pruned at a rung, dashed)"
+    if drawn > MAX_CURVE_TRACES:
+        note += f"; over {MAX_CURVE_TRACES} trials the curves share one trace per kind (hover a line for its trial)"
     if screened:
         note += f"; {screened} screened out before the box (no curve)"
     return ReportFigure(key, title, _titled(fig, title), note + ".")
