@@ -258,9 +258,9 @@ def _quantization_lines(card: dict[str, Any]) -> list[str]:
     m = q["latency_method"]
     rows = [
         f"| val accuracy | {_pct(acc['fp32']['val'])} | {_pct(acc['int8']['val'])} "
-        f"| {-100 * acc['drop']['val']:+.2f} points |",
+        f"| {0.0 - 100 * acc['drop']['val']:+.2f} points |",
         f"| test accuracy | {_pct(acc['fp32']['test'])} | {_pct(acc['int8']['test'])} "
-        f"| {-100 * acc['drop']['test']:+.2f} points |",
+        f"| {0.0 - 100 * acc['drop']['test']:+.2f} points |",
         *[
             f"| CPU latency, batch {b[1:]} (ms) | {lat['fp32'][b]:.4g} | {lat['int8'][b]:.4g} "
             f"| {lat['speedup'][b]:.2f}x speed-up |"
