@@ -201,6 +201,7 @@ SIGNATURE_FIELDS: list[tuple[list[str], str]] = [
     (["distill.warmup_fraction=0.1"], "distill.warmup_fraction"),
     (["distill.final_lr_fraction=0.1"], "distill.final_lr_fraction"),
     (["distill.eval_every_fraction=0.25"], "distill.eval_every_fraction"),
+    (["distill.eval_subset=500"], "distill.eval_subset"),
     (["distill.early_stop.enabled=true", "distill.eval_every_fraction=0.1"], "distill.early_stop.enabled"),
     (["distill.early_stop.patience=3"], "distill.early_stop.patience"),
     (["distill.early_stop.min_delta=0.01"], "distill.early_stop.min_delta"),

@@ -420,6 +420,9 @@ class DistillConfig:
     warmup_fraction: float = 0.05  # of the time box
     final_lr_fraction: float = 0.0  # cosine decays to peak * this
     eval_every_fraction: float = 0.25  # validate at these fractions of the box
+    # In-box evaluations (rungs, plateau) use a fixed, seeded, stratified subset of val of this many
+    # images; the final evaluation always uses all of val. None: every in-box evaluation uses all.
+    eval_subset: int | None = 2000
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     label_smoothing: float = 0.0
     compile: bool = False
@@ -437,6 +440,8 @@ class DistillConfig:
             raise ConfigError("distill.warmup_fraction", "must be in [0, 1)", self.warmup_fraction)
         if not 0 <= self.final_lr_fraction <= 1:
             raise ConfigError("distill.final_lr_fraction", "must be in [0, 1]", self.final_lr_fraction)
+        if self.eval_subset is not None and self.eval_subset < 10:
+            raise ConfigError("distill.eval_subset", "must be >= 10 images, or null for all of val", self.eval_subset)
         if not 0 < self.eval_every_fraction <= 1:
             raise ConfigError(
                 "distill.eval_every_fraction", "must be in (0, 1]", self.eval_every_fraction

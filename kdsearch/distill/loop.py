@@ -33,7 +33,9 @@ Time accounting (the contract every caller relies on):
   it, fp16 autocast with a ``GradScaler`` on one that does not, fp32 without ``cfg.amp`` or on
   the CPU; ``train_dtype`` records which. Validation runs under ``torch.inference_mode`` in the
   same precision, at a batch no larger than the training batch (``min(eval_batch_size,
-  cfg.batch_size)``), so it never needs more memory than a training step.
+  cfg.batch_size)``), so it never needs more memory than a training step. In-box evaluations
+  (plateau, rungs) see a fixed, seeded, stratified subset of val (``cfg.eval_subset`` images),
+  the same for every trial; the final evaluation, the one that is stored, sees all of val.
 * Per-step time checks read the host clock without synchronising (a sync per step would stall
   the launch queue); on CUDA the loss is read back, and checked for NaN/Inf, every
   ``_CUDA_CHECK_EVERY`` steps and at the end. On the CPU it is checked every step.
@@ -57,7 +59,7 @@ import torch
 from torch import nn
 
 from kdsearch.config import DistillConfig
-from kdsearch.data import ViewSpec, apply_views, sample_views
+from kdsearch.data import ViewSpec, apply_views, sample_views, stratified_subset
 from kdsearch.distill.hooks import EvalHook, PlateauStop, StepHook, TrainingMeter, any_stop, plain_step
 from kdsearch.distill.loss import TopKTargets, kd_loss, kd_loss_topk
 from kdsearch.distill.online import OnlineTeacher
@@ -184,6 +186,11 @@ def distill(
     caller_stop = any_stop(on_eval)  # ends at once (pruning)
     step_hook = on_step or plain_step
     val_batch = max(1, min(eval_batch_size, batch_size))
+    # In-box evaluations see a fixed stratified subset of val (cheap, and the same images for every
+    # trial, so rung values compare); the final evaluation sees all of val.
+    val_interim = val
+    if cfg.eval_subset is not None and cfg.eval_subset < len(val):
+        val_interim = val.subset(stratified_subset(val.labels.cpu(), cfg.eval_subset, seed=0))
     final_lr = hyper.lr * cfg.final_lr_fraction
 
     steps = images_seen = 0
@@ -259,7 +266,7 @@ def distill(
                 train_s += time.perf_counter() - seg_start  # pause the clock for evaluation
                 for meter in meters:
                     meter.pause()
-                acc = evaluate_accuracy(model, val, resolution, mean, std, device, val_batch,
+                acc = evaluate_accuracy(model, val if stop else val_interim, resolution, mean, std, device, val_batch,
                                         autocast_dtype=amp_dtype)
                 model.train()
                 val_history.append((train_s, acc))

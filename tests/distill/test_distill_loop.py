@@ -420,3 +420,31 @@ def test_cuda_trains_in_each_precision(tmp_path: Path, dtype: str) -> None:
     )
     assert r.train_dtype == dtype and r.steps > 10
     assert r.best_val_accuracy is not None and r.best_val_accuracy > CHANCE + 0.05
+
+
+def test_in_box_evaluations_use_a_fixed_stratified_val_subset_and_the_final_one_all_of_val(world, monkeypatch) -> None:
+    import kdsearch.measure as measure_mod
+
+    bundle = world[0]
+    seen: list[tuple[int, list[int]]] = []
+    real = measure_mod.evaluate_accuracy
+
+    def recording(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        split = args[1]
+        seen.append((len(split), torch.bincount(split.labels, minlength=bundle.num_classes).tolist()))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(measure_mod, "evaluate_accuracy", recording)
+    n_val = len(bundle.val)
+    subset = n_val // 2
+    r = _run(world, world[2], 1.0, resolution=16, cfg=DistillConfig(batch_size=32, eval_subset=subset))
+    assert len(seen) == len(r.val_history) >= 2
+    *interim, final = seen
+    assert final[0] == n_val  # the stored accuracy is on all of val
+    assert all(n == subset for n, _ in interim)  # every in-box evaluation: the subset ...
+    assert len({tuple(c) for _, c in interim}) == 1  # ... the same images each time
+    full = torch.bincount(bundle.val.labels, minlength=bundle.num_classes).float()
+    counts = torch.tensor(interim[0][1]).float()
+    assert torch.allclose(counts / counts.sum(), full / full.sum(), atol=1.5 / subset * bundle.num_classes)  # stratified
+    none = _run(world, world[2], 0.6, resolution=16, cfg=DistillConfig(batch_size=32, eval_subset=None))
+    assert none.val_history
