@@ -21,7 +21,13 @@ form) and ``loader`` (YAML, overrides on the raw mapping, building).
 from __future__ import annotations
 
 from kdsearch.config.durations import format_duration, parse_duration
-from kdsearch.config.loader import apply_overrides, config_from_dict, load_config, override_raw, read_study_file
+from kdsearch.config.loader import (
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    override_raw,
+    read_study_file,
+)
 from kdsearch.config.sections import (
     DATASETS,
     SAMPLERS,
