@@ -143,7 +143,7 @@ def build_steps(out: Path, dry: bool, py: str) -> list[Step]:
     cap = [py, str(BENCH / "bench_latency_cap.py"), "--json", str(out / "latency-cap.json")] + (["--dry"] if dry else [])
     return [
         Step("gpu-tests", pytest_args, 40 if dry else 120, outputs=["gpu-tests.xml"]),
-        Step("kd-step", kd, 60 if dry else 75, needs_cuda=False),
+        Step("kd-step", kd, 90 if dry else 75, needs_cuda=False),
         Step("memory", mem, 30 if dry else 45, needs_cuda=False, outputs=["memory.json"]),
         Step("energy", energy, 30 if dry else 40, needs_cuda=False, outputs=["energy.json"]),
         Step("latency-cap", cap, 30 if dry else 40, outputs=["latency-cap.json"]),
@@ -210,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "gpu-check-out"), help="folder for every output (created)")
     ap.add_argument("--dry", action="store_true", help="tiny sizes on the CPU; CUDA-only figures are skipped")
-    ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole check (default 330, dry 170)")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole check (default 330, dry 200)")
     ap.add_argument("--steps", default=None, help="comma-separated subset of step names (default: all)")
     args = ap.parse_args(argv)
     dry = args.dry or os.environ.get("GPU_CHECK_DRY", "") not in ("", "0")
-    deadline_s = args.deadline or (170.0 if dry else 330.0)
+    deadline_s = args.deadline or (200.0 if dry else 330.0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
