@@ -97,7 +97,7 @@ def test_an_installed_kdsearch_runs_a_bundled_study_from_any_folder(installed: P
 
     run = _run([kd, "optimize", "--config", "smoke", "--n-trials", "1", "--run-dir", "runs", "--plain",
                 "--set", "study.trial_time=1s", "--set", "teacher.fit.time=1s"], cwd=elsewhere)
-    assert "1 complete, 0 failed" in run.stdout, run.stdout[-2000:]
+    assert "1 complete, 0 pruned, 0 failed" in run.stdout, run.stdout[-2000:]
     trials = json.loads(_run([kd, "trials", "--study-name", "smoke", "--run-dir", "runs", "--json"], cwd=elsewhere).stdout)
     assert [t["state"] for t in trials] == ["COMPLETE"]
     assert (elsewhere / "runs" / "smoke" / "journal.log").is_file()

@@ -107,7 +107,8 @@ def run_supervised(cfg: Any, *, plain: bool, create: bool) -> int:
         restore()
     total = outcome.study.user_attrs.get("time_spent_s", 0.0)
     console.print(
-        f"stopped: {outcome.stop_reason}. This run: {outcome.trials_complete} complete, {outcome.trials_failed} failed "
+        f"stopped: {outcome.stop_reason}. This run: {outcome.trials_complete} complete, "
+        f"{outcome.trials_pruned} pruned, {outcome.trials_failed} failed "
         f"in {format_duration(outcome.wall_s)}; study total {len(outcome.study.trials)} trials, "
         f"{format_duration(total)} over all runs.",
         highlight=False,

@@ -104,6 +104,7 @@ class SearchOutcome:
     trials_before: int = 0  # trials stored when this run started
     trials_complete: int = 0
     trials_failed: int = 0
+    trials_pruned: int = 0  # stopped at a rung or screened out before the box
     wall_s: float = 0.0
     stop_reason: str = ""
     stale_recovered: list[int] = field(default_factory=list)
@@ -337,6 +338,7 @@ def supervise(
     new = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("invocation") == invocation]
     outcome.trials_complete = sum(t.state == TrialState.COMPLETE for t in new)
     outcome.trials_failed = sum(t.state == TrialState.FAIL for t in new)
+    outcome.trials_pruned = sum(t.state == TrialState.PRUNED for t in new)
     reasons = sorted({s.stop_reason for s in slots if s.stop_reason})
     outcome.stop_reason = "; ".join(reasons) or "done"
     if stop.requests:
