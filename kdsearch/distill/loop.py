@@ -98,6 +98,9 @@ class DistillResult:
     val_history: list[tuple[float, float]] = field(default_factory=list)  # (training s, val accuracy)
     stopped_early: bool = False  # a stopping rule ended the loop before the box was used
     teacher_forward_count: int = 0  # teacher forward passes during this call (0 with a cache)
+    # Accuracy of the last evaluation when it saw all of val (the final one, on the trained model);
+    # None when the loop ended on a subset evaluation (a hard stop at a rung).
+    final_val_accuracy: float | None = None
     train_dtype: str = "fp32"  # "bf16" | "fp16" (autocast + GradScaler) | "fp32"
     stop_requested_s: float | None = None  # training s at which a rule asked to stop (None: none did)
     cooldown_s: float = 0.0  # training s of LR cool-down after that request (part of kd_time_s)
@@ -197,6 +200,7 @@ def distill(
     recent_losses: deque[torch.Tensor] = deque(maxlen=50)
     last_loss = float("nan")
     val_history: list[tuple[float, float]] = []
+    final_val_acc: float | None = None
     best_acc: float | None = None
     stopped_early = False
     stop_at_s: float | None = None  # training s when a rule asked to stop: the cool-down starts
@@ -266,8 +270,10 @@ def distill(
                 train_s += time.perf_counter() - seg_start  # pause the clock for evaluation
                 for meter in meters:
                     meter.pause()
-                acc = evaluate_accuracy(model, val if stop else val_interim, resolution, mean, std, device, val_batch,
+                split = val if stop else val_interim
+                acc = evaluate_accuracy(model, split, resolution, mean, std, device, val_batch,
                                         autocast_dtype=amp_dtype)
+                final_val_acc = acc if split is val else None
                 model.train()
                 val_history.append((train_s, acc))
                 best_acc = acc if best_acc is None else max(best_acc, acc)
@@ -324,4 +330,5 @@ def distill(
         train_dtype=dtype_name,
         stop_requested_s=stop_at_s,
         cooldown_s=(train_s - stop_at_s) if stop_at_s is not None else 0.0,
+        final_val_accuracy=final_val_acc,
     )

@@ -421,7 +421,12 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
         return evaluate_accuracy(model, split, spec.resolution, ctx.bundle.mean, ctx.bundle.std, device, batch,
                                  autocast_dtype=amp)
 
-    m.set("val_accuracy", accuracy(student, ctx.bundle.val), {**acc_method, "split": "val", "n": len(ctx.bundle.val)})
+    # distill()'s final evaluation already ran on all of val with this precision and batch, on the
+    # model as it is now: reuse it rather than evaluating val twice.
+    val_acc = result.final_val_accuracy
+    if val_acc is None:
+        val_acc = accuracy(student, ctx.bundle.val)
+    m.set("val_accuracy", val_acc, {**acc_method, "split": "val", "n": len(ctx.bundle.val)})
     m.set("test_accuracy", accuracy(student, ctx.bundle.test),
           {**acc_method, "split": "test", "n": len(ctx.bundle.test), "use": "reporting only"})
 
