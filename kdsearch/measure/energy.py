@@ -346,20 +346,26 @@ class EnergyMeter:
         self._thread.start()
         return self
 
+    def _take_reading(self, t: float) -> int | None:
+        """Read the counter (mJ, returned) or a power sample at ``t`` and record it; a counter that
+        went backwards is flagged. Raises what NVML raises."""
+        if self._method == "nvml-counter":
+            v = self._read_counter_mj()
+            with self._lock:
+                if v < self._counter_values[-1]:
+                    self._counter_backwards = True
+                if v != self._counter_values[-1]:
+                    self._counter_values.append(v)
+            return v
+        sample = (t, self._read_power_w())
+        with self._lock:
+            self._power.append(sample)
+        return None
+
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
             try:
-                if self._method == "nvml-counter":
-                    v = self._read_counter_mj()
-                    with self._lock:
-                        if v < self._counter_values[-1]:
-                            self._counter_backwards = True
-                        if v != self._counter_values[-1]:
-                            self._counter_values.append(v)
-                else:
-                    sample = (time.perf_counter(), self._read_power_w())
-                    with self._lock:
-                        self._power.append(sample)
+                self._take_reading(time.perf_counter())
             except Exception:  # noqa: BLE001 - a missed sample is counted, not fatal
                 self._poll_errors += 1
 
@@ -370,19 +376,12 @@ class EnergyMeter:
             return
         t = time.perf_counter()
         try:
-            if self._method == "nvml-counter":
-                v = self._read_counter_mj()
+            v = self._take_reading(t)
+            if v is not None:
                 assert self._seg_counter_start is not None
-                with self._lock:
-                    if v < self._seg_counter_start or v < self._counter_values[-1]:
-                        self._counter_backwards = True
-                    if v != self._counter_values[-1]:
-                        self._counter_values.append(v)
+                if v < self._seg_counter_start:
+                    self._counter_backwards = True
                 self._counter_total_mj += v - self._seg_counter_start
-            else:
-                sample = (t, self._read_power_w())
-                with self._lock:
-                    self._power.append(sample)
         except Exception:  # noqa: BLE001
             self._poll_errors += 1
         self._segments.append((self._active_since, t))
@@ -394,18 +393,9 @@ class EnergyMeter:
             return
         t = time.perf_counter()
         try:
-            if self._method == "nvml-counter":
-                v = self._read_counter_mj()
-                with self._lock:
-                    if v < self._counter_values[-1]:
-                        self._counter_backwards = True
-                    if v != self._counter_values[-1]:
-                        self._counter_values.append(v)
+            v = self._take_reading(t)
+            if v is not None:
                 self._seg_counter_start = v
-            else:
-                sample = (t, self._read_power_w())
-                with self._lock:
-                    self._power.append(sample)
         except Exception:  # noqa: BLE001
             self._poll_errors += 1
             if self._method == "nvml-counter":
@@ -442,18 +432,12 @@ class EnergyMeter:
         try:
             if self._active_since is not None:  # close the open segment with a final reading
                 t = time.perf_counter()
-                if self._method == "nvml-counter":
-                    end_mj = self._read_counter_mj()
+                end_mj = self._take_reading(t)
+                if end_mj is not None:
                     assert self._seg_counter_start is not None
-                    if end_mj != self._counter_values[-1]:
-                        if end_mj < self._counter_values[-1]:
-                            self._counter_backwards = True
-                        self._counter_values.append(end_mj)
                     if end_mj < self._seg_counter_start:
                         self._counter_backwards = True
                     self._counter_total_mj += end_mj - self._seg_counter_start
-                else:
-                    self._power.append((t, self._read_power_w()))
                 self._segments.append((self._active_since, t))
                 self._active_since = None
             t_end = self._segments[-1][1] if self._segments else time.perf_counter()
