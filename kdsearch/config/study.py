@@ -66,26 +66,12 @@ class StudyConfig:
         if not self.objectives:
             raise ConfigError("objectives", "must name at least one metric", self.objectives)
         for metric, direction in self.objectives.items():
-            if not is_known_metric(metric, self.measure.latency.batch_sizes):
-                m = difflib.get_close_matches(metric, metric_examples(self.measure.latency.batch_sizes), n=1)
-                raise ConfigError(
-                    f"objectives.{metric}",
-                    "is not a metric kdsearch measures",
-                    metric,
-                    f"did you mean {m[0]!r}?" if m else f"known: {', '.join(metric_examples(self.measure.latency.batch_sizes))}",
-                )
+            _check_known(f"objectives.{metric}", metric, self.measure.latency.batch_sizes, list_known=True)
             if direction not in ("maximize", "minimize"):
                 raise ConfigError(f"objectives.{metric}", "must be maximize or minimize", direction)
             _check_selectable(f"objectives.{metric}", metric, self)
         for metric, limit in self.constraints.items():
-            if not is_known_metric(metric, self.measure.latency.batch_sizes):
-                m = difflib.get_close_matches(metric, metric_examples(self.measure.latency.batch_sizes), n=1)
-                raise ConfigError(
-                    f"constraints.{metric}",
-                    "is not a metric kdsearch measures",
-                    metric,
-                    f"did you mean {m[0]!r}?" if m else None,
-                )
+            _check_known(f"constraints.{metric}", metric, self.measure.latency.batch_sizes, list_known=False)
             if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit):
                 raise ConfigError(f"constraints.{metric}", "must be a finite number (upper limit)", limit)
             _check_selectable(f"constraints.{metric}", metric, self)
@@ -177,6 +163,17 @@ SIGNATURE_DATA_KEYS: tuple[str, ...] = (
     "max_test_samples", "num_classes", "synthetic_train_size", "synthetic_test_size",
 )
 """The ``data`` keys that choose which images a trial trains, selects and reports on."""
+
+
+def _check_known(field_name: str, metric: str, batch_sizes: tuple[int, ...], *, list_known: bool) -> None:
+    """A metric kdsearch does not measure is a one-line error suggesting the closest name (or, with
+    ``list_known``, listing the known ones when nothing is close)."""
+    if is_known_metric(metric, batch_sizes):
+        return
+    known = metric_examples(batch_sizes)
+    m = difflib.get_close_matches(metric, known, n=1)
+    fix = f"did you mean {m[0]!r}?" if m else (f"known: {', '.join(known)}" if list_known else None)
+    raise ConfigError(field_name, "is not a metric kdsearch measures", metric, fix)
 
 
 def _check_selectable(field_name: str, metric: str, cfg: StudyConfig) -> None:
