@@ -215,7 +215,8 @@ def nearest_new_row(table: Table, proposal: dict[str, Any], paid: set[Key]) -> K
     return best
 
 
-def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params: float | None) -> Trace:
+def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params: float | None,
+               tpe: str = "kdsearch", eta: int = 3, min_fraction: float = 1 / 9, startup: int = 10) -> Trace:
     import optuna  # noqa: PLC0415
 
     from kdsearch.search.pruning import OptunaRungStore, PruningConfig, RungPruner  # noqa: PLC0415
@@ -228,14 +229,19 @@ def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params
     if base == "random":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
     elif base == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=seed)  # 10 random start-up trials, then TPE
+        # 10 random start-up trials, then TPE. "kdsearch": the settings a study's sampler has
+        # (kdsearch.search.study.make_sampler: multivariate, constant liar); "plain": Optuna's
+        # defaults (independent per parameter), as recorded first.
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
+                                             constant_liar=True) \
+            if tpe == "kdsearch" else optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
     elif base == "nsga2":
         sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=10)  # 3-4 generations in budget
     else:
         raise ValueError(strategy)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
     study.set_metric_names(["val_accuracy", "macs"])
-    pcfg = PruningConfig(eta=3, min_fraction=1 / 9)
+    pcfg = PruningConfig(eta=eta, min_fraction=min_fraction)
     trace = Trace(strategy, seed, budget)
     seen: dict[Key, int] = {}  # key -> the trial number that paid for it
     cost = 0.0
@@ -425,6 +431,13 @@ def main() -> int:
     ap.add_argument("--neps-python", default="/tmp/nepsvenv/bin/python")
     ap.add_argument("--wsd-table", type=Path, default=None, help="WSD recording for the schedule question")
     ap.add_argument("--out-json", type=Path, default=None)
+    ap.add_argument("--tpe", choices=("kdsearch", "plain"), default="kdsearch",
+                    help="TPE settings: a kdsearch study's (multivariate) or Optuna's defaults")
+    ap.add_argument("--eta", type=int, default=3, help="study.pruning.eta")
+    ap.add_argument("--min-fraction", type=float, default=1 / 9, help="study.pruning.min_fraction (a multiple of 1/27)")
+    ap.add_argument("--startup", type=int, default=10, help="study.n_startup_trials of TPE")
+    ap.add_argument("--target", type=float, default=None,
+                    help="HV share to reach (default: this run's full-box TPE median final HV share)")
     ap.add_argument("--neps-worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.neps_worker is not None:
@@ -451,12 +464,15 @@ def main() -> int:
                            spent=r["spent"])
                 traces[s].append(tr)
         else:
-            traces[s] = [run_optuna(s, table, seed, args.budget, args.max_params) for seed in seeds]
+            traces[s] = [run_optuna(s, table, seed, args.budget, args.max_params, args.tpe, args.eta,
+                                   args.min_fraction, args.startup) for seed in seeds]
         print(f"{s}: {len(traces[s])} seeds in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
 
     curves = {s: np.stack([hv_curve(t, table, grid, hv_max) for t in ts]) for s, ts in traces.items() if ts}
     i_end = grid.size - 1
     target = float(np.median(curves["tpe"][:, i_end])) if "tpe" in curves else float("nan")
+    if args.target is not None:  # a baseline held fixed while the early-stopping settings vary
+        target = args.target
     summary: dict[str, Any] = {}
     for s, ts in traces.items():
         if not ts:

@@ -133,7 +133,8 @@ FIXED_METRICS: dict[str, Metric] = _fixed(
     Metric("test_accuracy", "fraction", "maximize", "test",
            "top-1 accuracy of the distilled student on the test split; reported, never used for selection"),
     Metric("kd_time_s", "s", "minimize", "train",
-           "training time of the KD loop (evaluation pauses the clock); at most the time box"),
+           "training time of the KD loop (evaluation pauses the clock); at most the trial's time box, "
+           "which study.trial_time may search"),
     Metric("params", "count", "minimize", None, "parameters of the student (ptflops)"),
     Metric("macs", "MACs", "minimize", None, "multiply-accumulates of one forward pass, one image (ptflops)"),
     Metric("model_size_mb", "MB", "minimize", None, "parameters + buffers at their stored dtype, 10^6 bytes"),

@@ -110,6 +110,8 @@ class SearchDisplay:
     def _trial_line(self, trial: optuna.trial.FrozenTrial, wall_s: float) -> str:
         ua = trial.user_attrs
         head = f"trial {trial.number:>4} {ua.get('student', '?'):<24}"
+        if self.cfg.study.box_searched and isinstance(ua.get("box_s"), (int, float)):
+            head += f" box {format_duration(float(ua['box_s']))}"
         if trial.state == optuna.trial.TrialState.COMPLETE:
             vals = ", ".join(f"{m}={format_metric(m, v)}" for m, v in zip(self.cfg.metric_names, trial.values or [], strict=False))
             tag = "" if ua.get("feasible", True) else f"  infeasible: {ua.get('infeasible_reason', '')}"
@@ -138,7 +140,7 @@ class SearchDisplay:
         head.add_row(
             f"trials: [green]{self.done} done[/], [red]{self.failed} failed[/], [yellow]{self.infeasible} infeasible[/], "
             f"[magenta]{self.pruned} pruned[/]",
-            f"box {format_duration(self.cfg.study.trial_time_s)} per trial",
+            box_text(self.cfg.study.trial_times_s),
         )
         best = Table(box=None, show_header=True, header_style="bold")
         best.add_column("objective")
@@ -150,3 +152,9 @@ class SearchDisplay:
         budget_bar.add_task("b", total=self.budget_s, completed=min(used, self.budget_s))
         return Panel(Group(head, budget_bar, self._bar, best), title="kdsearch optimize", border_style="cyan")
 
+
+def box_text(boxes_s: tuple[float, ...]) -> str:
+    """``box 1m00s per trial``, or ``box searched: 2m00s / 5m00s / 10m00s``."""
+    if len(boxes_s) == 1:
+        return f"box {format_duration(boxes_s[0])} per trial"
+    return "box searched: " + " / ".join(format_duration(b) for b in boxes_s)

@@ -48,6 +48,8 @@ CASES = [
     ("constraint-not-metric", lambda t, r: ["optimize", "--config", SMOKE, "--set", "constraints.latency=2"], "constraints.latency: is not a metric"),
     ("budget-unparsable", lambda t, r: ["optimize", "--config", SMOKE, "--budget", "2x", "--run-dir", r], "study.budget: must be a duration"),
     ("trial-time-negative", lambda t, r: ["optimize", "--config", SMOKE, "--trial-time=-5m", "--run-dir", r], "study.trial_time"),
+    ("trial-time-list-bad-item", lambda t, r: ["optimize", "--config", SMOKE, "--trial-time", "2m,5x", "--run-dir", r], "study.trial_time[1]: must be a duration"),
+    ("trial-time-list-repeated", lambda t, r: ["optimize", "--config", SMOKE, "--trial-time", "2m,120s", "--run-dir", r], "study.trial_time: must list distinct durations"),
     ("storage-scheme", lambda t, r: ["optimize", "--config", SMOKE, "--storage", "redis://x", "--run-dir", r], "study.storage"),
     ("storage-unreachable", lambda t, r: ["optimize", "--config", SMOKE, "--storage", "postgresql://nobody@127.0.0.1:1/x", "--run-dir", r], "cannot open"),
     ("study-name", lambda t, r: ["optimize", "--config", SMOKE, "--study-name", "bad name!", "--run-dir", r], "--study-name"),

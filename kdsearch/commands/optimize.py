@@ -14,7 +14,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     o = subparsers.add_parser("optimize", help="run or resume a study")
     o.add_argument("--config", required=True, help="study file (YAML) or a bundled study's name (kdsearch studies lists them), e.g. cifar10-deit")
     o.add_argument("--budget", help="wall-clock budget of this run: 90s, 30m, 24h")
-    o.add_argument("--trial-time", help="KD time box per trial: 60s, 5m")
+    o.add_argument("--trial-time", help="KD time box per trial: 60s, 5m; a comma list is searched per trial: 2m,5m,10m")
     o.add_argument("--storage", help="storage URL: journal:PATH, sqlite:///PATH, postgresql://...")
     o.add_argument("--study-name", help="override study.name")
     o.add_argument("--n-trials", type=positive_int("--n-trials"), help="cap the trials of this run")
@@ -89,6 +89,12 @@ def run_supervised(cfg: Any, *, plain: bool, create: bool) -> int:
             f"{verb} study {cfg.study.name} ({outcome.trials_before} trials stored); objectives: "
             + ", ".join(f"{m} ({d})" for m, d in cfg.objectives.items())
         )
+        if "kd_time_s" in cfg.objectives and not cfg.study.box_searched and not cfg.distill.early_stop.enabled:
+            display.note(
+                "note: kd_time_s is an objective, but every trial trains for the same box (one study.trial_time, "
+                "distill.early_stop off), so it cannot separate students; list several boxes to search it, "
+                "e.g. --trial-time 2m,5m,10m"
+            )
         if outcome.stale_recovered:
             display.note(f"recovered stale trials {outcome.stale_recovered} (FAIL stale, params re-queued)")
         for label, t in teachers.items():

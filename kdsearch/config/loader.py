@@ -148,7 +148,12 @@ def _build_section(cls: type, raw: Any, section: str) -> Any:
         tp = hints[fname]
         if (_norm_section(section), key) in DURATION_KEYS:
             optional = value is None and type(None) in typing.get_args(tp)  # e.g. measure.max_time unset
-            kwargs[fname] = None if optional else parse_duration(value, fname_full)
+            if typing.get_origin(tp) is tuple:  # a duration or a list of them (study.trial_time)
+                items = list(value) if isinstance(value, (list, tuple)) else [value]
+                kwargs[fname] = tuple(parse_duration(v, f"{fname_full}[{i}]" if isinstance(value, (list, tuple))
+                                                     else fname_full) for i, v in enumerate(items))
+            else:
+                kwargs[fname] = None if optional else parse_duration(value, fname_full)
         elif tp is Space or (typing.get_origin(tp) is None and tp == "Space"):
             rule = _FIELDS[cls][fname].metadata.get("space", {"kind": float})
             kwargs[fname] = Space.parse(value, fname_full, **rule)
@@ -377,6 +382,8 @@ def override_raw(raw: Mapping[str, Any], sets: Sequence[str] = (), **flags: Any)
         if name not in _FLAG_KEYS:
             raise ConfigError(f"--{name.replace('_', '-')}", "is not a known flag", name)
         sec, key = _FLAG_KEYS[name]
+        if name == "trial_time" and isinstance(value, str) and "," in value:
+            value = [v.strip() for v in value.split(",")]  # --trial-time 2m,5m,10m: a searched box
         section = out.setdefault(sec, {})
         if section is None:
             section = out[sec] = {}

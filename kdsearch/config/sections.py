@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdsearch.config.durations import format_duration
 from kdsearch.config.space import Space, space_field
 from kdsearch.errors import ConfigError
 
@@ -58,7 +59,9 @@ class StudySection:
     seed: int = 0
     budget_s: float = 3600.0  # wall-clock budget of one `optimize` invocation
     n_trials: int | None = None  # cap on trials started by this invocation
-    trial_time_s: float = 60.0  # the KD time box of one trial
+    # The KD time box of one trial (YAML ``trial_time``: a duration, or a list of durations that
+    # the sampler chooses from per trial, the Optuna parameter ``trial_time_s``).
+    trial_times_s: tuple[float, ...] = (60.0,)
     grace_s: float = 120.0  # extra time (measurement, setup) before a trial is killed
     max_retries: int = 1  # how often a stale trial's params are re-queued
     workers: int | None = None  # None: one per visible GPU, else 1
@@ -66,6 +69,22 @@ class StudySection:
     n_startup_trials: int = 10  # random trials before TPE/GP model the space
     population_size: int = 20  # NSGA-II/III population
     pruning: PruningSection = field(default_factory=PruningSection)  # early stopping at rungs
+
+    @property
+    def trial_time_s(self) -> float:
+        """The longest box the study may give a trial (the one box when it is not searched): what
+        the supervisor's hard limit and the worker's "one more trial?" estimate allow for."""
+        return max(self.trial_times_s)
+
+    @property
+    def box_searched(self) -> bool:
+        """Whether each trial draws its box from ``study.trial_time`` (a list of two or more)."""
+        return len(self.trial_times_s) > 1
+
+    @property
+    def box_space(self) -> Space:
+        """``study.trial_time`` as a search space (Optuna parameter ``trial_time_s``)."""
+        return Space(choices=self.trial_times_s)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", self.name):
@@ -84,6 +103,11 @@ class StudySection:
             )
         if self.n_trials is not None and self.n_trials < 1:
             raise ConfigError("study.n_trials", "must be >= 1", self.n_trials)
+        if not self.trial_times_s:
+            raise ConfigError("study.trial_time", "must be a duration or a non-empty list of durations", [])
+        if len(set(self.trial_times_s)) != len(self.trial_times_s):
+            raise ConfigError("study.trial_time", "must list distinct durations",
+                              [format_duration(b) for b in self.trial_times_s])
         if self.max_retries < 0:
             raise ConfigError("study.max_retries", "must be >= 0", self.max_retries)
         if self.workers is not None and self.workers < 1:

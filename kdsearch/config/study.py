@@ -36,7 +36,7 @@ __all__ = ["StudyConfig", "config_to_dict", "DURATION_KEYS", "TOP_KEYS", "SIGNAT
 # as seconds; these fields get a ``_s`` suffix internally.
 DURATION_KEYS = {
     ("study", "budget"): "budget_s",
-    ("study", "trial_time"): "trial_time_s",
+    ("study", "trial_time"): "trial_times_s",  # a duration, or a list of them (searched)
     ("study", "grace"): "grace_s",
     ("teacher.fit", "time"): "time_s",
     ("measure.latency", "max_time"): "max_time_s",
@@ -152,7 +152,8 @@ class StudyConfig:
             "data": {k: full["data"][k] for k in SIGNATURE_DATA_KEYS},
             "measure": {**full["measure"], "budget_s": self.measure.budget_s(self.study.grace_s)},
             "finetune": full["finetune"],
-            "trial_time_s": self.study.trial_time_s,
+            # One box: a number, as before boxes could be searched (stored studies still resume).
+            "trial_time_s": full["study"]["trial_time"],
             "sampler": self.study.sampler,
             "pruning": full["study"]["pruning"],
         }
@@ -231,6 +232,8 @@ def config_to_dict(cfg: StudyConfig) -> dict[str, Any]:
                 out[key] = dump(getattr(obj, f.name), f"{section}.{f.name}" if section else f.name)
             return out
         if isinstance(obj, tuple):
+            if section == "study.trial_times_s" and len(obj) == 1:
+                return obj[0]  # one box: written as a duration, as in the file
             return [dump(v, section) for v in obj]
         if isinstance(obj, dict):
             return {k: dump(v, section) for k, v in obj.items()}

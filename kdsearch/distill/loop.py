@@ -104,6 +104,11 @@ class DistillResult:
     train_dtype: str = "fp32"  # "bf16" | "fp16" (autocast + GradScaler) | "fp32"
     stop_requested_s: float | None = None  # training s at which a rule asked to stop (None: none did)
     cooldown_s: float = 0.0  # training s of LR cool-down after that request (part of kd_time_s)
+    # Wall s of the validation passes (not training time): the in-box ones on the subset, and the
+    # final one on all of val (0.0 when the loop ended on a subset evaluation).
+    eval_time_s: float = 0.0
+    final_eval_time_s: float = 0.0
+    evaluations: int = 0  # validation passes, the final one included
 
 
 def _sync(device: torch.device) -> None:
@@ -131,12 +136,14 @@ def distill(
     on_step: StepHook | None = None,
     meters: Sequence[TrainingMeter] = (),
     train_dtype: str | None = None,
+    eval_at: Sequence[float] = (),
 ) -> DistillResult:
     """Distil ``teacher_source`` into ``student`` (trained in place) for ``time_box_s`` of training.
 
     ``train`` yields ``(idx, images_u8, labels)`` on ``device`` (``idx`` indexes the train split
-    and the cache); ``val`` is evaluated at every ``cfg.eval_every_fraction`` of the box and at
-    the end; ``bundle`` gives the student normalisation (``mean``/``std``); ``view_spec`` is the
+    and the cache); ``val`` is evaluated at every ``cfg.eval_every_fraction`` of the box, at each
+    fraction in ``eval_at`` (e.g. the rungs of a pruning rule, which need not lie on that grid),
+    and at the end; ``bundle`` gives the student normalisation (``mean``/``std``); ``view_spec`` is the
     augmentation family (it must equal the cache's). ``teacher_source`` None trains on labels
     only (CE). ``on_eval`` is a stopping rule, combined with ``cfg.early_stop`` when that is
     enabled; ``on_step`` sees (and may replace) each step's loss: see
@@ -207,10 +214,18 @@ def distill(
     cooldown_len_s = 0.0
     lr_at_stop = lr = hyper.lr
     end_s = time_box_s  # training time at which the loop ends (earlier after a stop request)
-    next_eval = cfg.eval_every_fraction  # as a fraction of the box
+    extra_evals = sorted(float(f) for f in eval_at if 0.0 < f < 1.0)
+
+    def next_eval_after(fraction: float) -> float:
+        # The first point of the grid (every cfg.eval_every_fraction) or of eval_at past fraction.
+        grid = (math.floor(fraction / cfg.eval_every_fraction) + 1) * cfg.eval_every_fraction
+        return min([grid, *(f for f in extra_evals if f > fraction)])
+
+    next_eval = next_eval_after(0.0)  # as a fraction of the box
     train_s = 0.0  # training time accumulated before the current segment
     last_progress = 0.0
     stop = False
+    eval_s = final_eval_s = 0.0
 
     _sync(device)
     seg_start = time.perf_counter()
@@ -271,8 +286,13 @@ def distill(
                 for meter in meters:
                     meter.pause()
                 split = val if stop else val_interim
+                eval_start = time.perf_counter()
                 acc = evaluate_accuracy(model, split, resolution, mean, std, device, val_batch,
                                         autocast_dtype=amp_dtype)
+                this_eval_s = time.perf_counter() - eval_start  # evaluate_accuracy reads back: synced
+                eval_s += this_eval_s
+                if split is val:
+                    final_eval_s = this_eval_s
                 final_val_acc = acc if split is val else None
                 model.train()
                 val_history.append((train_s, acc))
@@ -288,9 +308,7 @@ def distill(
                     )
                     end_s = train_s + cooldown_len_s
                     stop = cooldown_len_s <= 0
-                next_eval = (
-                    math.floor(train_s / time_box_s / cfg.eval_every_fraction) + 1
-                ) * cfg.eval_every_fraction
+                next_eval = next_eval_after(train_s / time_box_s)
                 if progress is not None:
                     progress(
                         min(train_s / time_box_s, 1.0), f"step {steps} loss {last_loss:.3f} val {acc:.3f}"
@@ -331,4 +349,7 @@ def distill(
         stop_requested_s=stop_at_s,
         cooldown_s=(train_s - stop_at_s) if stop_at_s is not None else 0.0,
         final_val_accuracy=final_val_acc,
+        eval_time_s=eval_s,
+        final_eval_time_s=final_eval_s if final_val_acc is not None else 0.0,
+        evaluations=len(val_history),
     )

@@ -31,6 +31,7 @@ import plotly.graph_objects as go
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsearch.config import format_duration
 from kdsearch.metrics import metric_unit
 from kdsearch.report.pareto import feasible, metric_columns, metric_value, pareto_front, teacher_accuracies
 
@@ -53,6 +54,7 @@ __all__ = [
 
 HV_MARGIN = 0.10  # reference point = worst value per objective pushed out by 10% of its span
 MAX_CURVE_TRACES = 60  # learning curves: above this many trials, one trace per kind instead of per trial
+MAX_RUNG_BOXES = 3  # learning curves: rung lines are drawn for at most this many distinct boxes
 MAX_PARALLEL_LINES = 300  # parallel coordinates: above this many COMPLETE trials, a spread sample
 
 
@@ -512,7 +514,7 @@ def learning_curves_figure(study: optuna.Study) -> ReportFigure:
     fig = go.Figure()
     drawn = screened = pruned = 0
     rungs: set[float] = set()
-    box_s: float | None = None
+    boxes_s: set[float] = set()  # several when study.trial_time is searched
     curves: list[tuple[str, str, bool, list[float], list[float]]] = []  # label, how, pruned, xs, ys
     for t in trials:
         ua = t.user_attrs
@@ -528,9 +530,11 @@ def learning_curves_figure(study: optuna.Study) -> ReportFigure:
         rec = ua.get("pruning") or {}
         method = (ua.get("methods") or {}).get("kd_time_s") or {}
         if isinstance(method.get("box_s"), (int, float)):
-            box_s = float(method["box_s"])
+            boxes_s.add(float(method["box_s"]))
         rungs.update(float(r) for r in rec.get("rungs", []))
         label = f"#{t.number} {ua.get('student', '')}"
+        if method.get("box_searched") and isinstance(method.get("box_s"), (int, float)):
+            label += f" box {format_duration(float(method['box_s']))}"
         how = f"PRUNED at rung {ua.get('pruned_rung', 0):.3g} ({ua.get('prune_reason', '')})" if is_pruned else "COMPLETE"
         curves.append((label, how, is_pruned, xs, ys))
         drawn += 1
@@ -570,9 +574,13 @@ def learning_curves_figure(study: optuna.Study) -> ReportFigure:
                     marker={"symbol": "x", "size": 8},
                     hovertemplate="%{text}<br>KD %{x:.3g} s<br>val %{y:.4f}<extra></extra>",
                 ))
-    if box_s is not None:
-        for r in sorted(rungs):
-            fig.add_vline(x=r * box_s, line={"dash": "dot", "color": "grey"}, annotation_text=f"rung {r:.3g}")
+    # Rung lines: a rung is a fraction of the box, so each box has its own (a searched box has
+    # several; past MAX_RUNG_BOXES boxes the lines would hide the curves and are left out).
+    if len(boxes_s) <= MAX_RUNG_BOXES:
+        for box_s in sorted(boxes_s):
+            for r in sorted(rungs):
+                text = f"rung {r:.3g}" if len(boxes_s) == 1 else f"rung {r:.3g} of {format_duration(box_s)}"
+                fig.add_vline(x=r * box_s, line={"dash": "dot", "color": "grey"}, annotation_text=text)
     fig.update_layout(xaxis_title=axis_title("kd_time_s"), yaxis_title=axis_title("val_accuracy"))
     note = f"{drawn} trials drawn ({pruned} pruned at a rung, dashed)"
     if drawn > MAX_CURVE_TRACES:

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
+from kdsearch.config.durations import format_duration
 from kdsearch.metrics import format_metric
 from kdsearch.report.pareto import feasible, front_sorted, metric_value, pareto_front, teacher_accuracies
 
@@ -68,11 +69,13 @@ def trials_table(study: optuna.Study, pareto: bool) -> Table:
     teachers = teacher_accuracies(study)
     table = Table(title=f"{study.study_name}: {'Pareto front (feasible)' if pareto else 'all trials'}")
     extra = [m for m in ("val_accuracy", "kd_time_s") if m not in names]
-    for col in ["#", "state", "student", "teacher", *names, *extra, "vs teacher", "front"]:
+    # A searched box (study.trial_time a list): each trial's own box beside its KD time.
+    box_col = ["box"] if any("trial_time_s" in t.params for t in trials) else []
+    for col in ["#", "state", "student", "teacher", *box_col, *names, *extra, "vs teacher", "front"]:
         table.add_column(col, justify="right" if col not in ("state", "student", "teacher") else "left")
     for label, acc in teachers.items():
         cells = [format_metric(m, acc) if m == "val_accuracy" else "—" for m in [*names, *extra]]
-        table.add_row("T", "teacher", "—", label, *cells, "—", "", style="bold")
+        table.add_row("T", "teacher", "—", label, *["—"] * len(box_col), *cells, "—", "", style="bold")
     for t in trials:
         ua = t.user_attrs
         vals = [format_metric(m, v) for m, v in zip(names, t.values, strict=True)] if t.values else ["—"] * len(names)
@@ -85,8 +88,10 @@ def trials_table(study: optuna.Study, pareto: bool) -> Table:
             state = pruned_label(ua)
         mark = "*" if t.number in front else ""
         more = [format_metric(m, ua.get(m)) for m in extra]
-        table.add_row(str(t.number), state, str(ua.get("student", "")), str(ua.get("teacher", "")), *vals, *more,
-                      _vs_teacher(t, names, teachers), mark)
+        box = [format_duration(float(t.params["trial_time_s"])) if "trial_time_s" in t.params else "—"
+               for _ in box_col]
+        table.add_row(str(t.number), state, str(ua.get("student", "")), str(ua.get("teacher", "")), *box, *vals,
+                      *more, _vs_teacher(t, names, teachers), mark)
     return table
 
 

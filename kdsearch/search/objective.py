@@ -41,9 +41,10 @@ Before the box (issue 12), in this order, each able to end the trial in seconds:
    ``screened: true``) with the reason. On the CPU the probe is skipped and the figure is missing
    with the reason.
 3. **Rungs** (``study.pruning.enabled``): :class:`kdsearch.search.pruning.RungPruner` is the
-   ``on_eval`` hook of the box and the loop evaluates at every rung fraction (the evaluation grid
-   ``distill.eval_every_fraction`` is refined to divide ``study.pruning.min_fraction``; a plateau
-   stop's patience then counts evaluations on that finer grid). A trial
+   ``on_eval`` hook of the box and the loop evaluates at every rung fraction on top of its grid
+   ``distill.eval_every_fraction`` (``distill(eval_at=rungs)``: with the defaults, 1/9, 1/4,
+   1/3, 1/2, 3/4 and the end; a plateau stop's patience counts these evaluations). With a
+   searched box (``study.trial_time`` a list) a trial competes only with trials of its own box. A trial
    stopped at a rung is stored as PRUNED with its partial curve (``kd_history``), ``pruned_rung``,
    ``pruned_rank``, ``pruned_front`` and the ``pruning`` record (every decision with the
    competitors it was taken against, so any decision can be recomputed from storage).
@@ -60,7 +61,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,6 @@ __all__ = [
     "ENV_WORKERS_PER_GPU",
     "PROBE_STEPS",
     "UNTRAINED_NOTE",
-    "rung_eval_fraction",
 ]
 
 PROBE_STEPS = 3
@@ -300,8 +300,10 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     cfg = ctx.cfg
     device = ctx.device
     proposal: Proposal = suggest(trial, cfg, ctx.bundle.num_classes)
-    spec, hyper = proposal.spec, proposal.hyper
+    spec, hyper, box_s = proposal.spec, proposal.hyper, proposal.box_s
     teacher = ctx.teachers[proposal.teacher.display_name]
+    # First, so the supervisor's hard limit (box + grace) reads this trial's own box from storage.
+    trial.set_user_attr("box_s", box_s)
     trial.set_user_attr("spec", spec.to_dict())
     trial.set_user_attr("student", spec.label)
     trial.set_user_attr("teacher", proposal.teacher.display_name)
@@ -351,11 +353,8 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
         _screen_out(trial, cfg, fixed, cons, probe_reason)
 
     # 3. The box, with the rung pruner when study.pruning is on.
-    pruner = _rung_pruner(trial, cfg, fixed)
-    distill_cfg = cfg.distill
-    if pruner is not None:
-        distill_cfg = replace(cfg.distill, eval_every_fraction=rung_eval_fraction(
-            cfg.distill.eval_every_fraction, cfg.study.pruning.min_fraction))
+    pruner = _rung_pruner(trial, cfg, fixed, box_s)
+    rungs = pruner.config.rungs if pruner is not None else ()
     kd_memory = KDMemoryTracker(device)
     kd_energy = EnergyMeter.for_device(device, cfg.measure.energy.poll_interval_s)
     try:
@@ -368,8 +367,8 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
                 bundle=ctx.bundle,
                 teacher_source=teacher.source,
                 hyper=hyper,
-                cfg=distill_cfg,
-                time_box_s=cfg.study.trial_time_s,
+                cfg=cfg.distill,
+                time_box_s=box_s,
                 resolution=spec.resolution,
                 device=device,
                 seed=seed,
@@ -380,6 +379,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
                 on_step=fault,
                 meters=(kd_memory, kd_energy),
                 train_dtype=ctx.train_dtype,
+                eval_at=rungs,  # every rung is evaluated, on top of distill.eval_every_fraction
             )
     except TrialFailure as exc:
         raise _fail(trial, exc.reason, exc.detail, exc.attrs) from None
@@ -396,15 +396,17 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     m = Measurements()
     m.set("kd_time_s", result.kd_time_s, {
         "method": "perf_counter" + (" + cuda synchronize" if device.type == "cuda" else ""),
-        "box_s": cfg.study.trial_time_s, "steps": result.steps, "epochs": result.epochs,
+        "box_s": box_s, "box_searched": cfg.study.box_searched, "steps": result.steps, "epochs": result.epochs,
         "stopped_early": result.stopped_early, "stop_requested_s": result.stop_requested_s,
         "cooldown_s": result.cooldown_s, "train_dtype": result.train_dtype,
+        "eval_time_s": result.eval_time_s, "final_eval_time_s": result.final_eval_time_s,
+        "evaluations": result.evaluations,
     })
     _store_kd_memory(m, kd_memory)
     _store_kd_energy(m, kd_energy, result)
     trial.set_user_attr("kd_history", _kd_history(result))
     if pruner is not None:
-        trial.set_user_attr("pruning", _pruning_record(pruner, distill_cfg.eval_every_fraction))
+        trial.set_user_attr("pruning", _pruning_record(pruner, cfg.distill.eval_every_fraction))
     if pruner is not None and pruner.pruned_at is not None:
         _store_pruned(trial, cfg, m, fixed, pruner, student, device)
 
@@ -511,13 +513,6 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
         out.append(float(v))
     progress("done", 1.0, "")
     return out
-
-
-def rung_eval_fraction(eval_every_fraction: float, min_fraction: float) -> float:
-    """The evaluation grid of a box with rungs: the largest fraction <= ``eval_every_fraction``
-    that divides ``min_fraction`` (every rung ``min_fraction * eta**k`` is then a grid point, so
-    the loop evaluates at each rung; the LR schedule and the training clock are unchanged)."""
-    return min_fraction / math.ceil(min_fraction / eval_every_fraction - 1e-9)
 
 
 def _measure_fixed_costs(ctx: WorkerContext, student: torch.nn.Module, resolution: int) -> Measurements:
@@ -644,9 +639,12 @@ class _RecordingStore:
         return found
 
 
-def _rung_pruner(trial: optuna.Trial, cfg: StudyConfig, fixed: Measurements) -> RungPruner | None:
+def _rung_pruner(trial: optuna.Trial, cfg: StudyConfig, fixed: Measurements, box_s: float) -> RungPruner | None:
     """The ``on_eval`` hook of ``study.pruning`` (None when it is off): rung vectors are the
-    validation accuracy and the fixed-cost objectives (log scale for counts and MACs)."""
+    validation accuracy and the fixed-cost objectives (log scale for counts and MACs). With a
+    searched box (``study.trial_time`` a list) a trial competes only with trials of its own box:
+    a rung is a fraction of the box and the LR schedule follows it, so the accuracy at 1/9 of a
+    2-minute box and at 1/9 of a 10-minute one are not comparable (one bracket per box)."""
     p = cfg.study.pruning
     if not p.enabled:
         return None
@@ -654,7 +652,8 @@ def _rung_pruner(trial: optuna.Trial, cfg: StudyConfig, fixed: Measurements) -> 
     values = [fixed.values.get(n) for n in names]
     return RungPruner(
         key=trial.number,
-        store=_RecordingStore(OptunaRungStore(trial, ["val_accuracy", *names])),
+        store=_RecordingStore(OptunaRungStore(
+            trial, ["val_accuracy", *names], bracket={"box_s": box_s} if cfg.study.box_searched else None)),
         config=PruningConfig(eta=p.eta, min_fraction=p.min_fraction, min_competitors=p.min_competitors),
         fixed_values=[math.nan if v is None else float(v) for v in values],
         directions=["maximize", *(cfg.objectives[n] for n in names)],
@@ -674,6 +673,7 @@ def _pruning_record(pruner: RungPruner, eval_every_fraction: float) -> dict[str,
         **pruner.summary(),
         "eta": c.eta, "min_fraction": c.min_fraction, "min_competitors": c.min_competitors,
         "rungs": list(c.rungs), "names": names, "directions": list(pruner.directions),
+        "bracket": store.inner.bracket if isinstance(store, _RecordingStore) else None,
         "scales": list(pruner.scales or ()), "eval_every_fraction": eval_every_fraction,
         "competitors": {str(k): [[e.key, list(e.values)] for e in v] for k, v in seen.items()},
     }
@@ -717,6 +717,9 @@ def _kd_history(result: DistillResult) -> dict[str, Any]:
         "cooldown_s": result.cooldown_s,
         "teacher_forward_count": result.teacher_forward_count,
         "train_dtype": result.train_dtype,
+        "eval_time_s": result.eval_time_s,
+        "final_eval_time_s": result.final_eval_time_s,
+        "evaluations": result.evaluations,
     }
 
 

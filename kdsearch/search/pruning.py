@@ -28,7 +28,7 @@ the replay benchmark (:class:`ListRungStore`): :class:`RungPruner` is the ``on_e
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -384,12 +384,16 @@ class OptunaRungStore:
     Writes user attr ``rung_<k>`` on ``trial`` (public ``Trial.set_user_attr``) and reads it back
     from every trial in :data:`COMPETING_STATES` (public ``Study.get_trials``). ``names`` (the
     objective names of the vector) is stored with it; a trial whose names differ does not compete.
+    ``bracket`` (e.g. ``{"box_s": 120.0}`` when the box is searched) is stored too, and only
+    trials of the same bracket compete; ``None`` (the default, and what rung records written
+    before brackets existed hold) competes with ``None`` only.
     """
 
-    def __init__(self, trial: optuna.Trial, names: Sequence[str]) -> None:
+    def __init__(self, trial: optuna.Trial, names: Sequence[str], bracket: Mapping[str, Any] | None = None) -> None:
         self.trial = trial
         self.study = trial.study
         self.names = list(names)
+        self.bracket = None if bracket is None else dict(bracket)
 
     def record(self, key: int, rung_index: int, fraction: float, values: Sequence[float], train_s: float) -> None:
         if key != self.trial.number:
@@ -399,6 +403,7 @@ class OptunaRungStore:
             "values": [float(v) for v in values],
             "names": self.names,
             "train_s": float(train_s),
+            **({} if self.bracket is None else {"bracket": self.bracket}),
         })
 
     def competitors(self, key: int, rung_index: int) -> list[RungEntry]:
@@ -407,6 +412,8 @@ class OptunaRungStore:
         for t in self.study.get_trials(deepcopy=False, states=COMPETING_STATES):
             rec = t.user_attrs.get(attr)
             if t.number == key or not isinstance(rec, dict) or rec.get("names") != self.names:
+                continue
+            if rec.get("bracket") != self.bracket:
                 continue
             out.append(RungEntry(t.number, tuple(float(v) for v in rec["values"])))
         return out

@@ -2,8 +2,9 @@
 
 A trial proposes a teacher (when the study lists several), a student family, a resolution, the
 family's own architecture parameters (the family file's ``suggest``, e.g. ``vgg_depth`` and
-``vgg_width``; see :mod:`kdsearch.models.families`), and the KD hyper-parameters (temperature,
-alpha, learning rate). Fixed values are not suggested; they are stored as user attrs so every
+``vgg_width``; see :mod:`kdsearch.models.families`), the KD hyper-parameters (temperature,
+alpha, learning rate) and, when ``study.trial_time`` lists several durations, the KD time box
+(``trial_time_s``: then ``kd_time_s`` is a figure the search can trade against accuracy). Fixed values are not suggested; they are stored as user attrs so every
 trial is self-describing. Every value is drawn through :func:`kdsearch.models.suggest_space`.
 This module knows no family: it asks the family registry.
 """
@@ -29,6 +30,7 @@ class Proposal:
     spec: StudentSpec
     hyper: KDHyper
     teacher: TeacherConfig
+    box_s: float  # the KD time box of this trial (s)
 
 
 def param_distributions(cfg: StudyConfig) -> dict[str, Space]:
@@ -40,6 +42,7 @@ def param_distributions(cfg: StudyConfig) -> dict[str, Space]:
         "temperature": cfg.distill.temperature,
         "alpha": cfg.distill.alpha,
         "lr": cfg.distill.lr,
+        "trial_time_s": cfg.study.box_space,
     }
     if len(cfg.teachers) > 1:
         spaces["teacher"] = Space(choices=tuple(t.display_name for t in cfg.teachers))
@@ -68,4 +71,5 @@ def suggest(trial: optuna.trial.BaseTrial, cfg: StudyConfig, num_classes: int) -
         alpha=float(suggest_space(trial, "alpha", cfg.distill.alpha)),
         lr=float(suggest_space(trial, "lr", cfg.distill.lr)),
     )
-    return Proposal(spec=spec, hyper=hyper, teacher=teacher)
+    box_s = float(suggest_space(trial, "trial_time_s", cfg.study.box_space))
+    return Proposal(spec=spec, hyper=hyper, teacher=teacher, box_s=box_s)

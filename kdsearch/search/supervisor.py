@@ -61,6 +61,7 @@ __all__ = [
     "worker_env",
     "tidy_worker_files",
     "KEEP_WORKER_FILES_ENV",
+    "TrialBoxes",
 ]
 
 POLL_S = 0.5
@@ -192,7 +193,12 @@ def supervise(
     seen_finished = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     ready_announced = False
     stop_level_sent = 0
-    box_s, grace_s = cfg.study.trial_time_s, cfg.study.grace_s
+    grace_s = cfg.study.grace_s
+    # The hard limit is each trial's own box + grace (TrialBoxes reads a searched box from storage,
+    # only once the shortest box + grace has passed).
+    min_box_s = min(cfg.study.trial_times_s)
+    trial_box_s = TrialBoxes(cfg, study)
+
     recover_every_s = RECOVER_EVERY_S
     heartbeat_s = heartbeat_interval_s(study)
     if heartbeat_s is not None:
@@ -280,13 +286,15 @@ def supervise(
                 st = statuses[s.index]
                 code = s.proc.poll()
                 started = st.get("trial_started_at")
-                if code is None and started is not None and time.time() - started > box_s + grace_s:
+                if code is None and started is not None and time.time() - started > min_box_s + grace_s \
+                        and time.time() - started > trial_box_s(st.get("trial")) + grace_s:
                     # Hard limit: kill the worker (its trial cannot be trusted to stop), store FAIL
                     # timeout, and let the code below replace the worker.
                     _kill(s.proc)
                     trial = _find_trial(study, st.get("trial"))
                     if trial is not None and mark_failed(
-                        study, trial, "timeout", f"ran {time.time() - started:.0f}s > box {box_s:.0f}s + grace {grace_s:.0f}s"
+                        study, trial, "timeout",
+                        f"ran {time.time() - started:.0f}s > box {trial_box_s(st.get('trial')):.0f}s + grace {grace_s:.0f}s"
                     ):
                         outcome.timeouts.append(trial.number)
                     code = s.proc.poll()
@@ -388,6 +396,33 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     except (ProcessLookupError, PermissionError):
         proc.kill()
     proc.wait()
+
+
+class TrialBoxes:
+    """The KD box of a running trial, for the supervisor's hard limit (box + grace).
+
+    With one ``study.trial_time`` that is the box. With a searched one (a list) it is the trial's
+    own: user attr ``box_s``, which :func:`~kdsearch.search.objective.run_trial` stores as the
+    trial starts, read from storage once and remembered; until the trial has stored it, the
+    longest box counts (a limit never shorter than the trial's).
+    """
+
+    def __init__(self, cfg: StudyConfig, study: optuna.Study) -> None:
+        self.cfg = cfg
+        self.study = study
+        self._known: dict[int, float] = {}
+
+    def __call__(self, number: Any) -> float:
+        longest = self.cfg.study.trial_time_s
+        if not self.cfg.study.box_searched or not isinstance(number, int):
+            return longest
+        if number not in self._known:
+            trial = _find_trial(self.study, number)
+            box = trial.user_attrs.get("box_s") if trial is not None else None
+            if not isinstance(box, (int, float)):
+                return longest
+            self._known[number] = float(box)
+        return self._known[number]
 
 
 def _find_trial(study: optuna.Study, number: int | None) -> FrozenTrial | None:

@@ -78,13 +78,14 @@ class RunSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def estimate_trial_s(cfg: StudyConfig, durations_s: list[float]) -> float:
-    """Expected wall time (s) of the next trial: the box plus the largest overhead seen so far
-    (25% of the box plus 5 s before any trial has finished)."""
+def estimate_trial_s(cfg: StudyConfig, overheads_s: list[float]) -> float:
+    """Expected wall time (s) of the next trial: the longest box it may draw plus the largest
+    overhead (wall time beyond a trial's own box) seen so far; before any trial has finished, 25%
+    of that box plus 5 s."""
     box = cfg.study.trial_time_s
-    if not durations_s:
+    if not overheads_s:
         return box * 1.25 + 5.0
-    return box + max(0.0, max(d - box for d in durations_s))
+    return box + max(0.0, max(overheads_s))
 
 
 class _Status:
@@ -245,12 +246,12 @@ def _fail_trial(study: optuna.Study, trial: optuna.Trial, reason: str | None = N
 def run_trials(ctx: WorkerContext, study: optuna.Study, spec: RunSpec, status: _Status, signals: _Signals) -> str:
     """The trial loop. Returns why it stopped."""
     cfg = ctx.cfg
-    durations: list[float] = []
+    overheads: list[float] = []  # wall s of each finished trial beyond its own box
     while True:
         if signals.stop_after_trial:
             return "stop requested"
         remaining = spec.deadline_epoch_s - time.time()
-        need = estimate_trial_s(cfg, durations)
+        need = estimate_trial_s(cfg, overheads)
         if remaining < need:
             return f"budget: {remaining:.0f}s left < {need:.0f}s for one more trial"
         sampler = study.sampler
@@ -288,7 +289,8 @@ def run_trials(ctx: WorkerContext, study: optuna.Study, spec: RunSpec, status: _
         finally:
             status.update(force=True, trial=None, trial_started_at=None, phase="idle", fraction=None, message="",
                           trials_done=int(status.data.get("trials_done", 0)) + 1)
-        durations.append(time.monotonic() - t0)
+        box = trial.user_attrs.get("box_s", cfg.study.trial_time_s)  # set by run_trial as it starts
+        overheads.append(time.monotonic() - t0 - float(box))
 
 
 def _log_failure(number: int) -> None:

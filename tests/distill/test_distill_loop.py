@@ -448,3 +448,28 @@ def test_in_box_evaluations_use_a_fixed_stratified_val_subset_and_the_final_one_
     assert torch.allclose(counts / counts.sum(), full / full.sum(), atol=1.5 / subset * bundle.num_classes)  # stratified
     none = _run(world, world[2], 0.6, resolution=16, cfg=DistillConfig(batch_size=32, eval_subset=None))
     assert none.val_history
+
+
+def test_eval_at_adds_evaluations_to_the_grid_and_their_time_is_not_training_time(world) -> None:
+    """Rungs off the grid (1/9 and 1/3 with an evaluation every half box) are evaluated as well,
+    each once, in order; nothing else is added. The validation passes' wall time is recorded
+    apart from kd_time_s, the final pass (all of val) separately."""
+    box = 3.0
+    fractions: list[float] = []
+
+    def record(train_s: float, fraction: float, val_accuracy: float) -> bool:
+        fractions.append(fraction)
+        return False
+
+    r = _run(world, world[2], box, resolution=16, cfg=DistillConfig(batch_size=32, eval_every_fraction=0.5),
+             on_eval=record, eval_at=(1 / 9, 1 / 3, 1.0, 0.0))
+    *in_box, last = fractions
+    assert last >= 1.0
+    # One evaluation at or just past each of 1/9, 1/3, 1/2 (the first step boundary after it).
+    assert len(in_box) == 3, fractions
+    for got, want in zip(in_box, (1 / 9, 1 / 3, 1 / 2), strict=True):
+        assert want <= got < want + SLACK_S / box
+    assert r.evaluations == len(fractions) == len(r.val_history)
+    assert 0.0 < r.final_eval_time_s < r.eval_time_s  # the final pass, plus three subset passes
+    plain = _run(world, world[2], 1.0, resolution=16, cfg=DistillConfig(batch_size=32, eval_every_fraction=0.5))
+    assert plain.evaluations == 2  # the grid alone: 1/2 and the end
