@@ -10,6 +10,7 @@ import torch
 from distill_helpers import tiny_bundle, tiny_teacher
 
 from kdsearch.config import TeacherFitConfig
+from kdsearch.data import ImageSplit
 from kdsearch.distill import fit_key, fit_teacher
 from kdsearch.distill.fit import fit_key_config
 from kdsearch.measure import evaluate_accuracy
@@ -102,9 +103,15 @@ def test_fit_stops_after_max_epochs_or_at_the_cap(tmp_path: Path, caplog: pytest
     assert info["stop_reason"] == "max_epochs" and info["epochs"] == pytest.approx(2.0, abs=0.3)
     assert info["fit_time_s"] < 30 and "val_history" not in info
 
+    # Truly unreachable: val labels shuffled (class counts kept), so no fit can score 100 % on
+    # them (the tiny synthetic set is otherwise learnable to 100 % within the cap on a quiet CPU).
+    shuffled = torch.Generator().manual_seed(0)
+    val = ImageSplit(bundle.val.images, bundle.val.labels[torch.randperm(len(bundle.val), generator=shuffled)])
+    assert not torch.equal(val.labels, bundle.val.labels)
     unreachable = TeacherFitConfig(time_s=1.0, lr=2e-3, batch_size=64, target_accuracy=1.0, eval_every_epochs=0.25)
     with caplog.at_level("WARNING", logger="kdsearch.distill.fit"):
-        _, info = fit_teacher(tiny_teacher(bundle.num_classes), bundle, unreachable, tmp_path, "cpu")
+        _, info = fit_teacher(tiny_teacher(bundle.num_classes), dataclasses.replace(bundle, val=val), unreachable,
+                              tmp_path / "unreachable", "cpu")
     assert info["stop_reason"] == "time_cap" and info["target_reached"] is False
     assert 1.0 <= info["fit_time_s"] < 3.0 and info["val_history"]
     assert "below teacher.fit.target_accuracy 100%" in caplog.text
