@@ -31,6 +31,7 @@ STUDY_FILES = {
     "table2-capacity-resolution": PAPER / "table2-capacity-resolution.yaml",
     "table3-finetune": PAPER / "table3-finetune.yaml",
     "search-vs-grid": PAPER / "search-vs-grid.yaml",
+    "kd-time": PAPER / "kd-time.yaml",
 }
 # The paper's Table II student sizes (parameters): Extra Small .. Extra Large.
 PAPER_SIZES = {"XS": 0.0042e6, "S": 0.016e6, "M": 0.062e6, "L": 0.25e6, "XL": 0.98e6}
@@ -53,6 +54,12 @@ def test_study_file_loads_with_its_name(name: str) -> None:
     cfg = load_config(STUDY_FILES[name])
     assert cfg.study.name == name
     assert cfg.data.dataset == "imagefolder" and cfg.data.root  # real CIFAR-10 by default
+
+
+def test_kd_time_searches_the_box_and_minimises_kd_time() -> None:
+    cfg = load_config(STUDY_FILES["kd-time"])
+    assert cfg.study.box_searched and cfg.study.trial_times_s == (10.0, 30.0, 90.0)
+    assert cfg.objectives["kd_time_s"] == "minimize" and cfg.study.pruning.enabled
 
 
 def test_table1_grid_is_teacher_type_by_student_type() -> None:

@@ -22,12 +22,18 @@ SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "nsga3", "random", "grid", "gp")
 
 
 
+RUNG_END_MARGIN = 0.05
+"""No rung sits in the last 5 % of the box: stopping there saves under 5 % of a box and throws away
+a student trained (nearly) to the end. It also absorbs a rounded ``min_fraction`` (0.111 x 9 =
+0.999 is the end of the box, not a rung)."""
+
+
 @dataclass(frozen=True)
 class PruningSection:
     """``study.pruning``: multi-objective early stopping at rungs of the KD box (asynchronous
     successive halving across every worker of the study; :mod:`kdsearch.search.pruning`).
 
-    Rungs sit at ``min_fraction * eta**k`` of the box while below 1; at each, a trial outside
+    Rungs sit at ``min_fraction * eta**k`` of the box while below 0.95 (:data:`RUNG_END_MARGIN`); at each, a trial outside
     the top ``1/eta`` of the trials that reached it (ranked on validation accuracy and the
     fixed-cost objectives) stops and is stored as PRUNED. ``min_competitors`` (default ``eta``):
     the fewest trials at a rung before anything there is pruned.
@@ -41,8 +47,10 @@ class PruningSection:
     def __post_init__(self) -> None:
         if self.eta < 2:
             raise ConfigError("study.pruning.eta", "must be an integer >= 2", self.eta, "e.g. 3")
-        if not 0 < self.min_fraction < 1:
-            raise ConfigError("study.pruning.min_fraction", "must be a fraction of the box in (0, 1)",
+        if not 0 < self.min_fraction < 1 - RUNG_END_MARGIN:
+            raise ConfigError("study.pruning.min_fraction",
+                              f"must be a fraction of the box in (0, {1 - RUNG_END_MARGIN:g}): a rung in the last "
+                              f"{100 * RUNG_END_MARGIN:g}% of the box saves almost nothing",
                               self.min_fraction, "e.g. 0.111 (1/9)")
         if self.min_competitors is not None and self.min_competitors < 1:
             raise ConfigError("study.pruning.min_competitors", "must be an integer >= 1", self.min_competitors)

@@ -36,6 +36,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from kdsearch.config.sections import RUNG_END_MARGIN
 from kdsearch.errors import ConfigError
 
 __all__ = [
@@ -83,10 +84,10 @@ class PruningConfig:
     def __post_init__(self) -> None:
         if isinstance(self.eta, bool) or not isinstance(self.eta, int) or self.eta < 2:
             raise ConfigError("study.pruning.eta", "must be an integer >= 2", self.eta, "e.g. 3")
-        if not (isinstance(self.min_fraction, (int, float)) and 0 < self.min_fraction < 1):
+        if not (isinstance(self.min_fraction, (int, float)) and 0 < self.min_fraction < 1 - RUNG_END_MARGIN):
             raise ConfigError(
-                "study.pruning.min_fraction", "must be a fraction of the box in (0, 1)", self.min_fraction,
-                "e.g. 1/9 = 0.111",
+                "study.pruning.min_fraction", f"must be a fraction of the box in (0, {1 - RUNG_END_MARGIN:g})",
+                self.min_fraction, "e.g. 1/9 = 0.111",
             )
         if self.min_competitors is not None and (
             isinstance(self.min_competitors, bool) or not isinstance(self.min_competitors, int)
@@ -101,10 +102,11 @@ class PruningConfig:
 
     @property
     def rungs(self) -> tuple[float, ...]:
-        """Rung fractions of the box, increasing, all below 1."""
+        """Rung fractions of the box, increasing, all below ``1 - RUNG_END_MARGIN`` (0.95): a rung at
+        the end of the box would discard a fully trained student to save nothing."""
         out: list[float] = []
         r = float(self.min_fraction)
-        while r < 1.0 - _FRACTION_TOL:
+        while r < 1.0 - RUNG_END_MARGIN:
             out.append(r)
             r *= self.eta
         return tuple(out)

@@ -36,6 +36,11 @@ def test_rungs_sit_at_min_fraction_times_powers_of_eta_below_one() -> None:
     assert PruningConfig().rungs == pytest.approx((1 / 9, 1 / 3))
     assert PruningConfig(eta=2, min_fraction=0.125).rungs == pytest.approx((0.125, 0.25, 0.5))
     assert PruningConfig(eta=3, min_fraction=1 / 3).rungs == pytest.approx((1 / 3,))
+    # No rung at the end of the box: 0.111 x 9 = 0.999 would prune fully trained students (it did,
+    # in a real run, before this rule), and 0.2 x 3^k stops at 0.6.
+    assert PruningConfig(eta=3, min_fraction=0.111).rungs == pytest.approx((0.111, 0.333))
+    assert PruningConfig(eta=3, min_fraction=0.2).rungs == pytest.approx((0.2, 0.6))
+    assert PruningConfig(eta=2, min_fraction=0.24).rungs == pytest.approx((0.24, 0.48))  # 0.96: in the last 5 %
     assert PruningConfig().competitors_needed == 3
     assert PruningConfig(min_competitors=7).competitors_needed == 7
 
@@ -44,6 +49,7 @@ def test_rungs_sit_at_min_fraction_times_powers_of_eta_below_one() -> None:
     ("kw", "field"),
     [({"eta": 1}, "study.pruning.eta"), ({"eta": 2.5}, "study.pruning.eta"),
      ({"min_fraction": 0.0}, "study.pruning.min_fraction"), ({"min_fraction": 1.0}, "study.pruning.min_fraction"),
+     ({"min_fraction": 0.96}, "study.pruning.min_fraction"),
      ({"min_competitors": 0}, "study.pruning.min_competitors")],
 )
 def test_bad_pruning_settings_are_one_line_config_errors(kw: dict, field: str) -> None:
