@@ -148,10 +148,10 @@ def _build_section(cls: type, raw: Any, section: str) -> Any:
         tp = hints[fname]
         if (_norm_section(section), key) in DURATION_KEYS:
             optional = value is None and type(None) in typing.get_args(tp)  # e.g. measure.max_time unset
-            if typing.get_origin(tp) is tuple:  # a duration or a list of them (study.trial_time)
-                items = list(value) if isinstance(value, (list, tuple)) else [value]
-                kwargs[fname] = tuple(parse_duration(v, f"{fname_full}[{i}]" if isinstance(value, (list, tuple))
-                                                     else fname_full) for i, v in enumerate(items))
+            if typing.get_origin(tp) is tuple and isinstance(value, (list, tuple)):  # study.trial_time: [2m, 5m]
+                kwargs[fname] = tuple(parse_duration(v, f"{fname_full}[{i}]") for i, v in enumerate(value))
+            elif typing.get_origin(tp) is tuple:  # one duration where a list may stand
+                kwargs[fname] = (parse_duration(value, fname_full),)
             else:
                 kwargs[fname] = None if optional else parse_duration(value, fname_full)
         elif tp is Space or (typing.get_origin(tp) is None and tp == "Space"):

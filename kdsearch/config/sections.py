@@ -45,14 +45,18 @@ class PruningSection:
     min_competitors: int | None = None
 
     def __post_init__(self) -> None:
-        if self.eta < 2:
+        # The one rule set for the rungs: kdsearch.search.pruning.PruningConfig validates through it.
+        if isinstance(self.eta, bool) or not isinstance(self.eta, int) or self.eta < 2:
             raise ConfigError("study.pruning.eta", "must be an integer >= 2", self.eta, "e.g. 3")
-        if not 0 < self.min_fraction < 1 - RUNG_END_MARGIN:
+        if not (isinstance(self.min_fraction, (int, float)) and 0 < self.min_fraction < 1 - RUNG_END_MARGIN):
             raise ConfigError("study.pruning.min_fraction",
                               f"must be a fraction of the box in (0, {1 - RUNG_END_MARGIN:g}): a rung in the last "
                               f"{100 * RUNG_END_MARGIN:g}% of the box saves almost nothing",
                               self.min_fraction, "e.g. 0.111 (1/9)")
-        if self.min_competitors is not None and self.min_competitors < 1:
+        if self.min_competitors is not None and (
+            isinstance(self.min_competitors, bool) or not isinstance(self.min_competitors, int)
+            or self.min_competitors < 1
+        ):
             raise ConfigError("study.pruning.min_competitors", "must be an integer >= 1", self.min_competitors)
 
 

@@ -376,12 +376,7 @@ class EnergyMeter:
             return
         t = time.perf_counter()
         try:
-            v = self._take_reading(t)
-            if v is not None:
-                assert self._seg_counter_start is not None
-                if v < self._seg_counter_start:
-                    self._counter_backwards = True
-                self._counter_total_mj += v - self._seg_counter_start
+            self._end_segment_reading(t)
         except Exception:  # noqa: BLE001
             self._poll_errors += 1
         self._segments.append((self._active_since, t))
@@ -401,6 +396,18 @@ class EnergyMeter:
             if self._method == "nvml-counter":
                 self._counter_backwards = True  # the segment's start is unknown: no trustworthy sum
         self._active_since = t
+
+    def _end_segment_reading(self, t: float) -> int | None:
+        """Take the reading that ends the open segment at ``t`` and, on the counter, add the
+        segment's energy to the total (a counter that went backwards is flagged). Returns the
+        counter reading (mJ), None when polling power; raises when the reading fails."""
+        v = self._take_reading(t)
+        if v is not None:
+            assert self._seg_counter_start is not None
+            if v < self._seg_counter_start:
+                self._counter_backwards = True
+            self._counter_total_mj += v - self._seg_counter_start
+        return v
 
     def _integrate_active(self, pts: list[tuple[float, float]]) -> float:
         """Trapezoid integral (J) of the power samples over the active segments only."""
@@ -432,12 +439,7 @@ class EnergyMeter:
         try:
             if self._active_since is not None:  # close the open segment with a final reading
                 t = time.perf_counter()
-                end_mj = self._take_reading(t)
-                if end_mj is not None:
-                    assert self._seg_counter_start is not None
-                    if end_mj < self._seg_counter_start:
-                        self._counter_backwards = True
-                    self._counter_total_mj += end_mj - self._seg_counter_start
+                end_mj = self._end_segment_reading(t)
                 self._segments.append((self._active_since, t))
                 self._active_since = None
             t_end = self._segments[-1][1] if self._segments else time.perf_counter()

@@ -88,8 +88,8 @@ def trials_table(study: optuna.Study, pareto: bool) -> Table:
             state = pruned_label(ua)
         mark = "*" if t.number in front else ""
         more = [format_metric(m, ua.get(m)) for m in extra]
-        box = [format_duration(float(t.params["trial_time_s"])) if "trial_time_s" in t.params else "—"
-               for _ in box_col]
+        box = [] if not box_col else \
+            [format_duration(float(t.params["trial_time_s"])) if "trial_time_s" in t.params else "—"]
         table.add_row(str(t.number), state, str(ua.get("student", "")), str(ua.get("teacher", "")), *box, *vals,
                       *more, _vs_teacher(t, names, teachers), mark)
     return table

@@ -36,8 +36,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from kdsearch.config.sections import RUNG_END_MARGIN
-from kdsearch.errors import ConfigError
+from kdsearch.config.sections import RUNG_END_MARGIN, PruningSection
 
 __all__ = [
     "PruningConfig",
@@ -82,18 +81,8 @@ class PruningConfig:
     min_competitors: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.eta, bool) or not isinstance(self.eta, int) or self.eta < 2:
-            raise ConfigError("study.pruning.eta", "must be an integer >= 2", self.eta, "e.g. 3")
-        if not (isinstance(self.min_fraction, (int, float)) and 0 < self.min_fraction < 1 - RUNG_END_MARGIN):
-            raise ConfigError(
-                "study.pruning.min_fraction", f"must be a fraction of the box in (0, {1 - RUNG_END_MARGIN:g})",
-                self.min_fraction, "e.g. 1/9 = 0.111",
-            )
-        if self.min_competitors is not None and (
-            isinstance(self.min_competitors, bool) or not isinstance(self.min_competitors, int)
-            or self.min_competitors < 1
-        ):
-            raise ConfigError("study.pruning.min_competitors", "must be an integer >= 1", self.min_competitors)
+        # The study file's rules (study.pruning), one-line ConfigErrors naming the key.
+        PruningSection(eta=self.eta, min_fraction=self.min_fraction, min_competitors=self.min_competitors)
 
     @property
     def competitors_needed(self) -> int:
