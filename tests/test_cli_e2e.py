@@ -250,7 +250,7 @@ def test_a_failed_trial_keeps_its_workers_log(copy_run: Path, capsys: pytest.Cap
 
 
 def test_the_progress_line_says_when_the_teacher_accuracy_is_measured(copy_run: Path) -> None:
-    from kdsearch.search.objective import prepare_worker
+    from kdsearch.search.worker_setup import prepare_worker
 
     cfg = apply_overrides(load_config(SMOKE), run_dir=str(copy_run))
     seen: list[tuple[str, str]] = []

@@ -28,8 +28,8 @@ from kdsearch.metrics import (
     val_counterpart,
 )
 from kdsearch.report.pareto import parse_pick
-from kdsearch.search.objective import pick_device, prepare_worker
 from kdsearch.search.preflight import check_measurable, check_workers
+from kdsearch.search.worker_setup import pick_device, prepare_worker
 from kdsearch.storage import default_storage_url, load_study, run_paths
 
 from cli_helpers import SMOKE, run_cli

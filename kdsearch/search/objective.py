@@ -1,7 +1,7 @@
 """One trial, top to bottom: propose -> build -> distil -> measure -> store.
 
-:func:`prepare_worker` does the per-process work that every trial shares (data on the device,
-teachers created, fitted and cached). :func:`run_trial` is the objective: a plain function that
+:func:`~kdsearch.search.worker_setup.prepare_worker` does the per-process work that every trial
+shares (data on the device, teachers created, fitted and cached). :func:`run_trial` is the objective: a plain function that
 stores every metric as a user attr, sets the constraints, uploads the student checkpoint as an
 Optuna artifact, and returns the objective values. A failure inside a trial becomes
 :class:`~kdsearch.errors.TrialFailure` with ``fail_reason`` stored on the trial.
@@ -56,12 +56,8 @@ tells it as PRUNED.
 from __future__ import annotations
 
 import copy
-import gc
 import math
-import os
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,19 +66,10 @@ import torch
 from optuna.artifacts import upload_artifact
 
 from kdsearch.checkpoint import save_student
-from kdsearch.config import StudyConfig, TeacherConfig
-from kdsearch.data import BatchSource, DataBundle, ViewSpec, load_data, make_batch_source, should_be_resident
-from kdsearch.distill import (
-    DistillResult,
-    FaultInjector,
-    OnlineTeacher,
-    TeacherCache,
-    build_or_load_cache,
-    distill,
-    fit_teacher,
-)
-from kdsearch.distill.precision import autocast_dtype, train_dtype_for
-from kdsearch.errors import KDSearchError, TrialFailure
+from kdsearch.config import StudyConfig
+from kdsearch.distill import DistillResult, FaultInjector, distill
+from kdsearch.distill.precision import autocast_dtype
+from kdsearch.errors import TrialFailure
 from kdsearch.measure import (
     EnergyMeter,
     KDMemoryTracker,
@@ -93,193 +80,25 @@ from kdsearch.measure import (
     measure_inference,
 )
 from kdsearch.metrics import is_fixed_cost, metric_unit
-from kdsearch.models import LoadedTeacher, build_student, create_teacher, teacher_needs_fit
-from kdsearch.models.teacher import weak_teacher_warning
+from kdsearch.models import build_student
 from kdsearch.search.pruning import OptunaRungStore, PruningConfig, RungEntry, RungPruner
 from kdsearch.search.screening import screen_fixed_costs
 from kdsearch.search.space import Proposal, suggest
-from kdsearch.storage import RunPaths, artifact_store
+from kdsearch.search.worker_setup import (
+    PreparedTeacher,
+    ProgressFn,
+    WorkerContext,
+    free_device_memory,
+    no_progress,
+)
+from kdsearch.storage import artifact_store
 
-__all__ = [
-    "ProgressFn",
-    "PreparedTeacher",
-    "WorkerContext",
-    "prepare_worker",
-    "run_trial",
-    "pick_device",
-    "ENV_EXPECT_CUDA",
-    "ENV_WORKERS_PER_GPU",
-    "PROBE_STEPS",
-    "UNTRAINED_NOTE",
-]
+__all__ = ["run_trial", "PROBE_STEPS", "UNTRAINED_NOTE"]
 
 PROBE_STEPS = 3
 """Training steps of the fail-fast memory probe (CUDA only)."""
 UNTRAINED_NOTE = "untrained student, before KD"
 """``measured_on`` of every fixed-cost figure: latency and size do not depend on the weights."""
-
-ENV_EXPECT_CUDA = "KDSEARCH_EXPECT_CUDA"
-"""Set to ``1`` by the supervisor for a worker it pins to a GPU: finding none is then an error."""
-ENV_WORKERS_PER_GPU = "KDSEARCH_WORKERS_PER_GPU"
-"""Set by the supervisor: how many workers share this worker's GPU (> 1 only with study.share_gpu)."""
-
-# progress(phase, fraction in [0, 1] or None, message)
-ProgressFn = Callable[[str, float | None, str], None]
-
-
-def _no_progress(phase: str, fraction: float | None, message: str) -> None:
-    return None
-
-
-@dataclass
-class PreparedTeacher:
-    """A teacher ready for every trial: weights, accuracy, and where its logits come from."""
-
-    loaded: LoadedTeacher
-    source: TeacherCache | OnlineTeacher
-    val_accuracy: float
-    test_accuracy: float
-    fit_info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class WorkerContext:
-    """What one worker process holds for all its trials."""
-
-    cfg: StudyConfig
-    paths: RunPaths
-    device: torch.device
-    bundle: DataBundle
-    train_source: BatchSource
-    view_spec: ViewSpec
-    teachers: dict[str, PreparedTeacher]
-    environment: dict[str, Any]
-    train_dtype: str = "fp32"  # "bf16" | "fp16" | "fp32": kdsearch.distill.precision
-    gpu_sharing: dict[str, Any] = field(default_factory=dict)
-
-
-def pick_device(expect_cuda: bool | None = None) -> torch.device:
-    """CUDA when visible (workers are pinned by CUDA_VISIBLE_DEVICES), else CPU.
-
-    ``expect_cuda`` (default: the supervisor's ``KDSEARCH_EXPECT_CUDA`` for this worker) makes a
-    missing GPU an error instead of a silent fall-back to the CPU, which would measure latency,
-    memory and energy on the wrong device.
-    """
-    if expect_cuda is None:
-        expect_cuda = os.environ.get(ENV_EXPECT_CUDA) == "1"
-    if torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    if expect_cuda:
-        raise KDSearchError(
-            f"worker: pinned to GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')!r} but torch sees no CUDA device; "
-            "check the driver and CUDA_VISIBLE_DEVICES (it would otherwise run on the CPU and measure the wrong device)"
-        )
-    return torch.device("cpu")
-
-
-def _needs_cuda(cfg: StudyConfig) -> list[str]:
-    """The objectives and constraints that only a CUDA device measures."""
-    from kdsearch.metrics import metric_info  # noqa: PLC0415 - ground floor, read here only
-
-    names = [*cfg.objectives, *cfg.constraints]
-    return [n for n in names if (info := metric_info(n)) is not None and info.needs_cuda]
-
-
-def prepare_worker(
-    cfg: StudyConfig, paths: RunPaths, device: torch.device | None = None, progress: ProgressFn = _no_progress
-) -> WorkerContext:
-    """Load the data (resident on the device when it fits) and prepare every teacher once.
-
-    The teachers are fitted, evaluated and cached on ``device``, then (cached mode) moved off it:
-    no trial uses them, and what stays resident is the baseline of every trial's memory figure.
-    """
-    device = device or pick_device()
-    gpu_only = _needs_cuda(cfg)
-    if device.type != "cuda" and gpu_only:
-        raise KDSearchError(
-            f"worker: {', '.join(gpu_only)} can only be measured on a CUDA device and this worker runs on "
-            f"{device.type}; run it on a GPU machine, or drop those objectives/constraints"
-        )
-    train_dtype = train_dtype_for(device, cfg.distill.amp)
-    paths.ensure()
-    progress("data", None, f"loading {cfg.data.dataset}")
-    bundle = load_data(cfg.data)
-    resident = should_be_resident(bundle, device, cfg.data.device_resident)
-    if resident:
-        bundle = bundle.to(device)
-    train_source = make_batch_source(bundle.train, device, resident, cfg.data.num_workers)
-    cache_cfg = cfg.teacher.cache
-    view_spec = ViewSpec(image_size=bundle.image_size, padding=cache_cfg.crop_padding, flip=cache_cfg.flip)
-    teachers: dict[str, PreparedTeacher] = {}
-    for tcfg in cfg.teachers:
-        teachers[tcfg.display_name] = _prepare_teacher(
-            tcfg, cfg, paths, bundle, view_spec, device, progress, train_dtype
-        )
-    env = collect_environment(device)
-    sharing = {
-        "workers_per_gpu": int(os.environ.get(ENV_WORKERS_PER_GPU, "1") or 1) if device.type == "cuda" else None,
-        "share_gpu": cfg.study.share_gpu,
-    }
-    env["gpu_sharing"] = sharing
-    env["train_dtype"] = train_dtype
-    return WorkerContext(cfg, paths, device, bundle, train_source, view_spec, teachers, env, train_dtype, sharing)
-
-
-def _prepare_teacher(
-    tcfg: TeacherConfig,
-    cfg: StudyConfig,
-    paths: RunPaths,
-    bundle: DataBundle,
-    view_spec: ViewSpec,
-    device: torch.device,
-    progress: ProgressFn,
-    train_dtype: str = "fp32",
-) -> PreparedTeacher:
-    label = tcfg.display_name
-    progress("teacher", None, f"creating teacher {label}")
-    # Seeded: a teacher without weights gets the same random init in every worker and run, so
-    # its fitted weights and logit cache are found again instead of rebuilt.
-    torch.manual_seed(cfg.study.seed)
-    loaded = create_teacher(tcfg, bundle.num_classes, device)
-    fit_info: dict[str, Any] = {}
-    if teacher_needs_fit(tcfg, loaded, bundle.num_classes):
-        progress("teacher-fit", 0.0, f"fitting teacher {label} {tcfg.fit.describe()}")
-        loaded, fit_info = fit_teacher(
-            loaded,
-            bundle,
-            tcfg.fit,
-            paths.teachers,
-            device,
-            progress=lambda done, total: progress("teacher-fit", done / max(total, 1e-9), f"fitting {label}"),
-        )
-        _free_device_memory(device)  # the fit's optimiser state and activations
-    loaded.model.eval()
-    batch = cfg.measure.eval_batch_size
-    progress("teacher", None, f"measuring teacher {label} accuracy (val, test)")
-    val_acc = evaluate_accuracy(loaded.model, bundle.val, loaded.input_size, loaded.mean, loaded.std, device, batch,
-                                interpolation=loaded.interpolation)
-    test_acc = evaluate_accuracy(loaded.model, bundle.test, loaded.input_size, loaded.mean, loaded.std, device, batch,
-                                 interpolation=loaded.interpolation)
-    weak_teacher_warning(loaded, val_acc, tcfg.expected_accuracy)
-    source: TeacherCache | OnlineTeacher
-    if tcfg.mode == "cached":
-        source = build_or_load_cache(
-            loaded,
-            bundle,
-            tcfg.cache,
-            paths.cache,
-            device,
-            progress=lambda done, total: progress("cache", done / max(total, 1), f"teacher cache {label}"),
-            dtype=train_dtype,
-        )
-        # No trial runs the teacher in cached mode: off the device, so the baseline of every
-        # trial's memory figure is the data and the cache, not a ViT nobody uses.
-        loaded.model.to("cpu")
-        _free_device_memory(device)
-    else:
-        source = OnlineTeacher(loaded, view_spec, dtype=train_dtype)
-    return PreparedTeacher(loaded, source, val_acc, test_acc, fit_info)
-
 
 def _fail(trial: optuna.Trial, reason: str, detail: str, attrs: dict[str, Any] | None = None) -> TrialFailure:
     trial.set_user_attr("fail_reason", reason)
@@ -289,13 +108,7 @@ def _fail(trial: optuna.Trial, reason: str, detail: str, attrs: dict[str, Any] |
     return TrialFailure(reason, detail, attrs)
 
 
-def _free_device_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _no_progress) -> list[float]:
+def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = no_progress) -> list[float]:
     """The objective. Returns the objective values in the study's order, or raises TrialFailure."""
     cfg = ctx.cfg
     device = ctx.device
@@ -384,13 +197,13 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     except TrialFailure as exc:
         raise _fail(trial, exc.reason, exc.detail, exc.attrs) from None
     except torch.OutOfMemoryError as exc:
-        _free_device_memory(device)
+        free_device_memory(device)
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise _fail(trial, "oom", f"{type(exc).__name__}: {first}", {
             "peak_kd_memory_mb": kd_memory.value_mb, "peak_kd_memory_total_mb": kd_memory.total_mb,
         }) from None
     except Exception as exc:  # noqa: BLE001 - any other error is data for this trial
-        _free_device_memory(device)
+        free_device_memory(device)
         raise _fail(trial, "error", f"{type(exc).__name__}: {exc}") from None
 
     m = Measurements()
@@ -502,7 +315,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     trial.set_user_attr("artifact_id", artifact_id)
     trial.set_user_attr("weights_sha256", sha)
     del student
-    _free_device_memory(device)
+    free_device_memory(device)
 
     out: list[float] = []
     for metric in cfg.metric_names:
@@ -528,7 +341,7 @@ def _measure_fixed_costs(ctx: WorkerContext, student: torch.nn.Module, resolutio
     for name in list(fixed.values):
         fixed.methods[name] = {**fixed.methods.get(name, {}), "measured_on": UNTRAINED_NOTE}
     student.to("cpu")
-    _free_device_memory(device)
+    free_device_memory(device)
     return fixed
 
 
@@ -580,7 +393,7 @@ def _memory_probe(
         out["oom"] = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
     finally:
         del probe
-        _free_device_memory(device)
+        free_device_memory(device)
     if tracker.value_mb is not None:
         fixed.set("probe_peak_memory_mb", tracker.value_mb, {**how, **tracker.method()})
     else:
@@ -700,7 +513,7 @@ def _store_pruned(
         trial.set_constraint(metric, violation)
     trial.set_user_attr("constraint_violations", cons)
     del student
-    _free_device_memory(device)
+    free_device_memory(device)
     raise optuna.TrialPruned(f"pruned at rung {d.rung:.3g} of the box: {d.reason}")
 
 
@@ -753,22 +566,3 @@ def _store_kd_energy(m: Measurements, meter: EnergyMeter, result: DistillResult)
         m.set("kd_mean_power_w", e.mean_power_w, how)
     else:
         m.set_missing("kd_mean_power_w", "the window had no length", how)
-
-
-def teacher_summary(ctx: WorkerContext) -> dict[str, Any]:
-    """Study user attr ``teachers``: per teacher label, its accuracy and identity."""
-    return {
-        label: {
-            "name": t.loaded.name,
-            "val_accuracy": t.val_accuracy,
-            "test_accuracy": t.test_accuracy,
-            "weights_sha256": t.loaded.weights_sha256,
-            "input_size": t.loaded.input_size,
-            "mean": list(t.loaded.mean), "std": list(t.loaded.std), "norm_source": t.loaded.norm_source,
-            "interpolation": t.loaded.interpolation,
-            "pretrained": t.loaded.pretrained,
-            "mode": "cached" if isinstance(t.source, TeacherCache) else "online",
-            "fit": t.fit_info,
-        }
-        for label, t in ctx.teachers.items()
-    }

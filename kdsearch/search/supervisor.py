@@ -46,11 +46,11 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import StudyConfig, config_to_dict
 from kdsearch.errors import KDSearchError
-from kdsearch.search.objective import ENV_EXPECT_CUDA, ENV_WORKERS_PER_GPU
 from kdsearch.search.preflight import check_workers, preflight
 from kdsearch.search.recovery import mark_failed, recover_stale
 from kdsearch.search.study import add_time_spent, create_or_resume
 from kdsearch.search.worker import EXIT_USER_ERROR, RunSpec
+from kdsearch.search.worker_setup import ENV_EXPECT_CUDA, ENV_WORKERS_PER_GPU
 from kdsearch.storage import heartbeat_interval_s, run_paths
 
 __all__ = [

@@ -41,9 +41,10 @@ from optuna.trial import TrialState
 from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import StudyConfig, config_from_dict
 from kdsearch.errors import KDSearchError, TrialFailure
-from kdsearch.search.objective import WorkerContext, prepare_worker, run_trial, teacher_summary
+from kdsearch.search.objective import run_trial
 from kdsearch.search.recovery import recover_stale, trial_heartbeat
 from kdsearch.search.study import create_or_resume, make_sampler
+from kdsearch.search.worker_setup import WorkerContext, prepare_worker, teacher_summary
 from kdsearch.storage import run_paths
 
 __all__ = ["RunSpec", "estimate_trial_s", "worker_main", "align_objectives", "EXIT_USER_ERROR", "EXIT_CRASH"]
