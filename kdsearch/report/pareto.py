@@ -31,6 +31,7 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsearch import trial_record as tr
 from kdsearch.errors import ConfigError
 from kdsearch.metrics import (
     KNOWN_METRICS,
@@ -106,19 +107,7 @@ def metric_value(trial: FrozenTrial, metric: str, metric_names: Sequence[str] | 
 
 def infeasible_reason(trial: FrozenTrial) -> str | None:
     """Why a COMPLETE trial breaks a constraint (``None`` when it is feasible)."""
-    reasons: list[str] = []
-    for metric, violation in sorted(trial.constraints.items()):
-        # A constrained metric stored as None (or NaN/Inf) is missing: infeasible whatever the
-        # stored violation says.
-        missing = metric in trial.user_attrs and metric_value(trial, metric) is None
-        if missing:
-            why = (trial.user_attrs.get("missing_metrics") or {}).get(metric, "not measured")
-            reasons.append(f"{metric} missing ({why})")
-        elif not math.isfinite(violation) or violation > 0:
-            reasons.append(f"{metric} exceeds its limit by {violation:.4g}")
-    if not reasons and trial.user_attrs.get("feasible") is False:
-        reasons.append(str(trial.user_attrs.get("infeasible_reason") or "marked infeasible when stored"))
-    return "; ".join(reasons) if reasons else None
+    return tr.stored_infeasible_reason(trial.constraints, trial.user_attrs)
 
 
 def feasible(trial: FrozenTrial) -> bool:
@@ -185,7 +174,7 @@ def trial_state_label(trial: FrozenTrial) -> str:
 def teacher_accuracies(study: optuna.Study, split: str = "val") -> dict[str, float]:
     """Each teacher's accuracy on ``split`` (``val`` or ``test``), label -> fraction, as the
     search stored it (study user attr ``teachers``); empty when not recorded."""
-    stored = study.user_attrs.get("teachers")
+    stored = study.user_attrs.get(tr.TEACHERS)
     out: dict[str, float] = {}
     if isinstance(stored, dict):
         for label, info in stored.items():
@@ -292,10 +281,10 @@ class TrialRow:
 
 
 def _student_label(trial: FrozenTrial) -> str:
-    label = trial.user_attrs.get("student")
+    label = trial.user_attrs.get(tr.STUDENT)
     if label:
         return str(label)
-    spec = trial.user_attrs.get("spec")
+    spec = trial.user_attrs.get(tr.SPEC)
     if isinstance(spec, dict):
         try:
             from kdsearch.models.spec import StudentSpec
@@ -320,8 +309,8 @@ def trial_rows(
     out: list[TrialRow] = []
     for t in rows_of:
         ua = t.user_attrs
-        missing = ua.get("missing_metrics") or {}
-        methods = ua.get("methods") or {}
+        missing = ua.get(tr.MISSING_METRICS) or {}
+        methods = ua.get(tr.METHODS) or {}
         cells: dict[str, Cell] = {}
         for m in cols:
             value = metric_value(t, m, names)
@@ -341,15 +330,15 @@ def trial_rows(
                 number=t.number,
                 state=trial_state_label(t),
                 student=_student_label(t),
-                teacher=str(ua.get("teacher", "")),
+                teacher=str(ua.get(tr.TEACHER, "")),
                 on_front=t.number in front,
                 cells=cells,
                 params=dict(t.params),
                 infeasible_reason=infeasible_reason(t) if t.state == TrialState.COMPLETE else None,
-                fail_reason=ua.get("fail_reason"),
-                fail_detail=ua.get("fail_detail"),
-                artifact_id=ua.get("artifact_id"),
-                weights_sha256=ua.get("weights_sha256"),
+                fail_reason=ua.get(tr.FAIL_REASON),
+                fail_detail=ua.get(tr.FAIL_DETAIL),
+                artifact_id=ua.get(tr.ARTIFACT_ID),
+                weights_sha256=ua.get(tr.WEIGHTS_SHA256),
             )
         )
     return out

@@ -20,6 +20,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsearch import trial_record as tr
 from kdsearch.errors import ConfigError
 from kdsearch.metrics import format_metric, metric_unit
 
@@ -52,7 +53,7 @@ def trial_key(trial: FrozenTrial, key: str) -> Any:
         return trial.params[key]
     if key in trial.user_attrs:
         return trial.user_attrs[key]
-    spec = trial.user_attrs.get("spec") or {}
+    spec = trial.user_attrs.get(tr.SPEC) or {}
     return spec.get(key)
 
 
@@ -60,7 +61,7 @@ def _known_keys(trials: Sequence[FrozenTrial]) -> list[str]:
     keys: set[str] = set()
     for t in trials:
         keys |= set(t.params) | {k for k, v in t.user_attrs.items() if not isinstance(v, (dict, list))}
-        keys |= set((t.user_attrs.get("spec") or {}).keys())
+        keys |= set((t.user_attrs.get(tr.SPEC) or {}).keys())
     return sorted(keys)
 
 

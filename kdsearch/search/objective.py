@@ -65,6 +65,7 @@ import optuna
 import torch
 from optuna.artifacts import upload_artifact
 
+from kdsearch import trial_record as tr
 from kdsearch.checkpoint import save_student
 from kdsearch.config import StudyConfig
 from kdsearch.distill import DistillResult, FaultInjector, distill
@@ -100,11 +101,13 @@ PROBE_STEPS = 3
 UNTRAINED_NOTE = "untrained student, before KD"
 """``measured_on`` of every fixed-cost figure: latency and size do not depend on the weights."""
 
+def _set_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+
+
 def _fail(trial: optuna.Trial, reason: str, detail: str, attrs: dict[str, Any] | None = None) -> TrialFailure:
-    trial.set_user_attr("fail_reason", reason)
-    trial.set_user_attr("fail_detail", detail[:500])
-    for k, v in (attrs or {}).items():
-        trial.set_user_attr(k, v)
+    _set_attrs(trial, {**tr.failure_attrs(reason, detail), **(attrs or {})})
     return TrialFailure(reason, detail, attrs)
 
 
@@ -116,19 +119,12 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = no
     spec, hyper, box_s = proposal.spec, proposal.hyper, proposal.box_s
     teacher = ctx.teachers[proposal.teacher.display_name]
     # First, so the supervisor's hard limit (box + grace) reads this trial's own box from storage.
-    trial.set_user_attr("box_s", box_s)
-    trial.set_user_attr("spec", spec.to_dict())
-    trial.set_user_attr("student", spec.label)
-    trial.set_user_attr("teacher", proposal.teacher.display_name)
-    trial.set_user_attr("teacher_name", proposal.teacher.name)
-    trial.set_user_attr("teacher_mode", proposal.teacher.mode)
-    trial.set_user_attr("temperature", hyper.temperature)
-    trial.set_user_attr("alpha", hyper.alpha)
-    trial.set_user_attr("lr", hyper.lr)
-    trial.set_user_attr("dataset", cfg.data.dataset)
-    trial.set_user_attr("device", str(device))
-    trial.set_user_attr("train_dtype", ctx.train_dtype)
-    trial.set_user_attr("gpu_sharing", ctx.gpu_sharing)
+    _set_attrs(trial, {
+        tr.BOX_S: box_s, tr.SPEC: spec.to_dict(), tr.STUDENT: spec.label, tr.TEACHER: proposal.teacher.display_name,
+        tr.TEACHER_NAME: proposal.teacher.name, tr.TEACHER_MODE: proposal.teacher.mode,
+        tr.TEMPERATURE: hyper.temperature, tr.ALPHA: hyper.alpha, tr.LR: hyper.lr, tr.DATASET: cfg.data.dataset,
+        tr.DEVICE: str(device), tr.TRAIN_DTYPE: ctx.train_dtype, tr.GPU_SHARING: ctx.gpu_sharing,
+    })
     inject = cfg.debug.inject
     if cfg.debug.inject_trial is not None and cfg.debug.inject_trial != trial.number:
         inject = None
@@ -146,8 +142,8 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = no
     fixed = _measure_fixed_costs(ctx, student, spec.resolution)
     screen = screen_fixed_costs(fixed.values, cfg.constraints, [m for m in cfg.constraints if is_fixed_cost(m)])
     if not screen.feasible_so_far:
-        cons, missing = _known_violations(cfg, fixed)
-        _screen_out(trial, cfg, fixed, cons, "; ".join([screen.reason(cfg.constraints), *missing]))
+        known = _known_verdict(cfg, fixed)
+        _screen_out(trial, cfg, fixed, known.violations, known.reason)
 
     # 2. The fail-fast memory probe (CUDA only).
     probe_attrs = _memory_probe(ctx, student, spec, teacher, hyper, seed, fixed)
@@ -159,11 +155,11 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = no
     elif limit is not None and probe_mb is not None and probe_mb > limit:
         probe_reason = f"probe_peak_memory_mb={probe_mb:.4g} > peak_kd_memory_mb limit {limit:.4g}"
     if probe_reason is not None:
-        cons, missing = _known_violations(cfg, fixed)
-        probe_reason = "; ".join([probe_reason, *missing])
+        known = _known_verdict(cfg, fixed)
+        cons = dict(known.violations)
         if limit is not None:
-            cons["peak_kd_memory_mb"] = 1e18 if probe_mb is None else float(probe_mb) - float(limit)
-        _screen_out(trial, cfg, fixed, cons, probe_reason)
+            cons["peak_kd_memory_mb"] = tr.INFEASIBLE if probe_mb is None else float(probe_mb) - float(limit)
+        _screen_out(trial, cfg, fixed, cons, "; ".join([probe_reason, *known.reasons]))
 
     # 3. The box, with the rung pruner when study.pruning is on.
     pruner = _rung_pruner(trial, cfg, fixed, box_s)
@@ -217,9 +213,9 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = no
     })
     _store_kd_memory(m, kd_memory)
     _store_kd_energy(m, kd_energy, result)
-    trial.set_user_attr("kd_history", _kd_history(result))
+    trial.set_user_attr(tr.KD_HISTORY, _kd_history(result))
     if pruner is not None:
-        trial.set_user_attr("pruning", _pruning_record(pruner, cfg.distill.eval_every_fraction))
+        trial.set_user_attr(tr.PRUNING, _pruning_record(pruner, cfg.distill.eval_every_fraction))
     if pruner is not None and pruner.pruned_at is not None:
         _store_pruned(trial, cfg, m, fixed, pruner, student, device)
 
@@ -278,31 +274,17 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = no
 
     env_now = collect_environment(device)
     diff = environment_diff(ctx.environment, env_now)
-    for name, value in m.to_user_attrs().items():
-        trial.set_user_attr(name, value)
-    trial.set_user_attr("normalization", {"mean": list(ctx.bundle.mean), "std": list(ctx.bundle.std)})
+    _set_attrs(trial, m.to_user_attrs())
+    trial.set_user_attr(tr.NORMALIZATION, {"mean": list(ctx.bundle.mean), "std": list(ctx.bundle.std)})
     if diff:
-        trial.set_user_attr("env_diff", diff)
+        trial.set_user_attr(tr.ENV_DIFF, diff)
 
     # Constraints: value minus limit, <= 0 is feasible. A missing constrained metric is
     # infeasible (a large positive violation) and the trial says why.
-    violations: dict[str, float] = {}
-    reasons: list[str] = []
-    for metric, limit in cfg.constraints.items():
-        v = values.get(metric)
-        if v is None or not math.isfinite(v):
-            violation = 1e18
-            reasons.append(f"{metric} missing ({missing.get(metric, 'not measured')})")
-        else:
-            violation = float(v) - float(limit)
-            if violation > 0:
-                reasons.append(f"{metric}={v:.4g} > {limit:.4g}")
+    verdict = tr.constraint_verdict(cfg.constraints, values, missing)
+    for metric, violation in verdict.violations.items():
         trial.set_constraint(metric, violation)
-        violations[metric] = violation
-    trial.set_user_attr("constraint_violations", violations)
-    trial.set_user_attr("feasible", not reasons)
-    if reasons:
-        trial.set_user_attr("infeasible_reason", "; ".join(reasons))
+    _set_attrs(trial, tr.verdict_attrs(verdict))
 
     progress("store", 0.9, "checkpoint")
     with tempfile.TemporaryDirectory(prefix="kdsearch-ckpt-") as tmp:
@@ -312,8 +294,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = no
             artifact_store=artifact_store(ctx.paths), file_path=str(path), study_or_trial=trial,
             mimetype="application/octet-stream",
         )
-    trial.set_user_attr("artifact_id", artifact_id)
-    trial.set_user_attr("weights_sha256", sha)
+    _set_attrs(trial, {tr.ARTIFACT_ID: artifact_id, tr.WEIGHTS_SHA256: sha})
     del student
     free_device_memory(device)
 
@@ -402,19 +383,12 @@ def _memory_probe(
     return out
 
 
-def _known_violations(cfg: StudyConfig, m: Measurements) -> tuple[dict[str, float], list[str]]:
-    """``set_constraint`` values of a trial that ends before its final check: value - limit for
-    each fixed cost measured; a fixed cost that could not be measured is infeasible (1e18, as in
-    the final check: it will not be measured later), with its reason; 0.0 ("not known to be
-    violated") for a constraint that needs training."""
-    screen = screen_fixed_costs(m.values, cfg.constraints, [n for n in cfg.constraints if is_fixed_cost(n)])
-    cons = screen.constraint_values(cfg.constraints)
-    missing: list[str] = []
-    for metric in cfg.constraints:
-        if is_fixed_cost(metric) and metric not in screen.violations:
-            cons[metric] = 1e18
-            missing.append(f"{metric} missing ({m.missing.get(metric, 'not measured')})")
-    return cons, missing
+def _known_verdict(cfg: StudyConfig, m: Measurements) -> tr.Verdict:
+    """The verdict of a trial that ends before its final check: value - limit for each fixed
+    cost measured; a fixed cost that could not be measured is infeasible (as in the final check:
+    it will not be measured later), with its reason; 0.0 ("not known to be violated") for a
+    constraint that needs training."""
+    return tr.constraint_verdict(cfg.constraints, m.values, m.missing, [n for n in cfg.constraints if is_fixed_cost(n)])
 
 
 def _screen_out(
@@ -422,17 +396,11 @@ def _screen_out(
 ) -> None:
     """End the trial before the box: store what was measured and the violations, and raise
     :class:`optuna.TrialPruned` (told PRUNED, infeasible; the sampler learns from its constraints)."""
-    for name, value in fixed.to_user_attrs().items():
-        trial.set_user_attr(name, value)
+    _set_attrs(trial, fixed.to_user_attrs())
     for metric, violation in constraints.items():
         trial.set_constraint(metric, violation)
-    trial.set_user_attr("constraint_violations", constraints)
-    trial.set_user_attr("feasible", False)
-    trial.set_user_attr("infeasible_reason", reason)
-    trial.set_user_attr("screened", True)
-    trial.set_user_attr("screen_reason", reason)
     # The objectives it has (fixed costs); the rest (accuracy, ...) needs training: None.
-    trial.set_user_attr("screened_values", {n: fixed.values.get(n) for n in cfg.metric_names})
+    _set_attrs(trial, tr.screened_attrs(constraints, reason, {n: fixed.values.get(n) for n in cfg.metric_names}))
     raise optuna.TrialPruned(f"screened before training: {reason}")
 
 
@@ -501,17 +469,12 @@ def _store_pruned(
     d = pruner.pruned_at
     assert d is not None
     m.update(fixed)
-    for name, value in m.to_user_attrs().items():
-        trial.set_user_attr(name, value)
-    trial.set_user_attr("pruned_rung", d.rung)
-    trial.set_user_attr("pruned_rung_index", d.rung_index)
-    trial.set_user_attr("pruned_rank", d.rank)
-    trial.set_user_attr("pruned_front", d.front)
-    trial.set_user_attr("prune_reason", d.reason)
-    cons, _ = _known_violations(cfg, m)
+    _set_attrs(trial, m.to_user_attrs())
+    _set_attrs(trial, tr.pruned_attrs(d.rung, d.rung_index, d.rank, d.front, d.reason))
+    cons = _known_verdict(cfg, m).violations
     for metric, violation in cons.items():
         trial.set_constraint(metric, violation)
-    trial.set_user_attr("constraint_violations", cons)
+    trial.set_user_attr(tr.CONSTRAINT_VIOLATIONS, cons)
     del student
     free_device_memory(device)
     raise optuna.TrialPruned(f"pruned at rung {d.rung:.3g} of the box: {d.reason}")

@@ -43,6 +43,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsearch import trial_record as tr
 from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import StudyConfig, config_to_dict
 from kdsearch.errors import KDSearchError
@@ -343,7 +344,7 @@ def supervise(
         Path(spec.slot_lock).unlink(missing_ok=True)
         outcome.wall_s = time.monotonic() - t0
         flush_time()
-    new = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("invocation") == invocation]
+    new = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(tr.INVOCATION) == invocation]
     outcome.trials_complete = sum(t.state == TrialState.COMPLETE for t in new)
     outcome.trials_failed = sum(t.state == TrialState.FAIL for t in new)
     outcome.trials_pruned = sum(t.state == TrialState.PRUNED for t in new)
@@ -369,9 +370,9 @@ def tidy_worker_files(
     """
     host = socket.gethostname()
     failed_pids = {
-        (t.user_attrs.get("worker") or {}).get("pid")
+        (t.user_attrs.get(tr.WORKER) or {}).get("pid")
         for t in trials
-        if t.state == TrialState.FAIL and (t.user_attrs.get("worker") or {}).get("host") == host
+        if t.state == TrialState.FAIL and (t.user_attrs.get(tr.WORKER) or {}).get("host") == host
     }
     kept: list[str] = []
     for name, proc in spawned.items():
@@ -418,7 +419,7 @@ class TrialBoxes:
             return longest
         if number not in self._known:
             trial = _find_trial(self.study, number)
-            box = trial.user_attrs.get("box_s") if trial is not None else None
+            box = trial.user_attrs.get(tr.BOX_S) if trial is not None else None
             if not isinstance(box, (int, float)):
                 return longest
             self._known[number] = float(box)
