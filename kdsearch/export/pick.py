@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.errors import ConfigError
 from kdsearch.metrics import (
-    KNOWN_METRICS,
+    FIXED_METRICS,
     TEST_SPLIT_RULE,
     is_known_metric,
     is_selectable_metric,
@@ -150,7 +150,7 @@ def _expect_metric(tok: _Token, rule: str) -> str:
         raise ConfigError("--pick", f"expected a metric name at position {tok.pos}, found {what}", rule, _EXAMPLE)
     if not is_known_metric(tok.text):
         m = difflib.get_close_matches(tok.text, metric_examples(), n=1, cutoff=0.5)
-        fix = f"did you mean {m[0]!r}?" if m else f"known metrics: {', '.join(KNOWN_METRICS)}"
+        fix = f"did you mean {m[0]!r}?" if m else f"known metrics: {', '.join(FIXED_METRICS)}"
         raise ConfigError("--pick", f"unknown metric {tok.text!r} at position {tok.pos}", rule, fix)
     if not is_selectable_metric(tok.text):  # a pick selects: test figures are for reporting only
         alt = val_counterpart(tok.text)

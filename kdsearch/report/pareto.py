@@ -21,7 +21,7 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.metrics import (
-    KNOWN_METRICS,
+    FIXED_METRICS,
     format_metric,
     metric_unit,
 )
@@ -205,13 +205,13 @@ def _is_metric_attr(key: str, value: Any) -> bool:
 
 def metric_columns(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> list[str]:
     """Metric names to show: the objectives first, then every other stored metric in the order
-    of :data:`kdsearch.metrics.KNOWN_METRICS`, then the batch-size metrics (latency, memory) sorted."""
+    of :data:`kdsearch.metrics.FIXED_METRICS`, then the batch-size metrics (latency, memory) sorted."""
     pool = _trials_of(trials if trials is not None else study)
     present: set[str] = set()
     for t in pool:
         present.update(k for k, v in t.user_attrs.items() if _is_metric_attr(k, v))
     names = list(study.metric_names or [])
-    for name in KNOWN_METRICS:
+    for name in FIXED_METRICS:
         if name in present and name not in names:
             names.append(name)
     rest = sorted(n for n in present if n not in names)
