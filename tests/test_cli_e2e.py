@@ -265,6 +265,6 @@ def test_the_cli_default_run_dir_is_the_study_files() -> None:
     """``commands.arguments`` spells the default out (importing the study-file package would
     double ``--help``); it must stay the study file's default."""
     from kdsearch.commands.arguments import DEFAULT_RUN_DIR
-    from kdsearch.config import StudySection
+    from kdsearch.config import StudyRunConfig
 
-    assert DEFAULT_RUN_DIR == StudySection.run_dir
+    assert DEFAULT_RUN_DIR == StudyRunConfig.run_dir

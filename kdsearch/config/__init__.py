@@ -39,7 +39,7 @@ from kdsearch.config.sections import (
     FinetuneConfig,
     LatencyConfig,
     MeasureConfig,
-    StudySection,
+    StudyRunConfig,
     TeacherCacheConfig,
     TeacherConfig,
     TeacherFitConfig,
@@ -52,7 +52,7 @@ from kdsearch.config.study import StudyConfig, config_to_dict
 __all__ = [
     "Space",
     "space_field",
-    "StudySection",
+    "StudyRunConfig",
     "DataConfig",
     "TeacherCacheConfig",
     "TeacherFitConfig",

@@ -26,7 +26,7 @@ from kdsearch.config.sections import (
     DistillConfig,
     FinetuneConfig,
     MeasureConfig,
-    StudySection,
+    StudyRunConfig,
     TeacherConfig,
 )
 from kdsearch.config.space import Space
@@ -62,7 +62,7 @@ _FIELDS: dict[type, dict[str, dataclasses.Field[Any]]] = _FieldIndex()
 
 
 _SECTION_TYPES: dict[str, type] = {
-    "study": StudySection,
+    "study": StudyRunConfig,
     "data": DataConfig,
     "student": StudentConfig,
     "distill": DistillConfig,

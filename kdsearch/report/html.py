@@ -3,8 +3,8 @@
 The page opens with what a user asks first ("At a glance", :func:`glance_html`): each
 teacher's accuracy, the student of the feasible Pareto front with the best value of each
 objective (with its distance to the teacher's val accuracy), and the student the default export
-picks (:data:`~kdsearch.report.pareto.DEFAULT_PICK_RULE`, selected by the same
-:func:`~kdsearch.report.pareto.pick_trial` as ``kdsearch export --pick``), with a link to its
+picks (:data:`~kdsearch.export.pick.DEFAULT_PICK_RULE`, selected by the same
+:func:`~kdsearch.export.pick.pick_trial` as ``kdsearch export --pick``), with a link to its
 model card when an export of it sits beside the report, else the command that writes one. Then
 the study's details, the front table, the other trials and the figures.
 
@@ -36,18 +36,17 @@ from kdsearch import trial_record as tr
 from kdsearch._version import __version__
 from kdsearch.config import format_duration
 from kdsearch.errors import ConfigError
+from kdsearch.export.pick import default_pick_rule, pick_trial
 from kdsearch.metrics import format_metric, metric_unit
 from kdsearch.report.figures import ReportFigure, all_figures
 from kdsearch.report.pareto import (
     TrialRow,
     best_per_objective,
-    default_pick_rule,
     feasible,
     infeasible_reason,
     metric_columns,
     metric_value,
     pareto_front,
-    pick_trial,
     teacher_accuracies,
     trial_rows,
 )

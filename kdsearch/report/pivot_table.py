@@ -1,4 +1,5 @@
-"""Paper-style pivot tables from storage (the paper's Tables I-III, and any other pivot).
+"""Paper-style pivot tables from storage for ``kdsearch table`` (the paper's Tables I-III, and any
+other pivot). The per-trial table of ``kdsearch trials`` is :mod:`kdsearch.report.trials_table`.
 
 A key (row, column) is looked up on each COMPLETE trial in this order: the trial's params, its
 user attrs, then its StudentSpec fields (``depth``, ``width``, ``family``, ``resolution`` ...).
