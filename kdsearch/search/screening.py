@@ -7,8 +7,9 @@ Before the box, in this order, each able to end the trial in seconds (the first 
    only (params, MACs, size, activation peak, latency at every batch size and device, inference
    memory and energy) is measured once, on the untrained student in the layout training will
    give it, under the same ``measure.max_time`` budget. A constraint on any of them that is
-   broken ends the trial as PRUNED with ``screened: true``, ``screen_reason``, its values and its
-   violations set with ``trial.set_constraint`` (0.0 for constraints that need training), so TPE
+   broken, or a constraint or objective on one that could not be measured (it will not be
+   measured later), ends the trial as PRUNED with ``screened: true``, ``screen_reason``, its
+   values and its violations set with ``trial.set_constraint`` (0.0 for constraints that need training), so TPE
    and NSGA-II learn from it as from any infeasible trial (:func:`screen_out`). These figures are
    not measured again after KD: a trained student runs the same kernels as the untrained one of
    the same architecture (each method record says ``"measured_on": "untrained student, before KD"``).
@@ -74,8 +75,8 @@ class ScreenResult:
 
     ``violations``: metric -> ``value - limit`` for each constraint checked now (> 0 is broken).
     ``violated``: the broken ones, in the constraints' order. ``unchecked``: metric -> why it is
-    not checked before training (it needs training, or the fixed measurement is missing; a
-    missing fixed cost is left to the final check, which stores it as infeasible with its reason).
+    not checked here (it needs training, or the fixed measurement is missing: :func:`known_verdict`
+    makes a missing one infeasible with its reason, and :func:`fixed_cost_screen` ends the trial).
     """
 
     violations: dict[str, float] = field(default_factory=dict)
@@ -149,12 +150,25 @@ def known_verdict(cfg: StudyConfig, m: Measurements) -> tr.Verdict:
 
 
 def fixed_cost_screen(cfg: StudyConfig, fixed: Measurements) -> tuple[dict[str, float], str] | None:
-    """``(violations, reason)`` when the fixed costs already break a constraint, else None."""
-    screen = screen_fixed_costs(fixed.values, cfg.constraints, [m for m in cfg.constraints if is_fixed_cost(m)])
-    if screen.feasible_so_far:
-        return None
+    """``(violations, reason)`` when the fixed costs already decide the trial, else None.
+
+    They decide it when one breaks its constraint, and when one that a constraint or an objective
+    needs could not be measured (a latency over ``measure.max_time``, an inference OOM): it is not
+    measured again after the box, so the trial would end infeasible or FAIL ``missing_objective``
+    after training; it ends now, infeasible, with the reason."""
     known = known_verdict(cfg, fixed)
-    return dict(known.violations), known.reason
+    objectives = [
+        f"objective {n} missing ({fixed.missing.get(n, 'not measured')})"
+        for n in cfg.metric_names
+        if is_fixed_cost(n) and n not in cfg.constraints and not _finite(fixed.values.get(n))
+    ]
+    if known.feasible and not objectives:
+        return None
+    return dict(known.violations), "; ".join([*known.reasons, *objectives])
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(float(value))
 
 
 def memory_probe(

@@ -219,3 +219,31 @@ def test_a_student_that_cannot_be_built_fails_with_its_error(
     assert a[tr.BOX_S] == pytest.approx(0.6)  # what the trial is was stored first
 
 
+
+@pytest.mark.parametrize("role", ["constraint", "objective"])
+def test_a_fixed_cost_that_could_not_be_measured_ends_the_trial_before_the_box(
+    ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch, role: str
+) -> None:
+    """Latency over ``measure.max_time`` is missing: the trial is certain to end infeasible (a
+    missing constraint) or FAIL (a missing objective), so it ends before training, screened."""
+    spy = _DistillSpy(monkeypatch)
+    cfg = ctx.cfg
+    measure = replace(cfg.measure, max_time_s=1e-6)
+    if role == "constraint":
+        ctx.cfg = replace(cfg, measure=measure, constraints={"latency_ms_b1": 1e9})
+    else:
+        ctx.cfg = replace(cfg, measure=measure, constraints={},
+                          objectives={"val_accuracy": "maximize", "latency_ms_b1": "minimize"})
+    _, t, error = _run(ctx)
+    a = t.user_attrs
+    assert a["latency_ms_b1"] is None and a["missing_metrics"]["latency_ms_b1"]
+    assert spy.calls == [], "trained a box whose outcome was already decided"
+    assert isinstance(error, optuna.TrialPruned) and t.state == TrialState.PRUNED
+    assert a[tr.SCREENED] is True and a[tr.FEASIBLE] is False
+    why = a["missing_metrics"]["latency_ms_b1"]
+    if role == "constraint":
+        assert a[tr.SCREEN_REASON] == f"latency_ms_b1 missing ({why})"
+        assert t.constraints == {"latency_ms_b1": tr.INFEASIBLE}
+    else:
+        assert a[tr.SCREEN_REASON] == f"objective latency_ms_b1 missing ({why})"
+        assert a[tr.SCREENED_VALUES] == {"val_accuracy": None, "latency_ms_b1": None}
