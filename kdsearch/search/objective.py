@@ -46,8 +46,10 @@ Before the box (issue 12), in this order, each able to end the trial in seconds:
    1/3, 1/2, 3/4 and the end; a plateau stop's patience counts these evaluations). With a
    searched box (``study.trial_time`` a list) a trial competes only with trials of its own box. A trial
    stopped at a rung is stored as PRUNED with its partial curve (``kd_history``), ``pruned_rung``,
-   ``pruned_rank``, ``pruned_front`` and the ``pruning`` record (every decision with the
-   competitors it was taken against, so any decision can be recomputed from storage).
+   ``pruned_rank``, ``pruned_front`` and the ``pruning`` record (every decision: rung, rank,
+   front, the number of competitors, the threshold and a digest of the competitors' keys; the
+   competitors' vectors are in their own ``rung_<k>`` attrs, so a decision can be recomputed
+   from storage).
 
 A pruned or screened trial raises :class:`optuna.TrialPruned` after storing all that; the worker
 tells it as PRUNED.
@@ -92,10 +94,10 @@ from kdsearch.measure import (
     evaluate_accuracy,
     measure_inference,
 )
-from kdsearch.metrics import is_fixed_cost, metric_unit
+from kdsearch.metrics import is_fixed_cost
 from kdsearch.models import LoadedTeacher, build_student, create_teacher, teacher_needs_fit
 from kdsearch.models.teacher import weak_teacher_warning
-from kdsearch.search.pruning import OptunaRungStore, PruningConfig, RungEntry, RungPruner
+from kdsearch.search.pruning import RungPruner, pruning_record, rung_pruner
 from kdsearch.search.screening import screen_fixed_costs
 from kdsearch.search.space import Proposal, suggest
 from kdsearch.storage import RunPaths, artifact_store
@@ -353,7 +355,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
         _screen_out(trial, cfg, fixed, cons, probe_reason)
 
     # 3. The box, with the rung pruner when study.pruning is on.
-    pruner = _rung_pruner(trial, cfg, fixed, box_s)
+    pruner = rung_pruner(trial, cfg, fixed.values, box_s)
     rungs = pruner.config.rungs if pruner is not None else ()
     kd_memory = KDMemoryTracker(device)
     kd_energy = EnergyMeter.for_device(device, cfg.measure.energy.poll_interval_s)
@@ -406,7 +408,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     _store_kd_energy(m, kd_energy, result)
     trial.set_user_attr("kd_history", _kd_history(result))
     if pruner is not None:
-        trial.set_user_attr("pruning", _pruning_record(pruner, cfg.distill.eval_every_fraction))
+        trial.set_user_attr("pruning", pruning_record(pruner, cfg.distill.eval_every_fraction))
     if pruner is not None and pruner.pruned_at is not None:
         _store_pruned(trial, cfg, m, fixed, pruner, student, device)
 
@@ -621,62 +623,6 @@ def _screen_out(
     # The objectives it has (fixed costs); the rest (accuracy, ...) needs training: None.
     trial.set_user_attr("screened_values", {n: fixed.values.get(n) for n in cfg.metric_names})
     raise optuna.TrialPruned(f"screened before training: {reason}")
-
-
-class _RecordingStore:
-    """An :class:`OptunaRungStore` that remembers the competitors each decision was taken against."""
-
-    def __init__(self, inner: OptunaRungStore) -> None:
-        self.inner = inner
-        self.seen: dict[int, list[RungEntry]] = {}
-
-    def record(self, key: int, rung_index: int, fraction: float, values: Any, train_s: float) -> None:
-        self.inner.record(key, rung_index, fraction, values, train_s)
-
-    def competitors(self, key: int, rung_index: int) -> list[RungEntry]:
-        found = self.inner.competitors(key, rung_index)
-        self.seen[rung_index] = list(found)
-        return found
-
-
-def _rung_pruner(trial: optuna.Trial, cfg: StudyConfig, fixed: Measurements, box_s: float) -> RungPruner | None:
-    """The ``on_eval`` hook of ``study.pruning`` (None when it is off): rung vectors are the
-    validation accuracy and the fixed-cost objectives (log scale for counts and MACs). With a
-    searched box (``study.trial_time`` a list) a trial competes only with trials of its own box:
-    a rung is a fraction of the box and the LR schedule follows it, so the accuracy at 1/9 of a
-    2-minute box and at 1/9 of a 10-minute one are not comparable (one bracket per box)."""
-    p = cfg.study.pruning
-    if not p.enabled:
-        return None
-    names = [n for n in cfg.metric_names if n != "val_accuracy" and is_fixed_cost(n)]
-    values = [fixed.values.get(n) for n in names]
-    return RungPruner(
-        key=trial.number,
-        store=_RecordingStore(OptunaRungStore(
-            trial, ["val_accuracy", *names], bracket={"box_s": box_s} if cfg.study.box_searched else None)),
-        config=PruningConfig(eta=p.eta, min_fraction=p.min_fraction, min_competitors=p.min_competitors),
-        fixed_values=[math.nan if v is None else float(v) for v in values],
-        directions=["maximize", *(cfg.objectives[n] for n in names)],
-        scales=["linear", *("log" if metric_unit(n) in ("count", "MACs") else "linear" for n in names)],
-    )
-
-
-def _pruning_record(pruner: RungPruner, eval_every_fraction: float) -> dict[str, Any]:
-    """User attr ``pruning``: the decisions, the curve, and what each decision was taken against
-    (the rule's settings and the competitors' rung vectors), so :func:`decide_at_rung` can
-    recompute it from storage alone."""
-    store = pruner.store
-    seen = store.seen if isinstance(store, _RecordingStore) else {}
-    names = store.inner.names if isinstance(store, _RecordingStore) else []
-    c = pruner.config
-    return {
-        **pruner.summary(),
-        "eta": c.eta, "min_fraction": c.min_fraction, "min_competitors": c.min_competitors,
-        "rungs": list(c.rungs), "names": names, "directions": list(pruner.directions),
-        "bracket": store.inner.bracket if isinstance(store, _RecordingStore) else None,
-        "scales": list(pruner.scales or ()), "eval_every_fraction": eval_every_fraction,
-        "competitors": {str(k): [[e.key, list(e.values)] for e in v] for k, v in seen.items()},
-    }
 
 
 def _store_pruned(

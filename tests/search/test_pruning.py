@@ -12,17 +12,14 @@ import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
+from kdsearch.config import PruningConfig
 from kdsearch.errors import ConfigError
 from kdsearch.search.pruning import (
     ListRungStore,
     OptunaRungStore,
-    PruningConfig,
     RungEntry,
     RungPruner,
     decide_at_rung,
-    hypervolume,
-    hypervolume_contributions,
-    non_dominated_sort,
     rank_at_rung,
 )
 
@@ -58,40 +55,7 @@ def test_bad_pruning_settings_are_one_line_config_errors(kw: dict, field: str) -
     assert "\n" not in str(info.value)
 
 
-# -- non-dominated sorting and hypervolume ----------------------------------------------------------
-
-
-def test_non_dominated_sort_on_a_known_set() -> None:
-    # minimise both; fronts by hand: {a, b, c} | {d, e} | {f}; g equals a (shares its front)
-    pts = np.array([
-        [0.0, 3.0],  # a
-        [1.0, 1.0],  # b
-        [3.0, 0.0],  # c
-        [1.0, 3.0],  # d: dominated by a
-        [2.0, 2.0],  # e: dominated by b
-        [3.0, 3.0],  # f: dominated by d and e
-        [0.0, 3.0],  # g: a copy of a
-    ])
-    assert non_dominated_sort(pts).tolist() == [0, 0, 0, 1, 1, 2, 0]
-    # three objectives: nobody dominates a trade-off, a strictly worse point is one front down
-    pts3 = np.array([[1, 2, 3], [3, 2, 1], [2, 2, 2], [2, 3, 3], [4, 4, 4]], dtype=float)
-    assert non_dominated_sort(pts3).tolist() == [0, 0, 0, 1, 2]
-    assert non_dominated_sort(np.zeros((0, 2))).tolist() == []
-
-
-def test_hypervolume_and_contributions_on_a_known_2d_example() -> None:
-    # Staircase with reference (4, 4): a=(1,3), b=(2,2), c=(3,1).
-    # HV = 3*1 + 2*1 + 1*1 + (cells under b and c) = 6; each point owns exactly one unit cell.
-    pts = np.array([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]])
-    assert hypervolume(pts, (4.0, 4.0)) == pytest.approx(6.0)
-    assert hypervolume_contributions(pts, (4.0, 4.0)) == pytest.approx([1.0, 1.0, 1.0])
-    # Move b in to (1.5, 1.5): its exclusive box is 1.5 x 1.5 = 2.25, a's and c's 0.5 x 1 each.
-    pts[1] = (1.5, 1.5)
-    assert hypervolume_contributions(pts, (4.0, 4.0)) == pytest.approx([0.5, 2.25, 0.5])
-    # a point outside the reference box adds nothing; 3-D: a unit cube and a cube sharing half
-    assert hypervolume(np.array([[5.0, 0.0]]), (4.0, 4.0)) == 0.0
-    assert hypervolume(np.array([[0, 0, 0], [0, 0, 0.5]], dtype=float), (1, 1, 1)) == pytest.approx(1.0)
-    assert hypervolume(np.array([[0, 0.5, 0], [0.5, 0, 0]], dtype=float), (1, 1, 1)) == pytest.approx(0.75)
+# -- ranking at a rung (the toolkit itself: tests/test_pareto.py) -------------------------------
 
 
 def test_ties_within_a_front_break_by_hypervolume_contribution() -> None:
@@ -291,7 +255,7 @@ def test_distill_stops_at_the_first_rung_when_the_hook_prunes() -> None:
 def test_a_log_scale_ranks_costs_by_their_order_of_magnitude() -> None:
     # Equal accuracy, MACs 1e3 / 1e5 / 1e7: on a linear axis 1e3 and 1e5 are nearly the same
     # point next to 1e7; on a log axis they are evenly spread. Non-positive values rank last.
-    from kdsearch.search.pruning import to_loss
+    from kdsearch.pareto import to_loss
 
     assert to_loss((0.5, 1e5), MAX_MIN, ("linear", "log")).tolist() == pytest.approx([-0.5, 5.0])
     assert math.isnan(to_loss((0.5, 0.0), MAX_MIN, ("linear", "log"))[1])
