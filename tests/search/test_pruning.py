@@ -222,8 +222,8 @@ def test_the_hook_decides_once_per_rung_and_an_eval_past_two_rungs_decides_both(
         RungPruner(key=1, store=store, config=PruningConfig(), fixed_values=(1.0, 2.0), directions=MAX_MIN)
 
 
-def test_distill_stops_at_the_first_rung_when_the_hook_prunes() -> None:
-    """The hook in the real loop: a tiny VGG on synthetic data, against a field of strong trials."""
+def _distill_tiny(pruner: RungPruner, box_s: float, **cfg: object):  # noqa: ANN202 - a DistillResult
+    """The hook in the real loop: a tiny VGG on synthetic data, rungs in ``eval_at``."""
     from kdsearch.config import DataConfig, DistillConfig
     from kdsearch.data import ViewSpec, load_data, make_batch_source
     from kdsearch.distill import KDHyper, distill
@@ -233,23 +233,48 @@ def test_distill_stops_at_the_first_rung_when_the_hook_prunes() -> None:
     spec = StudentSpec.from_dict({"family": "vgg", "resolution": 16, "num_classes": bundle.num_classes,
                                   "depth": 2, "width": 1 / 16, "in_chans": 3})
     torch.manual_seed(0)
-    student = build_student(spec)
+    return distill(
+        build_student(spec), train=make_batch_source(bundle.train, "cpu", True), val=bundle.val, bundle=bundle,
+        teacher_source=None, hyper=KDHyper(temperature=4.0, alpha=0.0, lr=0.05),
+        cfg=DistillConfig(batch_size=32, **cfg), time_box_s=box_s, resolution=16,
+        device="cpu", seed=0, view_spec=ViewSpec(image_size=bundle.image_size, padding=2, flip=True),
+        on_eval=pruner, eval_at=pruner.config.rungs,
+    )
+
+
+def test_distill_stops_at_the_first_rung_when_the_hook_prunes() -> None:
     store = ListRungStore()
     for k in range(8):
         store.record(k, 0, 1 / 9, (1.0, 0.0), 0.1)  # perfect and free: nobody beats them
     pruner = RungPruner(key=99, store=store, config=PruningConfig(), fixed_values=(1e3,), directions=MAX_MIN)
     box_s = 1.8
-    result = distill(
-        student, train=make_batch_source(bundle.train, "cpu", True), val=bundle.val, bundle=bundle,
-        teacher_source=None, hyper=KDHyper(temperature=4.0, alpha=0.0, lr=0.05),
-        cfg=DistillConfig(batch_size=32, eval_every_fraction=1 / 9), time_box_s=box_s, resolution=16,
-        device="cpu", seed=0, view_spec=ViewSpec(image_size=bundle.image_size, padding=2, flip=True),
-        on_eval=pruner,
-    )
+    result = _distill_tiny(pruner, box_s, eval_every_fraction=1 / 9)
     assert result.stopped_early
     assert pruner.pruned_at is not None and pruner.pruned_at.rung_index == 0
     assert result.kd_time_s < 0.5 * box_s  # stopped near 1/9 of the box, not at its end
     assert len(pruner.curve) == 1 and pruner.curve[0][1] >= 1 / 9
+
+
+def test_a_rung_inside_a_plateau_cool_down_is_not_scored_by_the_final_evaluation() -> None:
+    """Issue 19: a plateau stop at the third evaluation (1/10, 1/9, 2/10 of the box) cools down
+    until 0.45 of the box, past the rung at 1/3, which was never evaluated. The final evaluation
+    (annealed, on all of val) must not score that rung: it would prune a trial that finished
+    training against perfect rivals, and raise the bar for every later trial at 1/3."""
+    from kdsearch.config import EarlyStopConfig
+
+    store = ListRungStore()
+    for k in range(8):
+        store.record(k, 0, 1 / 9, (0.0, 1e9), 0.1)  # rung 1/9: hopeless rivals, the trial goes on
+        store.record(k, 1, 1 / 3, (1.0, 0.0), 0.3)  # rung 1/3: perfect and free, nobody beats them
+    pruner = RungPruner(key=99, store=store, config=PruningConfig(), fixed_values=(1e3,), directions=MAX_MIN)
+    box_s = 2.0
+    result = _distill_tiny(pruner, box_s, eval_every_fraction=0.1, early_stop=EarlyStopConfig(
+        enabled=True, patience=2, min_delta=1.0, cooldown_fraction=0.25))
+    assert result.stopped_early and result.stop_requested_s is not None
+    assert result.stop_requested_s < box_s / 3 < result.kd_time_s  # the rung at 1/3 lies in the cool-down
+    assert [d.rung_index for d in pruner.decisions] == [0] and pruner.pruned_at is None
+    assert 99 not in store.rungs[1]  # no rung-1/3 value was recorded for it
+    assert len(pruner.curve) == len(result.val_history) - 1  # every evaluation but the final one
 
 
 def test_a_log_scale_ranks_costs_by_their_order_of_magnitude() -> None:
