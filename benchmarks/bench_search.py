@@ -124,7 +124,7 @@ def load_table(path: Path) -> Table:
 
 
 def hv_of(points: list[tuple[float, float]]) -> float:
-    from kdsearch.search.pruning import hypervolume  # noqa: PLC0415 - the one HV implementation
+    from kdsearch.pareto import hypervolume  # noqa: PLC0415 - the one HV implementation
 
     return hypervolume(np.array(points), REFERENCE) if points else 0.0
 
@@ -219,7 +219,8 @@ def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params
                tpe: str = "kdsearch", eta: int = 3, min_fraction: float = 1 / 9, startup: int = 10) -> Trace:
     import optuna  # noqa: PLC0415
 
-    from kdsearch.search.pruning import OptunaRungStore, PruningConfig, RungPruner  # noqa: PLC0415
+    from kdsearch.config import PruningConfig  # noqa: PLC0415
+    from kdsearch.search.pruning import OptunaRungStore, RungPruner  # noqa: PLC0415
     from kdsearch.search.screening import screen_fixed_costs  # noqa: PLC0415
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -55,6 +55,7 @@ FLOORS: dict[str, int] = {
     "kdsearch._version": 0,
     "kdsearch.metrics": 0,
     "kdsearch.trial_record": 0,
+    "kdsearch.pareto": 0,
 }
 
 

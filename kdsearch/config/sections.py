@@ -29,14 +29,16 @@ a student trained (nearly) to the end. It also absorbs a rounded ``min_fraction`
 
 
 @dataclass(frozen=True)
-class PruningSection:
+class PruningConfig:
     """``study.pruning``: multi-objective early stopping at rungs of the KD box (asynchronous
-    successive halving across every worker of the study; :mod:`kdsearch.search.pruning`).
+    successive halving across every worker of the study; :mod:`kdsearch.search.pruning` decides
+    with it).
 
-    Rungs sit at ``min_fraction * eta**k`` of the box while below 0.95 (:data:`RUNG_END_MARGIN`); at each, a trial outside
-    the top ``1/eta`` of the trials that reached it (ranked on validation accuracy and the
-    fixed-cost objectives) stops and is stored as PRUNED. ``min_competitors`` (default ``eta``):
-    the fewest trials at a rung before anything there is pruned.
+    Rungs sit at ``min_fraction * eta**k`` of the box while below 0.95 (:data:`RUNG_END_MARGIN`):
+    ``eta`` (>= 2) and ``min_fraction`` in (0, 0.95), the first rung. At each, a trial outside the
+    top ``1/eta`` of the trials that reached it (ranked on validation accuracy and the fixed-cost
+    objectives) stops and is stored as PRUNED. ``min_competitors`` (>= 1, default ``eta``): the
+    fewest trials at a rung, this one included, before anything there is pruned.
     """
 
     enabled: bool = False
@@ -45,7 +47,6 @@ class PruningSection:
     min_competitors: int | None = None
 
     def __post_init__(self) -> None:
-        # The one rule set for the rungs: kdsearch.search.pruning.PruningConfig validates through it.
         if isinstance(self.eta, bool) or not isinstance(self.eta, int) or self.eta < 2:
             raise ConfigError("study.pruning.eta", "must be an integer >= 2", self.eta, "e.g. 3")
         if not (isinstance(self.min_fraction, (int, float)) and 0 < self.min_fraction < 1 - RUNG_END_MARGIN):
@@ -58,6 +59,22 @@ class PruningSection:
             or self.min_competitors < 1
         ):
             raise ConfigError("study.pruning.min_competitors", "must be an integer >= 1", self.min_competitors)
+
+    @property
+    def competitors_needed(self) -> int:
+        """``min_competitors``, or ``eta`` when it is not set."""
+        return self.eta if self.min_competitors is None else self.min_competitors
+
+    @property
+    def rungs(self) -> tuple[float, ...]:
+        """Rung fractions of the box, increasing, all below ``1 - RUNG_END_MARGIN`` (0.95): a rung at
+        the end of the box would discard a fully trained student to save nothing."""
+        out: list[float] = []
+        r = float(self.min_fraction)
+        while r < 1.0 - RUNG_END_MARGIN:
+            out.append(r)
+            r *= self.eta
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -81,7 +98,7 @@ class StudyRunConfig:
     share_gpu: bool = False  # allow more workers than visible GPUs (their GPU figures then interfere)
     n_startup_trials: int = 10  # random trials before TPE/GP model the space
     population_size: int = 20  # NSGA-II/III population
-    pruning: PruningSection = field(default_factory=PruningSection)  # early stopping at rungs
+    pruning: PruningConfig = field(default_factory=PruningConfig)  # early stopping at rungs
 
     @property
     def trial_time_s(self) -> float:

@@ -4,7 +4,9 @@ Two hooks, both plain callables (no callback framework):
 
 * ``on_eval(train_s, fraction, val_accuracy) -> stop?`` (:data:`EvalHook`) is called after every
   in-loop validation, the final one included, while the training clock is paused: its own cost is
-  never training time. ``train_s`` is the training time used so far (s), ``fraction`` is
+  never training time. After a plateau stop the rules see nothing more: the final evaluation that
+  follows the cool-down is taken at no point of the box's schedule (a rung inside the cool-down
+  was never evaluated), so no rule may score it. ``train_s`` is the training time used so far (s), ``fraction`` is
   ``train_s / time_box_s`` (it can exceed 1 by one step at the final evaluation) and
   ``val_accuracy`` is top-1 on the validation split in [0, 1]. Returning True asks the loop to
   stop; a request at the final evaluation changes nothing. A stopping rule is an ``EvalHook``:

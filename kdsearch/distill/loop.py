@@ -15,7 +15,8 @@ Time accounting (the contract every caller relies on):
   stopping rule asks to. With ``cfg.compile`` the compilation happens in the first steps and
   counts as training time: it is part of what distilling this student costs.
 * Hooks (:mod:`kdsearch.distill.hooks`): ``on_eval(train_s, fraction, val_accuracy) -> stop?``
-  runs after every validation while the clock is paused, so its cost is not training time; the
+  runs after every validation while the clock is paused (except the final one after a plateau
+  stop's cool-down: see below), so its cost is not training time; the
   plateau stop of ``cfg.early_stop`` is one, composed with the caller's. ``on_step(step, loss)
   -> loss`` runs inside the timed step, before the backward pass. ``stopped_early`` is True only
   when a rule stopped the loop while box time was left.
@@ -24,8 +25,11 @@ Time accounting (the contract every caller relies on):
   ``cfg.early_stop.cooldown_fraction`` of the box (at most what is left of it; no in-box
   evaluation meanwhile), then the final evaluation runs. The cool-down is training time
   (``kd_time_s`` includes it, ``cooldown_s`` says how much); with a cool-down of 0 the stopping
-  evaluation is the final one. A stop asked by the caller's ``on_eval`` (a pruning rule: the
-  trial is abandoned) ends the loop at once, and wins when both ask.
+  evaluation is the final one. The stopping rules do not see that final evaluation: it is taken
+  at no point of the box's schedule (a rung of ``eval_at`` that falls in the cool-down was never
+  evaluated, and must not be scored by an annealed model). A stop asked by the caller's
+  ``on_eval`` (a pruning rule: the trial is abandoned) ends the loop at once, and wins when both
+  ask.
 * Meters (:class:`~kdsearch.distill.hooks.TrainingMeter`, e.g. the KD memory peak and energy)
   are paused with the clock around every validation and resumed with it, so they see the
   training steps only.
@@ -325,9 +329,12 @@ def distill(
                 final_val_acc = acc if split is val else None
                 model.train()
                 val_history.append((train_s, acc))
-                # Every rule sees every evaluation (stateful rules never miss one).
-                plateau = plateau_stop(train_s, train_s / time_box_s, acc)
-                abandon = caller_stop(train_s, train_s / time_box_s, acc)
+                # Every rule sees every evaluation (stateful rules never miss one) until a stop was
+                # requested: the final evaluation after a cool-down is not taken at any point of the
+                # box's schedule (a rung in the cool-down was never evaluated), and it is annealed.
+                asked = stop_at_s is not None
+                plateau = not asked and plateau_stop(train_s, train_s / time_box_s, acc)
+                abandon = not asked and caller_stop(train_s, train_s / time_box_s, acc)
                 if (plateau or abandon) and not stop:  # only while box time is left
                     stopped_early = True
                     stop_at_s, lr_at_stop = train_s, lr

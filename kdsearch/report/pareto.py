@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch import trial_record as tr
@@ -26,6 +25,7 @@ from kdsearch.metrics import (
     format_metric,
     metric_unit,
 )
+from kdsearch.pareto import non_dominated, signs, to_losses
 from kdsearch.storage import load_study
 
 __all__ = [
@@ -91,17 +91,6 @@ def feasible(trial: FrozenTrial) -> bool:
     return infeasible_reason(trial) is None
 
 
-def _dominates(a: Sequence[float], b: Sequence[float], signs: Sequence[float]) -> bool:
-    """``a`` dominates ``b`` (values multiplied by ``signs`` so that smaller is better)."""
-    better_or_equal = all(sa * x <= sa * y for x, y, sa in zip(a, b, signs, strict=False))
-    strictly = any(sa * x < sa * y for x, y, sa in zip(a, b, signs, strict=False))
-    return better_or_equal and strictly
-
-
-def _signs(directions: Sequence[StudyDirection]) -> list[float]:
-    return [1.0 if d == StudyDirection.MINIMIZE else -1.0 for d in directions]
-
-
 def pareto_front(
     study: optuna.Study,
     feasible_only: bool = True,
@@ -113,29 +102,20 @@ def pareto_front(
     computed, so an infeasible trial never hides a feasible one. Trials with identical values
     are all kept. ``trials`` restricts the pool (default: every stored trial).
 
-    Cost O(n log n + n * f) for n candidates and f front trials: the candidates are sorted
-    lexicographically on their signed values, so a trial can only be dominated by one before it,
-    and (dominance being transitive) by a front trial if by any.
+    Dominance is :mod:`kdsearch.pareto`'s (the one the rung pruner uses), computed by moocore.
     """
     pool = _trials_of(trials if trials is not None else study)
-    signs = _signs(study.directions)
-    keyed = sorted(
-        (
-            (tuple(sg * v for sg, v in zip(signs, t.values, strict=False)), t.number, t)
-            for t in pool
-            if t.state == TrialState.COMPLETE
-            and t.values is not None
-            and all(math.isfinite(v) for v in t.values)
-            and (not feasible_only or feasible(t))
-        ),
-        key=lambda k: (k[0], k[1]),
-    )
-    front: list[tuple[tuple[float, ...], int, FrozenTrial]] = []
-    ones = [1.0] * len(signs)
-    for key, number, t in keyed:
-        if not any(_dominates(f[0], key, ones) for f in front):
-            front.append((key, number, t))
-    return [t for _, _, t in sorted(front, key=lambda f: f[1])]
+    candidates = [
+        t for t in pool
+        if t.state == TrialState.COMPLETE
+        and t.values is not None
+        and all(math.isfinite(v) for v in t.values)
+        and (not feasible_only or feasible(t))
+    ]
+    if not candidates:
+        return []
+    keep = non_dominated(to_losses([t.values for t in candidates], study.directions))
+    return [t for t, on in zip(candidates, keep, strict=True) if on]
 
 
 def trial_state_label(trial: FrozenTrial) -> str:
@@ -161,12 +141,12 @@ def teacher_accuracies(study: optuna.Study, split: str = "val") -> dict[str, flo
 def front_sorted(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """``trials`` best first by the first objective (ties: the next objectives, then the trial
     number); a trial without values goes last."""
-    signs = _signs(study.directions)
+    sgn = [float(x) for x in signs(study.directions)]
 
     def key(t: FrozenTrial) -> tuple[int, tuple[float, ...], int]:
         if t.values is None:
             return (1, (), t.number)
-        return (0, tuple(sg * v for sg, v in zip(signs, t.values, strict=False)), t.number)
+        return (0, tuple(sg * v for sg, v in zip(sgn, t.values, strict=False)), t.number)
 
     return sorted(trials, key=key)
 
@@ -177,7 +157,7 @@ def best_per_objective(study: optuna.Study, front: Sequence[FrozenTrial] | None 
     pool = list(front) if front is not None else pareto_front(study, feasible_only=True)
     names = list(study.metric_names or [f"objective_{i}" for i in range(len(study.directions))])
     out: dict[str, FrozenTrial] = {}
-    for k, (name, sg) in enumerate(zip(names, _signs(study.directions), strict=False)):
+    for k, (name, sg) in enumerate(zip(names, (float(x) for x in signs(study.directions)), strict=False)):
         done = [t for t in pool if t.values is not None]
         if done:
             out[name] = min(done, key=lambda t, k=k, sg=sg: (sg * t.values[k], t.number))

@@ -9,7 +9,7 @@
    steps give ``probe_peak_memory_mb``; out of memory or over ``peak_kd_memory_mb``, the trial
    ends the same way.
 4. **Box with rungs**: :func:`kdsearch.distill.distill` for the trial's box, with the rung pruner
-   of ``study.pruning`` as its ``on_eval`` hook (:mod:`kdsearch.search.pruning_glue`); a trial
+   of ``study.pruning`` as its ``on_eval`` hook (:mod:`kdsearch.search.pruning`); a trial
    stopped at a rung is stored PRUNED with its partial curve and the decision.
 5. **Final measures**: accuracy on val (selection) and test (reporting only), the fine-tune
    stage when ``finetune.enabled``; the meters turn their own readings into metrics
@@ -67,8 +67,7 @@ from kdsearch.measure import (
 )
 from kdsearch.measure.energy import kd_energy_metrics
 from kdsearch.models import build_student
-from kdsearch.search.pruning import RungPruner
-from kdsearch.search.pruning_glue import pruning_record, rung_pruner, store_pruned
+from kdsearch.search.pruning import RungPruner, pruning_record, rung_pruner, store_pruned
 from kdsearch.search.screening import (
     PROBE_STEPS,
     UNTRAINED_NOTE,
@@ -112,7 +111,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = no
         screen_out(trial, cfg, fixed, *screened)
 
     # 4. The box, with the rung pruner when study.pruning is on.
-    pruner = rung_pruner(trial, cfg, fixed, proposal.box_s)
+    pruner = rung_pruner(trial, cfg, fixed.values, proposal.box_s)
     m, result = _train_box(ctx, trial, proposal, teacher, student, seed, pruner, progress)
     if pruner is not None and pruner.pruned_at is not None:
         del student  # the last reference: only now can the allocator's cache be freed

@@ -13,8 +13,12 @@ shared between workers (no scheduler of its own):
 * **Ranking**: non-dominated sorting gives each vector its front (0 = Pareto-optimal); inside a
   front, vectors are ordered by greedy hypervolume contribution (the least contributor is
   removed first, as in SMS-EMOA), on objectives normalised to [0, 1] over the rung's
-  competitors, with the reference point at 1.1 on every axis. Exact ties go to the lower key
-  (the earlier trial), so a decision never depends on the order the competitors were read in.
+  competitors, with the reference point at 1.1 on every axis. Ties (contributions within
+  :data:`kdsearch.pareto.HV_TIE_TOL`) go to the lower key (the earlier trial), so a decision
+  never depends on rounding or on the order the competitors were read in. The sorting and the
+  removal order are :mod:`kdsearch.pareto`'s; a decision orders only its own trial's front, and
+  only until its trial leaves it, with lazily recomputed contributions (about 0.1 s for a rung of
+  3,000 trials: ``benchmarks/bench_rung_ranking.py``).
 * **Rule**: with ``n`` competitors (this trial included) the trial continues iff its rank is
   below ``ceil(n / eta)``; below ``min_competitors`` nothing is pruned (the first trials of a
   study have nobody to lose to). This is ASHA's stopping variant: the decision is taken once,
@@ -22,25 +26,38 @@ shared between workers (no scheduler of its own):
 
 The same code decides in a live study (:class:`OptunaRungStore` over the study storage) and in
 the replay benchmark (:class:`ListRungStore`): :class:`RungPruner` is the ``on_eval`` hook of
-:func:`kdsearch.distill.distill` either way.
+:func:`kdsearch.distill.distill` either way. ``distill()`` shows the hook its in-box evaluations
+only (never the final evaluation after a plateau stop), so a rung is scored only by an evaluation
+taken at that rung. A trial stores what explains each decision (:func:`pruning_record`: rung,
+rank, front, the number of competitors, the threshold and a digest of the competitors' keys),
+not the competitors' vectors: those are in their own trials' ``rung_<k>`` attrs, so storage per
+trial stays flat however many trials a rung holds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from kdsearch import trial_record as tr
-from kdsearch.config.sections import RUNG_END_MARGIN, PruningSection
+from kdsearch.config import PruningConfig
+from kdsearch.metrics import is_fixed_cost, metric_unit
+from kdsearch.pareto import non_dominated_sort, removal_order, removal_position, to_losses
+
+if TYPE_CHECKING:
+    from kdsearch.config import StudyConfig
+    from kdsearch.measure import Measurements
 
 __all__ = [
-    "PruningConfig",
+    "PruningConfig",  # study.pruning, defined in kdsearch.config
     "RungEntry",
     "RungDecision",
     "RungStore",
@@ -49,57 +66,23 @@ __all__ = [
     "RungPruner",
     "RUNG_ATTR_PREFIX",
     "COMPETING_STATES",
-    "non_dominated_sort",
-    "hypervolume",
-    "hypervolume_contributions",
     "rank_at_rung",
     "decide_at_rung",
-    "to_loss",
+    "competitors_digest",
+    "rung_pruner",
+    "pruning_record",
+    "store_pruned",
 ]
 
 RUNG_ATTR_PREFIX = tr.RUNG_PREFIX
-"""User attr ``rung_<k>`` holds ``{"fraction", "values", "names", "train_s"}`` of rung k."""
+"""User attr ``rung_<k>`` holds ``{"fraction", "values", "names", "train_s", "time_unix_s"}`` of rung k
+(and ``"bracket"`` with a searched box)."""
 
 COMPETING_STATES: tuple[TrialState, ...] = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
 """Trial states whose rung values count; FAIL and WAITING trials never compete."""
 
 REFERENCE = 1.1  # reference point on every normalised loss axis (the worst value maps to 1.0)
 _FRACTION_TOL = 1e-9  # an evaluation at fraction >= rung * (1 - tol) has reached the rung
-
-
-@dataclass(frozen=True, kw_only=True)
-class PruningConfig:
-    """Where the rungs are and how hard they cut (``study.pruning`` in the study file).
-
-    ``eta`` (>= 2): 1/eta of the competitors at a rung continue, and rung k sits at
-    ``min_fraction * eta**k`` of the box. ``min_fraction`` in (0, 1): the first rung, as a
-    fraction of the box. ``min_competitors`` (>= 1, default ``eta``): the fewest trials at a
-    rung, this one included, before anything there is pruned.
-    """
-
-    eta: int = 3
-    min_fraction: float = 1.0 / 9.0
-    min_competitors: int | None = None
-
-    def __post_init__(self) -> None:
-        # The study file's rules (study.pruning), one-line ConfigErrors naming the key.
-        PruningSection(eta=self.eta, min_fraction=self.min_fraction, min_competitors=self.min_competitors)
-
-    @property
-    def competitors_needed(self) -> int:
-        """``min_competitors``, or ``eta`` when it is not set."""
-        return self.eta if self.min_competitors is None else self.min_competitors
-
-    @property
-    def rungs(self) -> tuple[float, ...]:
-        """Rung fractions of the box, increasing, all below ``1 - RUNG_END_MARGIN`` (0.95): a rung at
-        the end of the box would discard a fully trained student to save nothing."""
-        out: list[float] = []
-        r = float(self.min_fraction)
-        while r < 1.0 - RUNG_END_MARGIN:
-            out.append(r)
-            r *= self.eta
-        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -122,117 +105,14 @@ class RungDecision:
     n_competitors: int  # trials at this rung, this one included
     n_keep: int  # ceil(n / eta); every trial is kept below min_competitors
     reason: str
+    competitors_digest: str = ""  # competitors_digest() of the other trials' keys it was taken against
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------
-# Pareto ranking
-
-
-def to_loss(values: Sequence[float], directions: Sequence[str], scales: Sequence[str] | None = None) -> np.ndarray:
-    """``values`` turned into losses (every objective minimised): maximised ones are negated.
-
-    ``directions`` are ``"maximize"``/``"minimize"`` (or :class:`optuna.study.StudyDirection`).
-    ``scales`` (default all ``"linear"``): ``"log"`` ranks that objective by its log10, for costs
-    that span decades (params, MACs), so the hypervolume tie-break is not decided by the
-    largest models alone; a value <= 0 on a log axis becomes NaN (ranked last).
-    """
-    if len(values) != len(directions):
-        raise ValueError(f"{len(values)} values for {len(directions)} directions")
-    v = np.asarray(values, dtype=float).copy()
-    for i, sc in enumerate(scales or ()):
-        if sc == "log":
-            v[i] = math.log10(v[i]) if v[i] > 0 else math.nan
-        elif sc != "linear":
-            raise ValueError(f"scale must be linear or log, got {sc!r}")
-    signs = np.array([-1.0 if _is_max(d) else 1.0 for d in directions])
-    return v * signs
-
-
-def _is_max(direction: Any) -> bool:
-    if isinstance(direction, optuna.study.StudyDirection):
-        return direction == optuna.study.StudyDirection.MAXIMIZE
-    if direction in ("maximize", "max"):
-        return True
-    if direction in ("minimize", "min"):
-        return False
-    raise ValueError(f"direction must be maximize or minimize, got {direction!r}")
-
-
-def non_dominated_sort(losses: np.ndarray) -> np.ndarray:
-    """Front index (0 = non-dominated) of each row of ``losses`` ``[n, m]``, all minimised.
-
-    A row dominates another when it is <= on every objective and < on one. Equal rows share a
-    front. O(n^2 m) with numpy, which is plenty for the few hundred trials at a rung.
-    """
-    pts = np.asarray(losses, dtype=float)
-    n = pts.shape[0]
-    if n == 0:
-        return np.zeros(0, dtype=int)
-    le = np.all(pts[:, None, :] <= pts[None, :, :], axis=2)
-    lt = np.any(pts[:, None, :] < pts[None, :, :], axis=2)
-    dominates = le & lt  # dominates[i, j]: i dominates j
-    n_dominators = dominates.sum(axis=0)
-    fronts = np.full(n, -1, dtype=int)
-    current = np.flatnonzero(n_dominators == 0)
-    k = 0
-    while current.size:
-        fronts[current] = k
-        n_dominators = n_dominators - dominates[current].sum(axis=0)
-        n_dominators[fronts >= 0] = -1  # already placed
-        current = np.flatnonzero(n_dominators == 0)
-        k += 1
-    return fronts
-
-
-def hypervolume(losses: np.ndarray, reference: Sequence[float]) -> float:
-    """Volume dominated by the rows of ``losses`` ``[n, m]`` and bounded by ``reference``.
-
-    Exact, by slicing along the first objective (recursive in m); rows not strictly better than
-    the reference on every axis add nothing. Meant for the small sets of a rung or a replay
-    (m <= 4, n up to a few hundred).
-    """
-    ref = np.asarray(reference, dtype=float)
-    pts = np.asarray(losses, dtype=float).reshape(-1, ref.size)
-    pts = pts[np.all(pts < ref, axis=1)]
-    if pts.shape[0] == 0:
-        return 0.0
-    return _hv(pts, ref)
-
-
-def _hv(pts: np.ndarray, ref: np.ndarray) -> float:
-    m = ref.size
-    if m == 1:
-        return float(ref[0] - pts[:, 0].min())
-    if m == 2:
-        order = np.lexsort((pts[:, 1], pts[:, 0]))
-        vol, best_y = 0.0, ref[1]
-        for x, y in pts[order]:
-            if y < best_y:
-                vol += (ref[0] - x) * (best_y - y)
-                best_y = y
-        return float(vol)
-    order = np.argsort(pts[:, 0], kind="stable")
-    pts = pts[order]
-    vol = 0.0
-    for i in range(pts.shape[0]):
-        x_next = pts[i + 1, 0] if i + 1 < pts.shape[0] else ref[0]
-        width = x_next - pts[i, 0]
-        if width > 0:
-            vol += width * _hv(pts[: i + 1, 1:], ref[1:])
-    return float(vol)
-
-
-def hypervolume_contributions(losses: np.ndarray, reference: Sequence[float]) -> np.ndarray:
-    """Exclusive hypervolume of each row: HV(all) - HV(all but that row)."""
-    pts = np.asarray(losses, dtype=float)
-    total = hypervolume(pts, reference)
-    out = np.empty(pts.shape[0])
-    for i in range(pts.shape[0]):
-        out[i] = total - hypervolume(np.delete(pts, i, axis=0), reference)
-    return out
+# Pareto ranking (the toolkit is kdsearch.pareto; what is rung-specific is here)
 
 
 def _normalise(losses: np.ndarray) -> np.ndarray:
@@ -243,39 +123,25 @@ def _normalise(losses: np.ndarray) -> np.ndarray:
     return (losses - lo) / span
 
 
-def _order_front(norm: np.ndarray, keys: np.ndarray) -> list[int]:
-    """Indices of one front, best first: repeatedly drop the least HV contributor (lower key wins)."""
-    remaining = list(range(norm.shape[0]))
-    dropped: list[int] = []
-    ref = np.full(norm.shape[1], REFERENCE)
-    while len(remaining) > 1:
-        contrib = hypervolume_contributions(norm[remaining], ref)
-        # least contribution first; among equals, the higher key (the later trial) goes first
-        worst = min(range(len(remaining)), key=lambda j: (contrib[j], -keys[remaining[j]]))
-        dropped.append(remaining.pop(worst))
-    return remaining + dropped[::-1]
-
-
 def _split_finite(
     entries: Sequence[RungEntry], directions: Sequence[str], scales: Sequence[str] | None
 ) -> tuple[list[RungEntry], np.ndarray, list[RungEntry]]:
     """(finite entries, their losses [n, m], the other entries in key order)."""
-    finite, losses, broken = [], [], []
-    for e in entries:
-        loss = to_loss(e.values, directions, scales)
-        if np.all(np.isfinite(loss)):
-            finite.append(e)
-            losses.append(loss)
-        else:
-            broken.append(e)
-    arr = np.stack(losses) if losses else np.zeros((0, len(directions)))
-    return finite, arr, sorted(broken, key=lambda e: e.key)
+    if scales is not None and len(scales) != len(directions):
+        raise ValueError(f"{len(scales)} scales for {len(directions)} directions")
+    if any(len(e.values) != len(directions) for e in entries):
+        raise ValueError(f"every rung vector needs {len(directions)} values (one per direction)")
+    losses = to_losses([e.values for e in entries], directions, scales)
+    ok = np.all(np.isfinite(losses), axis=1)
+    finite = [e for e, good in zip(entries, ok, strict=True) if good]
+    broken = sorted((e for e, good in zip(entries, ok, strict=True) if not good), key=lambda e: e.key)
+    return finite, losses[ok], broken
 
 
 def rank_at_rung(
     entries: Sequence[RungEntry], directions: Sequence[str], scales: Sequence[str] | None = None
 ) -> list[tuple[RungEntry, int]]:
-    """The rung's entries best first, each with its front index (``scales``: see :func:`to_loss`).
+    """The rung's entries best first, each with its front index (``scales``: see :func:`kdsearch.pareto.to_loss`).
 
     Entries with a non-finite value (a diverged accuracy, a missing cost) rank after every
     finite one, in key order, in a front of their own.
@@ -287,10 +153,11 @@ def rank_at_rung(
         fronts = non_dominated_sort(losses)
         norm = _normalise(losses)
         keys = np.array([e.key for e in finite])
+        ref = np.full(norm.shape[1], REFERENCE)
         n_fronts = int(fronts.max()) + 1
         for f in range(n_fronts):
             idx = np.flatnonzero(fronts == f)
-            for j in _order_front(norm[idx], keys[idx]):
+            for j in removal_order(norm[idx], keys[idx], ref):
                 out.append((finite[idx[j]], f))
     out.extend((e, n_fronts) for e in broken)
     return out
@@ -300,20 +167,27 @@ def _rank_of(
     key: int, entries: Sequence[RungEntry], directions: Sequence[str], scales: Sequence[str] | None
 ) -> tuple[int, int]:
     """(rank, front) of the entry with ``key``: :func:`rank_at_rung`'s answer, ordering only the
-    front that entry is in."""
+    front that entry is in, and that front only until the entry leaves it."""
     finite, losses, broken = _split_finite(entries, directions, scales)
+    fronts = non_dominated_sort(losses)
     keys_broken = [e.key for e in broken]
     if key in keys_broken:
-        n_fronts = int(non_dominated_sort(losses).max()) + 1 if finite else 0
+        n_fronts = int(fronts.max()) + 1 if finite else 0
         return len(finite) + keys_broken.index(key), n_fronts
-    fronts = non_dominated_sort(losses)
     i = next(j for j, e in enumerate(finite) if e.key == key)
     f = int(fronts[i])
     idx = np.flatnonzero(fronts == f)
     keys = np.array([e.key for e in finite])
-    order = _order_front(_normalise(losses)[idx], keys[idx])
-    pos = next(p for p, j in enumerate(order) if idx[j] == i)
+    ref = np.full(losses.shape[1], REFERENCE)
+    pos = removal_position(_normalise(losses)[idx], keys[idx], ref, int(np.flatnonzero(idx == i)[0]))
     return int((fronts < f).sum()) + pos, f
+
+
+def competitors_digest(keys: Iterable[int]) -> str:
+    """A short fingerprint of the set of competitor keys (order does not matter): with it a
+    stored decision names exactly whom it was taken against, in 16 characters."""
+    text = ",".join(str(k) for k in sorted(set(keys)))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def decide_at_rung(
@@ -325,20 +199,22 @@ def decide_at_rung(
     scales: Sequence[str] | None = None,
 ) -> RungDecision:
     """Continue or prune ``mine`` at rung ``rung_index`` against ``others`` (entries with
-    ``mine.key`` among them are ignored; ``scales``: see :func:`to_loss`). A pure function of
+    ``mine.key`` among them are ignored; ``scales``: see :func:`kdsearch.pareto.to_loss`). A pure function of
     its arguments.
     """
     rung = config.rungs[rung_index]
     competitors = {e.key: e for e in others if e.key != mine.key}
     entries = [mine, *sorted(competitors.values(), key=lambda e: e.key)]
     n = len(entries)
+    digest = competitors_digest(competitors)
     rank, front = _rank_of(mine.key, entries, directions, scales)
     if n < config.competitors_needed:
-        return RungDecision(rung_index, rung, False, rank, front, n, n, f"{n} < {config.competitors_needed} competitors")
+        return RungDecision(rung_index, rung, False, rank, front, n, n, f"{n} < {config.competitors_needed} competitors",
+                            digest)
     n_keep = math.ceil(n / config.eta)
     prune = rank >= n_keep
     reason = f"rank {rank + 1} of {n} (front {front}); the top {n_keep} continue"
-    return RungDecision(rung_index, rung, prune, rank, front, n, n_keep, reason)
+    return RungDecision(rung_index, rung, prune, rank, front, n, n_keep, reason, digest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,6 +232,10 @@ class RungStore(Protocol):
         """Every other trial's vector at rung ``rung_index``."""
         ...
 
+    def describe(self) -> dict[str, Any]:
+        """What a stored decision needs to say about where its competitors came from."""
+        ...
+
 
 @dataclass
 class ListRungStore:
@@ -368,6 +248,9 @@ class ListRungStore:
 
     def competitors(self, key: int, rung_index: int) -> list[RungEntry]:
         return [e for k, e in self.rungs.get(rung_index, {}).items() if k != key]
+
+    def describe(self) -> dict[str, Any]:
+        return {}
 
 
 class OptunaRungStore:
@@ -395,6 +278,7 @@ class OptunaRungStore:
             "values": [float(v) for v in values],
             "names": self.names,
             "train_s": float(train_s),
+            "time_unix_s": time.time(),  # when it was written: the order in which trials reached the rung
             **({} if self.bracket is None else {"bracket": self.bracket}),
         })
 
@@ -410,6 +294,9 @@ class OptunaRungStore:
             out.append(RungEntry(t.number, tuple(float(v) for v in rec["values"])))
         return out
 
+    def describe(self) -> dict[str, Any]:
+        return {"names": self.names, "bracket": self.bracket}
+
 
 # ----------------------------------------------------------------------------------------------
 # The on_eval hook
@@ -420,7 +307,7 @@ class RungPruner:
 
     ``fixed_values`` are the trial's fixed-cost objective values (measured before training), in
     the order of ``directions[1:]``; ``directions[0]`` is the validation accuracy's
-    (``"maximize"``); ``scales`` ranks an objective by its log10 (see :func:`to_loss`), e.g.
+    (``"maximize"``); ``scales`` ranks an objective by its log10 (see :func:`kdsearch.pareto.to_loss`), e.g.
     ``("linear", "log")`` for (accuracy, MACs). At the first evaluation at or past a rung it records the vector in
     ``store``, then decides; an evaluation past several rungs records and decides each in turn.
     It remembers every evaluation (:attr:`curve`) and every decision (:attr:`decisions`);
@@ -479,3 +366,71 @@ class RungPruner:
             "pruned_at": None if self.pruned_at is None else self.pruned_at.to_dict(),
             "curve": [[round(t, 4), round(f, 5), a] for t, f, a in self.curve],
         }
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective's glue
+
+
+def rung_pruner(trial: optuna.Trial, cfg: StudyConfig, fixed_values: Mapping[str, float | None],
+                box_s: float) -> RungPruner | None:
+    """The ``on_eval`` hook of ``study.pruning`` for one live trial (None when it is off).
+
+    Rung vectors are the validation accuracy and the fixed-cost objectives (``fixed_values``, by
+    name; a missing one is NaN, ranked last), on a log scale for counts and MACs. With a searched
+    box (``study.trial_time`` a list) a trial competes only with trials of its own box: a rung is
+    a fraction of the box and the LR schedule follows it, so the accuracy at 1/9 of a 2-minute box
+    and at 1/9 of a 10-minute one are not comparable (one bracket per box).
+    """
+    p = cfg.study.pruning
+    if not p.enabled:
+        return None
+    names = [n for n in cfg.metric_names if n != "val_accuracy" and is_fixed_cost(n)]
+    values = [fixed_values.get(n) for n in names]
+    return RungPruner(
+        key=trial.number,
+        store=OptunaRungStore(trial, ["val_accuracy", *names],
+                              bracket={"box_s": box_s} if cfg.study.box_searched else None),
+        config=p,
+        fixed_values=[math.nan if v is None else float(v) for v in values],
+        directions=["maximize", *(cfg.objectives[n] for n in names)],
+        scales=["linear", *("log" if metric_unit(n) in ("count", "MACs") else "linear" for n in names)],
+    )
+
+
+def pruning_record(pruner: RungPruner, eval_every_fraction: float) -> dict[str, Any]:
+    """User attr ``pruning``: every decision (rung, rank, front, the number of competitors, the
+    threshold ``n_keep`` and the digest of the competitors' keys), the curve, and the rule's
+    settings. Its size does not grow with the study: the competitors' vectors stay in their own
+    trials' ``rung_<k>`` attrs, where a decision can be recomputed from (the trials that wrote
+    rung k before this one, whose keys give ``competitors_digest``)."""
+    c = pruner.config
+    return {
+        **pruner.summary(),
+        "eta": c.eta, "min_fraction": c.min_fraction, "min_competitors": c.min_competitors,
+        "rungs": list(c.rungs), "names": None, "bracket": None, **pruner.store.describe(),
+        "directions": list(pruner.directions), "scales": list(pruner.scales or ()),
+        "eval_every_fraction": eval_every_fraction,
+    }
+
+
+def store_pruned(
+    trial: optuna.Trial, cfg: StudyConfig, m: Measurements, fixed: Measurements, pruner: RungPruner
+) -> None:
+    """Store a trial stopped at a rung (its figures so far, the rung, rank and front, its known
+    constraint violations) and raise :class:`optuna.TrialPruned`. The caller drops its own
+    reference to the student first: only then can the allocator's cache be freed."""
+    # The verdict needs the fixed-cost screen (torch-side); the ranking above stays import-light
+    # for the replay benchmarks, so it is read here, on first use.
+    from kdsearch.search.screening import known_verdict  # noqa: PLC0415
+
+    d = pruner.pruned_at
+    assert d is not None
+    m.update(fixed)
+    tr.write(trial, m.to_user_attrs())
+    tr.write(trial, tr.pruned_attrs(d.rung, d.rung_index, d.rank, d.front, d.reason))
+    cons = known_verdict(cfg, m).violations
+    for metric, violation in cons.items():
+        trial.set_constraint(metric, violation)
+    trial.set_user_attr(tr.CONSTRAINT_VIOLATIONS, cons)
+    raise optuna.TrialPruned(f"pruned at rung {d.rung:.3g} of the box: {d.reason}")

@@ -151,3 +151,32 @@ def assert_no_storage_errors(run_dir: Path, study: str) -> None:
         assert "Traceback" not in text and "Error" not in text, f"{log}:\n{text[-3000:]}"
     for st in worker_statuses(run_dir, study):
         assert st.get("phase") == "stopped", st
+
+
+def rung_competitors(trials: list[FrozenTrial], trial: FrozenTrial, k: int, n_competitors: int,
+                     digest: str) -> list[Any]:
+    """The rung-``k`` vectors ``trial``'s stored decision was taken against, rebuilt from the other
+    trials' own ``rung_<k>`` attrs (the decision stores no vectors): those of the same objective
+    names and bracket written before ``trial``'s, in the order of their write times. A write
+    within half a second of ``trial``'s may have landed on either side of its read, so those are
+    tried both ways; the set whose keys give the stored ``digest`` (and count) is the one.
+    Fails when no such set exists."""
+    from itertools import combinations  # noqa: PLC0415
+
+    from kdsearch.search.pruning import RUNG_ATTR_PREFIX, RungEntry, competitors_digest  # noqa: PLC0415
+
+    attr = f"{RUNG_ATTR_PREFIX}{k}"
+    mine = trial.user_attrs[attr]
+    same = [t for t in trials if t.number != trial.number and isinstance(t.user_attrs.get(attr), dict)
+            and t.user_attrs[attr]["names"] == mine["names"]
+            and t.user_attrs[attr].get("bracket") == mine.get("bracket")]
+    at = {t.number: t.user_attrs[attr]["time_unix_s"] for t in same}
+    sure = [t for t in same if at[t.number] < mine["time_unix_s"] - 0.5]
+    close = [t for t in same if abs(at[t.number] - mine["time_unix_s"]) <= 0.5]
+    for r in range(len(close) + 1):
+        for extra in combinations(close, r):
+            chosen = [*sure, *extra]
+            if len(chosen) == n_competitors - 1 and competitors_digest(t.number for t in chosen) == digest:
+                return [RungEntry(t.number, tuple(t.user_attrs[attr]["values"])) for t in chosen]
+    raise AssertionError(f"trial {trial.number} rung {k}: no set of earlier rung records matches its stored "
+                         f"decision ({n_competitors - 1} competitors, digest {digest})")

@@ -12,17 +12,14 @@ import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
+from kdsearch.config import PruningConfig
 from kdsearch.errors import ConfigError
 from kdsearch.search.pruning import (
     ListRungStore,
     OptunaRungStore,
-    PruningConfig,
     RungEntry,
     RungPruner,
     decide_at_rung,
-    hypervolume,
-    hypervolume_contributions,
-    non_dominated_sort,
     rank_at_rung,
 )
 
@@ -58,40 +55,7 @@ def test_bad_pruning_settings_are_one_line_config_errors(kw: dict, field: str) -
     assert "\n" not in str(info.value)
 
 
-# -- non-dominated sorting and hypervolume ----------------------------------------------------------
-
-
-def test_non_dominated_sort_on_a_known_set() -> None:
-    # minimise both; fronts by hand: {a, b, c} | {d, e} | {f}; g equals a (shares its front)
-    pts = np.array([
-        [0.0, 3.0],  # a
-        [1.0, 1.0],  # b
-        [3.0, 0.0],  # c
-        [1.0, 3.0],  # d: dominated by a
-        [2.0, 2.0],  # e: dominated by b
-        [3.0, 3.0],  # f: dominated by d and e
-        [0.0, 3.0],  # g: a copy of a
-    ])
-    assert non_dominated_sort(pts).tolist() == [0, 0, 0, 1, 1, 2, 0]
-    # three objectives: nobody dominates a trade-off, a strictly worse point is one front down
-    pts3 = np.array([[1, 2, 3], [3, 2, 1], [2, 2, 2], [2, 3, 3], [4, 4, 4]], dtype=float)
-    assert non_dominated_sort(pts3).tolist() == [0, 0, 0, 1, 2]
-    assert non_dominated_sort(np.zeros((0, 2))).tolist() == []
-
-
-def test_hypervolume_and_contributions_on_a_known_2d_example() -> None:
-    # Staircase with reference (4, 4): a=(1,3), b=(2,2), c=(3,1).
-    # HV = 3*1 + 2*1 + 1*1 + (cells under b and c) = 6; each point owns exactly one unit cell.
-    pts = np.array([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]])
-    assert hypervolume(pts, (4.0, 4.0)) == pytest.approx(6.0)
-    assert hypervolume_contributions(pts, (4.0, 4.0)) == pytest.approx([1.0, 1.0, 1.0])
-    # Move b in to (1.5, 1.5): its exclusive box is 1.5 x 1.5 = 2.25, a's and c's 0.5 x 1 each.
-    pts[1] = (1.5, 1.5)
-    assert hypervolume_contributions(pts, (4.0, 4.0)) == pytest.approx([0.5, 2.25, 0.5])
-    # a point outside the reference box adds nothing; 3-D: a unit cube and a cube sharing half
-    assert hypervolume(np.array([[5.0, 0.0]]), (4.0, 4.0)) == 0.0
-    assert hypervolume(np.array([[0, 0, 0], [0, 0, 0.5]], dtype=float), (1, 1, 1)) == pytest.approx(1.0)
-    assert hypervolume(np.array([[0, 0.5, 0], [0.5, 0, 0]], dtype=float), (1, 1, 1)) == pytest.approx(0.75)
+# -- ranking at a rung (the toolkit itself: tests/test_pareto.py) -------------------------------
 
 
 def test_ties_within_a_front_break_by_hypervolume_contribution() -> None:
@@ -258,8 +222,8 @@ def test_the_hook_decides_once_per_rung_and_an_eval_past_two_rungs_decides_both(
         RungPruner(key=1, store=store, config=PruningConfig(), fixed_values=(1.0, 2.0), directions=MAX_MIN)
 
 
-def test_distill_stops_at_the_first_rung_when_the_hook_prunes() -> None:
-    """The hook in the real loop: a tiny VGG on synthetic data, against a field of strong trials."""
+def _distill_tiny(pruner: RungPruner, box_s: float, **cfg: object):  # noqa: ANN202 - a DistillResult
+    """The hook in the real loop: a tiny VGG on synthetic data, rungs in ``eval_at``."""
     from kdsearch.config import DataConfig, DistillConfig
     from kdsearch.data import ViewSpec, load_data, make_batch_source
     from kdsearch.distill import KDHyper, distill
@@ -269,29 +233,54 @@ def test_distill_stops_at_the_first_rung_when_the_hook_prunes() -> None:
     spec = StudentSpec.from_dict({"family": "vgg", "resolution": 16, "num_classes": bundle.num_classes,
                                   "depth": 2, "width": 1 / 16, "in_chans": 3})
     torch.manual_seed(0)
-    student = build_student(spec)
+    return distill(
+        build_student(spec), train=make_batch_source(bundle.train, "cpu", True), val=bundle.val, bundle=bundle,
+        teacher_source=None, hyper=KDHyper(temperature=4.0, alpha=0.0, lr=0.05),
+        cfg=DistillConfig(batch_size=32, **cfg), time_box_s=box_s, resolution=16,
+        device="cpu", seed=0, view_spec=ViewSpec(image_size=bundle.image_size, padding=2, flip=True),
+        on_eval=pruner, eval_at=pruner.config.rungs,
+    )
+
+
+def test_distill_stops_at_the_first_rung_when_the_hook_prunes() -> None:
     store = ListRungStore()
     for k in range(8):
         store.record(k, 0, 1 / 9, (1.0, 0.0), 0.1)  # perfect and free: nobody beats them
     pruner = RungPruner(key=99, store=store, config=PruningConfig(), fixed_values=(1e3,), directions=MAX_MIN)
     box_s = 1.8
-    result = distill(
-        student, train=make_batch_source(bundle.train, "cpu", True), val=bundle.val, bundle=bundle,
-        teacher_source=None, hyper=KDHyper(temperature=4.0, alpha=0.0, lr=0.05),
-        cfg=DistillConfig(batch_size=32, eval_every_fraction=1 / 9), time_box_s=box_s, resolution=16,
-        device="cpu", seed=0, view_spec=ViewSpec(image_size=bundle.image_size, padding=2, flip=True),
-        on_eval=pruner,
-    )
+    result = _distill_tiny(pruner, box_s, eval_every_fraction=1 / 9)
     assert result.stopped_early
     assert pruner.pruned_at is not None and pruner.pruned_at.rung_index == 0
     assert result.kd_time_s < 0.5 * box_s  # stopped near 1/9 of the box, not at its end
     assert len(pruner.curve) == 1 and pruner.curve[0][1] >= 1 / 9
 
 
+def test_a_rung_inside_a_plateau_cool_down_is_not_scored_by_the_final_evaluation() -> None:
+    """Issue 19: a plateau stop at the third evaluation (1/10, 1/9, 2/10 of the box) cools down
+    until 0.45 of the box, past the rung at 1/3, which was never evaluated. The final evaluation
+    (annealed, on all of val) must not score that rung: it would prune a trial that finished
+    training against perfect rivals, and raise the bar for every later trial at 1/3."""
+    from kdsearch.config import EarlyStopConfig
+
+    store = ListRungStore()
+    for k in range(8):
+        store.record(k, 0, 1 / 9, (0.0, 1e9), 0.1)  # rung 1/9: hopeless rivals, the trial goes on
+        store.record(k, 1, 1 / 3, (1.0, 0.0), 0.3)  # rung 1/3: perfect and free, nobody beats them
+    pruner = RungPruner(key=99, store=store, config=PruningConfig(), fixed_values=(1e3,), directions=MAX_MIN)
+    box_s = 2.0
+    result = _distill_tiny(pruner, box_s, eval_every_fraction=0.1, early_stop=EarlyStopConfig(
+        enabled=True, patience=2, min_delta=1.0, cooldown_fraction=0.25))
+    assert result.stopped_early and result.stop_requested_s is not None
+    assert result.stop_requested_s < box_s / 3 < result.kd_time_s  # the rung at 1/3 lies in the cool-down
+    assert [d.rung_index for d in pruner.decisions] == [0] and pruner.pruned_at is None
+    assert 99 not in store.rungs[1]  # no rung-1/3 value was recorded for it
+    assert len(pruner.curve) == len(result.val_history) - 1  # every evaluation but the final one
+
+
 def test_a_log_scale_ranks_costs_by_their_order_of_magnitude() -> None:
     # Equal accuracy, MACs 1e3 / 1e5 / 1e7: on a linear axis 1e3 and 1e5 are nearly the same
     # point next to 1e7; on a log axis they are evenly spread. Non-positive values rank last.
-    from kdsearch.search.pruning import to_loss
+    from kdsearch.pareto import to_loss
 
     assert to_loss((0.5, 1e5), MAX_MIN, ("linear", "log")).tolist() == pytest.approx([-0.5, 5.0])
     assert math.isnan(to_loss((0.5, 0.0), MAX_MIN, ("linear", "log"))[1])
