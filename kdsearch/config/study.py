@@ -183,7 +183,7 @@ def _check_selectable(field_name: str, metric: str, cfg: StudyConfig) -> None:
         alt = val_counterpart(metric)
         raise ConfigError(field_name, TEST_SPLIT_RULE, metric, f"use {alt!r} instead" if alt else None)
     info = metric_info(metric)
-    if info is not None and info.needs_nvml and not cfg.measure.energy.enabled:
+    if info is not None and (info.needs_nvml or info.needs_rapl) and not cfg.measure.energy.enabled:
         raise ConfigError(
             field_name, "is an energy figure, and measure.energy.enabled is false", metric,
             "set measure.energy.enabled: true, or drop the metric",

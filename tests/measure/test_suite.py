@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kdsearch.config import EnergyConfig, LatencyConfig, MeasureConfig
-from kdsearch.measure import Measurements, measure_inference, measure_latency
+from kdsearch.measure import CPU_REASON, Measurements, measure_inference, measure_latency
 from kdsearch.metrics import KNOWN_METRICS, metric_unit
 from kdsearch.models.spec import StudentSpec
 
@@ -57,13 +57,18 @@ def test_measure_inference_on_cpu_fills_every_metric() -> None:
         "infer_energy_mj_per_image",
         "infer_energy_mj_per_image_b1",
         "infer_energy_mj_per_image_b4",
+        "infer_energy_mj_per_image_b1_cpu",  # the edge figure beside the CPU latency (RAPL)
+        "infer_energy_mj_per_image_b4_cpu",
     }
     assert set(m.values) == expected
     for name in expected:
         assert metric_unit(name) is not None, name  # every name is one config knows
     # measured: positive numbers
-    cuda_only = {n for n in expected if n.startswith(("peak_infer_memory", "infer_energy"))}
-    for name in expected - cuda_only:
+    rapl = {"infer_energy_mj_per_image_b1_cpu", "infer_energy_mj_per_image_b4_cpu"}
+    for name in rapl:  # RAPL readable: measured; not (this machine): missing with the reason
+        assert (m.values[name] or 0) > 0 or "rapl" in m.missing[name], (name, m.values[name], m.missing.get(name))
+    cuda_only = {n for n in expected - rapl if n.startswith(("peak_infer_memory", "infer_energy"))}
+    for name in expected - cuda_only - rapl:
         v = m.values[name]
         assert isinstance(v, (int, float)) and v > 0, (name, v)
         assert name not in m.missing
@@ -71,7 +76,7 @@ def test_measure_inference_on_cpu_fills_every_metric() -> None:
     for name in cuda_only:
         assert m.values[name] is None
         assert m.missing[name].startswith("cpu:")
-    assert m.missing["infer_energy_mj_per_image"] == "cpu: NVML measures NVIDIA GPUs only"
+    assert m.missing["infer_energy_mj_per_image"] == CPU_REASON
     assert m.methods["infer_energy_mj_per_image"]["method"] == "unavailable"
     # latency methods: how, where, how often, how spread
     lm = m.methods["latency_ms_b4"]
