@@ -60,7 +60,7 @@ import gc
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,7 @@ from kdsearch.measure import (
     evaluate_accuracy,
     measure_inference,
 )
+from kdsearch.measure.memory import AUTOTUNER_WARMUP_STEPS, probe_kd_peak
 from kdsearch.metrics import is_fixed_cost, metric_unit
 from kdsearch.models import LoadedTeacher, build_student, create_teacher, teacher_needs_fit
 from kdsearch.models.teacher import weak_teacher_warning
@@ -556,30 +557,35 @@ def _memory_probe(
     ``probe_peak_memory_mb`` in ``fixed``. Returns ``{"oom": message}`` when the probe ran out of
     memory, else ``{}``."""
     cfg, device = ctx.cfg, ctx.device
-    how = {"method": f"{PROBE_STEPS} KD training steps of a copy of the untrained student before the box",
-           "steps": PROBE_STEPS, "batch_size": cfg.distill.batch_size, "resolution": spec.resolution,
+    how = {"method": f"{PROBE_STEPS} KD training steps of a copy of the untrained student before the box, "
+                     f"after {AUTOTUNER_WARMUP_STEPS} unmeasured step (cuDNN autotuner warmed for its shapes)",
+           "steps": PROBE_STEPS, "autotuner_warmup_steps": AUTOTUNER_WARMUP_STEPS, "batch_size": cfg.distill.batch_size, "resolution": spec.resolution,
            "train_dtype": ctx.train_dtype}
     tracker = KDMemoryTracker(device)
     if not tracker.available:  # no allocator counters: the CPU
         fixed.set_missing("probe_peak_memory_mb", f"the memory probe runs on CUDA only; this worker runs on {device.type}",
                           {**how, "method": "skipped"})
         return {}
-    probe = copy.deepcopy(student)
+    probes = [copy.deepcopy(student)]  # a list, so the copy can be dropped after the probe
     out: dict[str, Any] = {}
-    try:
-        with tracker:
+
+    def run_steps(steps: int, meters: Sequence[KDMemoryTracker]) -> None:
+        try:
             distill(
-                probe, train=ctx.train_source, val=ctx.bundle.val, bundle=ctx.bundle, teacher_source=teacher.source,
+                probes[0], train=ctx.train_source, val=ctx.bundle.val, bundle=ctx.bundle, teacher_source=teacher.source,
                 hyper=hyper, cfg=cfg.distill, time_box_s=cfg.study.trial_time_s, resolution=spec.resolution,
                 device=device, seed=seed, view_spec=ctx.view_spec, eval_batch_size=cfg.measure.eval_batch_size,
-                on_step=_StopAfter(PROBE_STEPS), meters=(tracker,), train_dtype=ctx.train_dtype,
+                on_step=_StopAfter(steps), meters=meters, train_dtype=ctx.train_dtype,
             )
-    except _ProbeDone:
-        pass
+        except _ProbeDone:
+            pass
+
+    try:  # one unmeasured step tunes cuDNN for the trial's shapes: the probe and the box agree
+        probe_kd_peak(run_steps, tracker, PROBE_STEPS)
     except torch.OutOfMemoryError as exc:
         out["oom"] = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
     finally:
-        del probe
+        probes.clear()
         _free_device_memory(device)
     if tracker.value_mb is not None:
         fixed.set("probe_peak_memory_mb", tracker.value_mb, {**how, **tracker.method()})
