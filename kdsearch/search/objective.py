@@ -71,7 +71,15 @@ from optuna.artifacts import upload_artifact
 
 from kdsearch.checkpoint import save_student
 from kdsearch.config import StudyConfig, TeacherConfig
-from kdsearch.data import BatchSource, DataBundle, ViewSpec, load_data, make_batch_source, should_be_resident
+from kdsearch.data import (
+    BatchSource,
+    DataBundle,
+    ViewSpec,
+    load_data,
+    make_batch_source,
+    share_pinned_train,
+    should_be_resident,
+)
 from kdsearch.distill import (
     DistillResult,
     FaultInjector,
@@ -209,6 +217,7 @@ def prepare_worker(
     if resident:
         bundle = bundle.to(device)
     train_source = make_batch_source(bundle.train, device, resident, cfg.data.num_workers)
+    bundle = share_pinned_train(bundle, train_source)  # one host copy of train (fit, cache build reuse it)
     cache_cfg = cfg.teacher.cache
     view_spec = ViewSpec(image_size=bundle.image_size, padding=cache_cfg.crop_padding, flip=cache_cfg.flip)
     teachers: dict[str, PreparedTeacher] = {}
