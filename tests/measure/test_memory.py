@@ -465,4 +465,4 @@ def test_the_energy_window_opens_and_closes_with_the_training_clock() -> None:
     r = run((meter,), box_s=0.5, val=val)
     meter.pause()
     assert r is not None and meter.events[:2] == ["pause", "resume"]
-    assert meter.active_s == pytest.approx(r.kd_time_s, abs=0.05)  # not + 0.4 s set-up, + 0.2 s per subset
+    assert meter.active_s == pytest.approx(r.kd_time_s, abs=0.1)  # not + 0.4 s set-up, + 0.2 s per subset
