@@ -33,6 +33,8 @@ lock, and could append readings out of order, is gone):
    GPU, not the slice).
 3. *A counter reset inside a segment* whose end still exceeds its start cannot be seen without a
    poll thread; a reset that makes a segment negative is (the figure is then missing).
+4. *The driver version* for the environment record: Zeus has no call for it; :func:`nvml_status`
+   asks NVML once (after Zeus initialised it).
 
 Dropped from the hand-written meter: the list of other processes on the GPU (Zeus has no such
 call; the preflight already refuses sharing a GPU between workers unless ``study.share_gpu``).
@@ -49,6 +51,7 @@ Tests inject a stand-in for the monitor (``EnergyMeter(monitor=fake, ...)``, or
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -127,6 +130,7 @@ class EnergyResult:
 _MONITORS: dict[str, ZeusLikeMonitor] = {}
 
 
+@functools.cache
 def _zeus_version() -> str | None:
     try:
         from importlib.metadata import version  # noqa: PLC0415
