@@ -8,10 +8,12 @@ under one folder (``--out``, default ``gpu-check-out/``):
 step                   what it writes
 =====================  =====================================================================
 environment            ``environment.json``: device, driver, torch/CUDA, date (and nvidia-smi)
+first-minute           ``first-minute.json`` (``gpu_first_minute.py``): the device banner, the
+                       precision chosen, probe vs box peak memory, a Zeus energy window
 gpu-tests              ``gpu-tests.xml`` (JUnit) and the log of ``pytest -m gpu``
 kd-step                ``bench_kd_step.py`` on CUDA: P1 cached/CE, P2 online DeiT-S/cached, P3 img/s
 memory                 ``memory.json``: training-step peak vs eval pass, cudnn.benchmark on/off
-energy                 ``energy.json``: NVML method, counter update period, kd_energy_j per image
+energy                 ``energy.json``: Zeus method, counter update period, kd_energy_j per image
 latency-cap            ``latency-cap.json``: the measurement phase's time cap for a slow student
 study                  a short real study (JPEG CIFAR-10, ViT teacher fitted on the GPU),
                        ``trials.json`` and ``report.html``
@@ -141,7 +143,9 @@ def build_steps(out: Path, dry: bool, py: str) -> list[Step]:
     mem = [py, str(BENCH / "bench_memory.py"), "--json", str(out / "memory.json")] + (["--dry"] if dry else [])
     energy = [py, str(BENCH / "bench_energy.py"), "--json", str(out / "energy.json")] + (["--dry"] if dry else [])
     cap = [py, str(BENCH / "bench_latency_cap.py"), "--json", str(out / "latency-cap.json")] + (["--dry"] if dry else [])
+    first = [py, str(BENCH / "gpu_first_minute.py"), "--json", str(out / "first-minute.json")] + (["--dry"] if dry else [])
     return [
+        Step("first-minute", first, 90 if dry else 60, outputs=["first-minute.json"]),
         Step("gpu-tests", pytest_args, 40 if dry else 120, outputs=["gpu-tests.xml"]),
         Step("kd-step", kd, 90 if dry else 75, needs_cuda=False),
         Step("memory", mem, 30 if dry else 45, needs_cuda=False, outputs=["memory.json"]),
@@ -195,6 +199,7 @@ def write_summary(out: Path, env: dict[str, object], results: list[StepResult], 
         "| --- | --- | --- | --- |",
     ]
     lines += [f"| {r.name} | {r.status} | {r.wall_s:.1f} | {r.log} |" for r in results]
+    lines += ["", "## first minute (gpu_first_minute.py)", "", "```", _tail(out / "first-minute.log", 8), "```"]
     lines += ["", "## kd-step (bench_kd_step.py)", "", "```", _tail(out / "kd-step.log", 12), "```"]
     lines += ["", "## memory (bench_memory.py)", "", _json_block(out / "memory.json")]
     lines += ["", "## energy (bench_energy.py)", "", _json_block(out / "energy.json")]
@@ -210,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "gpu-check-out"), help="folder for every output (created)")
     ap.add_argument("--dry", action="store_true", help="tiny sizes on the CPU; CUDA-only figures are skipped")
-    ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole check (default 330, dry 200)")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole check (default 390, dry 260)")
     ap.add_argument("--steps", default=None, help="comma-separated subset of step names (default: all)")
     args = ap.parse_args(argv)
     dry = args.dry or os.environ.get("GPU_CHECK_DRY", "") not in ("", "0")
-    deadline_s = args.deadline or (200.0 if dry else 330.0)
+    deadline_s = args.deadline or (260.0 if dry else 390.0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

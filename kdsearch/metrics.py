@@ -13,7 +13,8 @@ figures that depend on the architecture and device only (params, MACs, latency, 
 :func:`is_selectable_metric`): objectives, constraints and ``--pick`` refuse it.
 
 ``needs_cuda`` marks a figure that only a CUDA device can give (the allocator's peaks, CUDA
-latency, NVML energy); ``needs_nvml`` one that also needs NVML's energy counter or power reading.
+latency, GPU energy); ``needs_nvml`` one that also needs GPU board energy (Zeus: NVML counter or power
+polling); ``needs_rapl`` one that needs CPU energy (Zeus: RAPL).
 The preflight refuses such a metric as an objective or a constraint on a machine that cannot
 measure it, in seconds, instead of failing every trial after its box.
 
@@ -87,8 +88,9 @@ class Metric:
     ``direction`` is the usual better way (a hint for reports; the study file decides).
     ``split`` is the data split it is computed on, or None for architecture/device figures.
     ``description`` says in one line exactly what the figure includes.
-    ``needs_cuda``: only a CUDA device measures it; ``needs_nvml``: it also needs NVML energy
-    (and ``measure.energy.enabled``). ``needs_finetune``: stored only with ``finetune.enabled``.
+    ``needs_cuda``: only a CUDA device measures it; ``needs_nvml``: it also needs GPU board energy
+    (Zeus: the NVML counter or power polling; and ``measure.energy.enabled``); ``needs_rapl``: it
+    needs CPU energy (Zeus: RAPL). ``needs_finetune``: stored only with ``finetune.enabled``.
     """
 
     name: str
@@ -99,6 +101,7 @@ class Metric:
     needs_cuda: bool = False
     needs_nvml: bool = False
     needs_finetune: bool = False
+    needs_rapl: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class PatternMetric:
     description: str
     needs_cuda: bool = False
     needs_nvml: bool = False
+    needs_rapl: bool = False
 
     def match(self, name: str) -> Metric | None:
         """The :class:`Metric` for ``name`` if it matches this pattern, else None."""
@@ -131,7 +135,8 @@ class PatternMetric:
         }[suffix]
         desc = self.description.format(batch=m.group("batch"), device=device)
         cuda = self.needs_cuda or suffix == "_cuda"
-        return Metric(name, self.unit, self.direction, self.split, desc, cuda, self.needs_nvml)
+        return Metric(name, self.unit, self.direction, self.split, desc, cuda, self.needs_nvml,
+                      needs_rapl=self.needs_rapl)
 
     def batch_size(self, name: str) -> int | None:
         """The batch size in ``name`` if it matches this pattern, else None."""
@@ -167,7 +172,7 @@ FIXED_METRICS: dict[str, Metric] = _fixed(
            "CUDA allocator peak of a few KD training steps run before the box (the fail-fast memory "
            "probe), above the same baseline as peak_kd_memory_mb (CUDA only)", needs_cuda=True),
     Metric("kd_energy_j", "J", "minimize", "train",
-           "NVML board energy of the KD training steps (in-loop validation excluded; idle power "
+           "GPU board energy (Zeus: NVML counter or power polling) of the KD training steps (in-loop validation excluded; idle power "
            "included); close to board power x box when the box is fixed (CUDA only)",
            needs_cuda=True, needs_nvml=True),
     Metric("kd_energy_mj_per_image", "mJ/image", "minimize", "train",
@@ -176,7 +181,7 @@ FIXED_METRICS: dict[str, Metric] = _fixed(
            "mean board power over the KD training steps: kd_energy_j / training time (CUDA only)",
            needs_cuda=True, needs_nvml=True),
     Metric("infer_energy_mj_per_image", "mJ/image", "minimize", None,
-           "NVML board energy of an inference loop at the largest latency batch size, per image; the "
+           "GPU board energy (Zeus: NVML counter or power polling) of an inference loop at the largest latency batch size, per image; the "
            "same figure as infer_energy_mj_per_image_b<largest> (CUDA only)", needs_cuda=True, needs_nvml=True),
     Metric("pre_ft_val_accuracy", "fraction", "maximize", "val",
            "top-1 validation accuracy of the distilled student before head fine-tuning (selection)",
@@ -206,9 +211,14 @@ PATTERN_METRICS: tuple[PatternMetric, ...] = (
                   "CUDA allocator peak of one forward pass at batch {batch}, weights included (CUDA only)",
                   needs_cuda=True),
     PatternMetric(re.compile(r"infer_energy_mj_per_image_b(?P<batch>\d+)"), "mJ/image", "minimize", None,
-                  "NVML board energy of a back-to-back inference loop at batch {batch}, per image; the "
+                  "GPU board energy (Zeus: NVML counter or power polling) of a back-to-back inference loop at batch {batch}, per image; the "
                   "window lasts measure.energy.infer_min_time and enough counter updates (CUDA only)",
                   needs_cuda=True, needs_nvml=True),
+    PatternMetric(re.compile(r"infer_energy_mj_per_image_b(?P<batch>\d+)_cpu"), "mJ/image", "minimize", None,
+                  "CPU package energy (RAPL, all packages, idle cores included) of a back-to-back inference "
+                  "loop of a CPU copy at batch {batch}, per image: the edge figure beside latency_ms_b{batch}_cpu; "
+                  "the window lasts measure.energy.infer_min_time and enough counter updates (RAPL readable only)",
+                  needs_rapl=True),
 )
 
 def metric_info(name: str) -> Metric | None:
@@ -338,7 +348,13 @@ def why_not_produced(name: str, settings: MetricSettings) -> NotProduced | None:
                     f"add {device} to measure.latency.devices, e.g. {_yaml_list([*settings.latency_devices, device])}",
                 )
         break
-    if info.needs_nvml and not settings.energy_enabled:
+    if info.needs_rapl and "cpu" not in settings.latency_devices:
+        return NotProduced(
+            f"is measured beside the CPU latency, only when measure.latency.devices lists cpu "
+            f"(it lists {_yaml_list(settings.latency_devices)})",
+            f"add cpu to measure.latency.devices, e.g. {_yaml_list([*settings.latency_devices, 'cpu'])}",
+        )
+    if (info.needs_nvml or info.needs_rapl) and not settings.energy_enabled:
         return NotProduced("is an energy figure, and measure.energy.enabled is false",
                            "set measure.energy.enabled: true, or drop the metric")
     if info.needs_finetune and not settings.finetune_enabled:
@@ -355,7 +371,8 @@ def produced_metrics(settings: MetricSettings) -> list[str]:
         for device in settings.latency_devices:
             suffix = LATENCY_DEVICE_SUFFIXES[device]
             names += [f"latency_ms_b{b}{suffix}", f"latency_p90_ms_b{b}{suffix}"]
-        names += [n for n in (f"peak_infer_memory_mb_b{b}", f"infer_energy_mj_per_image_b{b}")
+        names += [n for n in (f"peak_infer_memory_mb_b{b}", f"infer_energy_mj_per_image_b{b}",
+                              f"infer_energy_mj_per_image_b{b}_cpu")
                   if why_not_produced(n, settings) is None]
     return list(dict.fromkeys(names))
 
@@ -367,7 +384,7 @@ def metric_examples(batch_sizes: Sequence[int] | None = None) -> list[str]:
     for b in bs:
         names += [f"latency_ms_b{b}", f"latency_p90_ms_b{b}", f"latency_ms_b{b}_cpu", f"latency_ms_b{b}_ort",
                   f"peak_infer_memory_mb_b{b}",
-                  f"infer_energy_mj_per_image_b{b}"]
+                  f"infer_energy_mj_per_image_b{b}", f"infer_energy_mj_per_image_b{b}_cpu"]
     return names
 
 

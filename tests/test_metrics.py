@@ -160,6 +160,11 @@ PRODUCED_BY = [
     ("infer_energy_mj_per_image_b1", _S(energy_enabled=False), "set measure.energy.enabled: true"),
     # fixed names
     ("infer_energy_mj_per_image", _S(batch_sizes=(4,)), None),
+    # infer_energy_mj_per_image_b{N}_cpu: beside the CPU latency (cpu listed), energy on
+    ("infer_energy_mj_per_image_b1_cpu", _S(latency_devices=("auto", "cpu")), None),
+    ("infer_energy_mj_per_image_b1_cpu", _S(), "add cpu to measure.latency.devices, e.g. [auto, cpu]"),
+    ("infer_energy_mj_per_image_b1_cpu", _S(latency_devices=("auto", "cpu"), energy_enabled=False),
+     "set measure.energy.enabled: true"),
     ("infer_energy_mj_per_image", _S(energy_enabled=False), "set measure.energy.enabled: true"),
     ("kd_energy_j", _S(), None),
     ("kd_energy_j", _S(energy_enabled=False), "set measure.energy.enabled: true"),

@@ -570,7 +570,7 @@ class LatencyConfig:
 class EnergyConfig:
     enabled: bool = True
     infer_min_time_s: float = 2.0  # inference loop at least this long (>= 20 counter updates)
-    poll_interval_s: float = 0.02  # power-poll fallback period
+    poll_interval_s: float = 0.02  # how often the inference loop reads the energy counter (Zeus polls power itself)
 
     def __post_init__(self) -> None:
         if self.infer_min_time_s <= 0:

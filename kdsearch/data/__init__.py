@@ -25,6 +25,7 @@ from kdsearch.data.pipeline import (
     ResidentBatchSource,
     StreamingBatchSource,
     make_batch_source,
+    share_pinned_train,
     should_be_resident,
 )
 from kdsearch.data.resize import resize_square_u8
@@ -71,5 +72,6 @@ __all__ = [
     "HostBatchSource",
     "StreamingBatchSource",
     "make_batch_source",
+    "share_pinned_train",
     "should_be_resident",
 ]

@@ -7,7 +7,8 @@ int64 positions in the split (the teacher cache is indexed by them), ``images`` 
 * :class:`ResidentBatchSource`  -- the split lives on the device; a batch is one ``index_select``:
   no DataLoader, no host-to-device copy per step (the airbench approach).
 * :class:`HostBatchSource`      -- the split stays in host memory (pinned on CUDA); each batch is
-  gathered into one of two pinned buffers and copied with ``non_blocking=True``.
+  gathered into one of two pinned buffers and copied with ``non_blocking=True``. A worker pins
+  its train split once (:func:`share_pinned_train`): one host copy, shared by every source.
 * :class:`StreamingBatchSource` -- a :class:`StreamingImageFolder` (imagenet) decoded by
   DataLoader workers, pinned, then copied.
 
@@ -18,6 +19,7 @@ over the same split with the same generator state yield the same indices.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 from torch.utils.data import DataLoader
@@ -33,6 +35,7 @@ __all__ = [
     "HostBatchSource",
     "StreamingBatchSource",
     "make_batch_source",
+    "share_pinned_train",
     "should_be_resident",
     "RESIDENT_FREE_MEMORY_SHARE",
 ]
@@ -103,8 +106,8 @@ class HostBatchSource(BatchSource):
         self.num_images = len(split)
         host = split.to("cpu")
         self._cuda = self.device.type == "cuda"
-        if self._cuda:
-            host = ImageSplit(host.images.pin_memory(), host.labels.pin_memory())
+        if self._cuda:  # a split pinned already (the worker's one copy, see share_pinned_train) is reused
+            host = ImageSplit(_pinned(host.images), _pinned(host.labels))
         self.split = host
 
     def epoch(
@@ -183,6 +186,23 @@ class StreamingBatchSource(BatchSource):
                 images.to(self.device, non_blocking=True),
                 labels.to(self.device, non_blocking=True),
             )
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is in pinned memory already, else a pinned copy."""
+    return t if t.is_pinned() else t.pin_memory()
+
+
+def share_pinned_train(bundle: DataBundle, source: BatchSource) -> DataBundle:
+    """The bundle with its train split replaced by ``source``'s pinned host copy, so the worker
+    holds **one** host copy of the train split when it is not device-resident: the pageable
+    original is dropped, and every later source over it (the teacher fit, the cache build) reuses
+    the pinned tensors instead of pinning a copy of its own. Pinned memory is kept by CUDA's
+    host allocator for the life of the process, so pinning once matters. The bundle unchanged
+    for any other source (resident, streamed, or a CPU worker, which pins nothing)."""
+    if not isinstance(source, HostBatchSource) or not source._cuda:
+        return bundle
+    return replace(bundle, train=source.split)
 
 
 def make_batch_source(

@@ -19,8 +19,9 @@ Two hooks, both plain callables (no callback framework):
   the test-only fault injection of ``debug.inject``.
 
 And one kind of observer: a :class:`TrainingMeter` (``pause()`` / ``resume()``) follows the
-training clock. ``distill`` pauses every meter when the clock stops for a validation and resumes
-it when training restarts, so a meter opened around the call (the KD memory peak, the KD energy)
+training clock. ``distill`` pauses every meter on entry (its set-up is not training), resumes it
+when the training clock starts, pauses it when the clock stops for a validation and resumes it
+when training restarts, so a meter opened around the call (the KD memory peak, the KD energy)
 measures the training steps only. The meters are started and stopped by the caller.
 
 A plateau stop (``distill.early_stop``: :class:`PlateauStop`) while box time is left is not a

@@ -31,8 +31,9 @@ Time accounting (the contract every caller relies on):
   ``on_eval`` (a pruning rule: the trial is abandoned) ends the loop at once, and wins when both
   ask.
 * Meters (:class:`~kdsearch.distill.hooks.TrainingMeter`, e.g. the KD memory peak and energy)
-  are paused with the clock around every validation and resumed with it, so they see the
-  training steps only.
+  are paused on entry (the set-up -- student moved, optimiser built -- is not training), resumed
+  when the training clock starts, and paused with the clock around every validation, so they
+  see the training steps only; the validation subset is copied inside each pause and freed.
 * Precision (:mod:`kdsearch.distill.precision`): bf16 autocast on a CUDA device that supports
   it, fp16 autocast with a ``GradScaler`` on one that does not, fp32 without ``cfg.amp`` or on
   the CPU; ``train_dtype`` records which. Validation runs under ``torch.inference_mode`` in the
@@ -192,7 +193,9 @@ def distill(
     if cached and teacher_source.num_images != n:
         raise ValueError(f"the teacher cache holds {teacher_source.num_images} images, the train source {n}")
 
-    # -- set-up (not timed) --------------------------------------------------------------------
+    # -- set-up (not timed, not metered: the student moved, the optimiser built) ------------------
+    for meter in meters:
+        meter.pause()
     torch.manual_seed(seed)
     view_gen = torch.Generator(device="cpu").manual_seed(seed)  # views / view ids, one draw per epoch
     order_gen = torch.Generator(device="cpu").manual_seed(seed + 1)  # batch order
@@ -224,10 +227,11 @@ def distill(
     step_hook = on_step or plain_step
     val_batch = max(1, min(eval_batch_size, batch_size))
     # In-box evaluations see a fixed stratified subset of val (cheap, and the same images for every
-    # trial, so rung values compare); the final evaluation sees all of val.
-    val_interim = val
+    # trial, so rung values compare); the final evaluation sees all of val. The subset is copied at
+    # each evaluation, inside the meters' pause, so it never sits in the training memory window.
+    interim_idx = None
     if cfg.eval_subset is not None and cfg.eval_subset < len(val):
-        val_interim = val.subset(stratified_subset(val.labels.cpu(), cfg.eval_subset, seed=0))
+        interim_idx = stratified_subset(val.labels.cpu(), cfg.eval_subset, seed=0)
     final_lr = hyper.lr * cfg.final_lr_fraction
 
     steps = images_seen = 0
@@ -254,6 +258,8 @@ def distill(
     eval_s = final_eval_s = 0.0
 
     _sync(device)
+    for meter in meters:  # the meters open with the training clock
+        meter.resume()
     seg_start = time.perf_counter()
     while not stop:
         # One view per image for this epoch: a stored view (cache) or a fresh one.
@@ -318,8 +324,8 @@ def distill(
                 train_s += time.perf_counter() - seg_start  # pause the clock for evaluation
                 for meter in meters:
                     meter.pause()
-                split = val if stop else val_interim
                 eval_start = time.perf_counter()
+                split = val if stop or interim_idx is None else val.subset(interim_idx)
                 acc = evaluate_accuracy(model, split, resolution, mean, std, device, val_batch,
                                         autocast_dtype=amp_dtype)
                 this_eval_s = time.perf_counter() - eval_start  # evaluate_accuracy reads back: synced
@@ -327,6 +333,7 @@ def distill(
                 if split is val:
                     final_eval_s = this_eval_s
                 final_val_acc = acc if split is val else None
+                del split  # the subset copy is freed before training resumes
                 model.train()
                 val_history.append((train_s, acc))
                 # Every rule sees every evaluation (stateful rules never miss one) until a stop was

@@ -1,99 +1,107 @@
-"""GPU energy through NVML: the board's energy counter, or integrated power samples as a fallback.
+"""Energy through Zeus (the ML.ENERGY project's ``zeus``): kdsearch's definitions on top of it.
 
-:class:`EnergyMeter` measures the energy the whole board drew over a window (idle power
-included, nothing subtracted), with one of three methods, recorded on every result:
+Zeus's :class:`zeus.monitor.ZeusMonitor` takes the readings: on an NVIDIA GPU the board's NVML
+energy counter (Volta and newer) or, without it, power samples polled by a helper process and
+integrated; AMD GPUs through amdsmi; CPU package (and DRAM) energy through RAPL. Zeus's own
+project exercises that code on real hardware; kdsearch does not re-implement it. This module is
+the thin adapter that turns Zeus windows into kdsearch's figures:
 
-- ``"nvml-counter"`` -- ``nvmlDeviceGetTotalEnergyConsumption`` (mJ since the driver loaded,
-  Volta and newer): joules = (end - start) / 1000. A background thread reads the counter every
-  ``poll_interval_s`` to count how often it changed (``counter_updates``) and to notice a reset.
-- ``"nvml-power-poll"`` -- where the counter is not supported: a background thread samples
-  ``nvmlDeviceGetPowerUsage`` (mW) every ``poll_interval_s`` and the samples are integrated with
-  the trapezoid rule between the first and the last sample (both taken by the caller's thread, at
-  the window's start and end).
-- ``"unavailable"`` -- NVML cannot be imported or initialised, no permission, a MIG instance
-  (NVML reports the whole GPU, not the slice), or a CPU device. ``joules`` is ``None`` and
-  ``reason`` says why.
+- :class:`EnergyMeter` -- one Zeus window per *active segment*: ``distill()`` pauses the meter
+  with its training clock around every validation, so ``kd_energy_j`` is the sum of the training
+  segments' windows (validation excluded; idle power included, nothing subtracted). ``window_s``
+  is the active time and ``mean_power_w = joules / window_s``.
+- :func:`measure_inference_energy` -- ``infer_energy_mj_per_image_b{N}``: a back-to-back
+  inference loop inside one window, for at least ``measure.energy.infer_min_time`` *and*
+  :data:`MIN_COUNTER_UPDATES` changes of the counter (at most :data:`MAX_WINDOW_FACTOR` x the
+  minimum time), so the counter's steps (every few tens of ms) are a small part of the figure. On
+  the trial's GPU (board energy), or with ``device="cpu"`` on the CPU through RAPL (package
+  energy: the edge figure ``infer_energy_mj_per_image_b{N}_cpu``).
+- Missing with a reason, never 0: no usable Zeus device (``"unavailable"`` and why), a window
+  whose energy is 0 (the counter did not move: too short) or negative (a counter reset).
 
-A measurement that cannot be trusted is never 0: ``joules`` is ``None`` with a ``reason``.
+What Zeus cannot express, and is therefore kept here (all of it in the caller's thread, so
+readings are taken and recorded in order; the old poll thread that read the counter outside its
+lock, and could append readings out of order, is gone):
 
-Pausing: :meth:`EnergyMeter.pause` / :meth:`EnergyMeter.resume` leave stretches out of the window
-(``distill()`` pauses the meter with its training clock around every validation, so the KD
-energy is that of the training steps). With the counter the window's energy is the sum of the
-counter deltas over the active segments; with power polling only sample pairs that lie inside an
-active segment are integrated (a sample is taken at every boundary). ``window_s`` is the active
-time; ``mean_power_w`` is ``joules / window_s``.
+1. *Counting counter updates* for the inference window's length: Zeus's monitor returns a
+   window's energy, not how often the counter moved in it. :meth:`EnergyMeter.note_counter` reads
+   the counter through Zeus's device layer (``monitor.gpus.get_total_energy_consumption`` or
+   ``monitor.cpus.get_total_energy_consumption``) between bursts of forwards and counts changes.
+   With Zeus's power polling (no counter) the window lasts the minimum time.
+2. *A MIG slice*: Zeus refuses ``CUDA_VISIBLE_DEVICES=MIG-...`` but not a MIG instance reached
+   another way; the adapter refuses any device whose torch name says MIG (NVML reports the whole
+   GPU, not the slice).
+3. *A counter reset inside a segment* whose end still exceeds its start cannot be seen without a
+   poll thread; a reset that makes a segment negative is (the figure is then missing).
+4. *The driver version* for the environment record: Zeus has no call for it; :func:`nvml_status`
+   asks NVML once (after Zeus initialised it).
 
-Counter resolution: the counter advances in steps (every few tens of ms, depending on the GPU),
-so a window's energy is uncertain by about two steps. :func:`measure_inference_energy` therefore
-runs its loop for at least ``infer_min_time_s`` *and* :data:`MIN_COUNTER_UPDATES` counter updates
-(up to :data:`MAX_WINDOW_FACTOR` x the minimum time), and the result records ``counter_updates``.
+Dropped from the hand-written meter: the list of other processes on the GPU (Zeus has no such
+call; the preflight already refuses sharing a GPU between workers unless ``study.share_gpu``).
 
-Counter going backwards: the counter is an unsigned 64-bit count of mJ, which at 1 kW wraps after
-about 585 million years, so ``end < start`` (or any backward step seen by the poll thread) can
-only be a reset (driver reload, GPU reset). The window's energy is then unknown: the method stays
-``"nvml-counter"`` but ``joules`` is ``None`` with reason ``"counter reset during window"``.
+GPU index: Zeus's GPU indices, like torch's, count the GPUs after ``CUDA_VISIBLE_DEVICES`` (Zeus
+accepts integer lists only; a UUID list makes Zeus fail, and the figure is missing with Zeus's
+error). Monitors are built once per process and target (a counter-less GPU starts Zeus's power
+polling process once), on first use: ``import zeus`` costs seconds (it imports scikit-learn), so
+nothing here imports it at module level (``kdsearch --help`` never pays it).
 
-Other processes: NVML's list of compute processes on the GPU is read at the start and the end;
-pids other than ours make ``shared=True`` (their energy is in the figure). Inside a container NVML
-may report host pids, so our own process can show up as "other"; the pids are stored to judge.
-
-Every NVML call goes through the module returned by :func:`_load_nvml` (``import pynvml`` each
-time), so tests can inject a stand-in with ``monkeypatch.setitem(sys.modules, "pynvml", fake)``.
+Tests inject a stand-in for the monitor (``EnergyMeter(monitor=fake, ...)``, or
+``monitor=`` on :func:`measure_inference_energy`): the adapter's rules are tested on the CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
-import threading
 import time
-from dataclasses import asdict, dataclass, field
-from types import ModuleType
-from typing import Any
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
 from kdsearch.config import EnergyConfig
-from kdsearch.measure._common import example_input, model_dtype, resolve_device, uses_channels_last
+from kdsearch.measure._common import cpu_copy, example_input, model_dtype, resolve_device, uses_channels_last
 
 __all__ = [
     "EnergyResult",
     "EnergyMeter",
+    "ZeusLikeMonitor",
     "measure_inference_energy",
     "nvml_status",
     "energy_unavailable_reason",
+    "cpu_energy_unavailable_reason",
     "MIN_COUNTER_UPDATES",
     "MAX_WINDOW_FACTOR",
     "CPU_REASON",
     "COUNTER_RESET_REASON",
+    "kd_energy_metrics",
 ]
 
-CPU_REASON = "cpu: NVML measures NVIDIA GPUs only"
+CPU_REASON = "cpu: board energy is measured on GPUs only (the CPU figure is the _cpu one, through RAPL)"
 COUNTER_RESET_REASON = "counter reset during window"
-_NVML_TEMPERATURE_GPU = 0  # pynvml.NVML_TEMPERATURE_GPU
-_NVML_DEVICE_MIG_ENABLE = 1  # pynvml.NVML_DEVICE_MIG_ENABLE
+MIG_REASON = "mig: NVML energy and power cover the whole GPU, not this MIG instance"
 MIN_COUNTER_UPDATES = 20  # an inference window lasts until the counter moved this often (~10 % resolution)
 MAX_WINDOW_FACTOR = 3.0  # ... but at most this many times measure.energy.infer_min_time
+RAPL_DIRS = ("/sys/class/powercap/intel-rapl", "/zeus_sys/class/powercap/intel-rapl")  # Zeus's two places
+
+Target = Literal["gpu", "cpu"]
 
 
-def _load_nvml() -> tuple[ModuleType | None, str | None]:
-    """``(pynvml, None)`` or ``(None, reason)``. Imported on every call, never cached."""
-    try:
-        import pynvml  # noqa: PLC0415 - lazy on purpose, see module docstring
-    except ImportError as exc:
-        return None, f"nvml: pynvml not importable ({exc})"
-    if pynvml is None:  # pragma: no cover - import already raises for a None entry
-        return None, "nvml: pynvml not importable"
-    return pynvml, None
+class ZeusLikeMonitor(Protocol):
+    """What the adapter uses of :class:`zeus.monitor.ZeusMonitor` (tests pass a stand-in):
+    ``begin_window``/``end_window`` (``end_window`` returns a Measurement with ``time``,
+    ``gpu_energy`` and ``cpu_energy`` in J) and the device managers ``gpus``/``cpus``."""
 
+    gpus: Any
+    cpus: Any
 
-def _nvml_error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    def begin_window(self, key: str, sync_execution: bool = True) -> None: ...
 
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+    def end_window(self, key: str, sync_execution: bool = True) -> Any: ...
 
 
 @dataclass
@@ -101,157 +109,170 @@ class EnergyResult:
     """Energy of one window. ``joules`` is ``None`` whenever it could not be measured."""
 
     joules: float | None
-    method: str  # "nvml-counter" | "nvml-power-poll" | "unavailable"
+    method: str  # "zeus-counter" | "zeus-power-poll" | "zeus-rapl" | "unavailable"
     reason: str | None = None
     gpu_name: str | None = None
-    driver: str | None = None
+    backend: str | None = None  # Zeus's device manager: NVIDIAGPUs, AMDGPUs, RAPLCPUs
+    zeus: str | None = None  # Zeus's version
     temp_start_c: float | None = None
     temp_end_c: float | None = None
-    shared: bool = False
-    other_pids: list[int] = field(default_factory=list)
     window_s: float | None = None  # active (unpaused) time of the window, s
-    segments: int | None = None  # active stretches (1 without pause/resume)
+    segments: int | None = None  # active stretches, one Zeus window each (1 without pause/resume)
     paused_s: float | None = None  # time left out between pause() and resume(), s
-    counter_updates: int | None = None  # distinct counter values seen by the poll thread
-    samples: int | None = None  # power samples integrated (power-poll method)
+    counter_updates: int | None = None  # counter changes seen by note_counter() (inference windows)
     mean_power_w: float | None = None  # joules / window_s
-    fallback_reason: str | None = None  # why the counter was not used
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def nvml_status(device_index: int | None = 0) -> dict[str, Any]:
-    """What NVML can do here, for the environment record: ``{"available", "reason", "gpu_name",
-    "driver", "energy_counter"}``. Never raises."""
-    nvml, reason = _load_nvml()
-    if nvml is None:
-        return {"available": False, "reason": reason}
+# -- Zeus, imported and built lazily --------------------------------------------------------------
+
+_MONITORS: dict[str, ZeusLikeMonitor] = {}
+
+
+@functools.cache
+def _zeus_version() -> str | None:
     try:
-        nvml.nvmlInit()
+        from importlib.metadata import version  # noqa: PLC0415
+
+        return version("zeus")
+    except Exception:  # noqa: BLE001 - metadata only
+        return None
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _gpu_manager() -> tuple[Any | None, str | None]:
+    """Zeus's GPU manager (NVML or amdsmi) or ``(None, reason)``; imports only ``zeus.device``."""
+    try:
+        from zeus.device import get_gpus  # noqa: PLC0415 - lazy on purpose (module docstring)
+    except ImportError as exc:
+        return None, f"zeus not importable ({exc}): pip install zeus"
+    try:
+        return get_gpus(), None
     except Exception as exc:  # noqa: BLE001 - any failure is a reason, not a crash
-        return {"available": False, "reason": f"nvml: init failed ({_nvml_error(exc)})"}
-    out: dict[str, Any] = {"available": True, "reason": None}
+        return None, f"zeus: no GPU energy here ({_error(exc)})"
+
+
+def cpu_energy_unavailable_reason() -> str | None:
+    """Why CPU energy (RAPL through Zeus) cannot be measured here, or None when it can.
+
+    Checks Zeus's RAPL folders first (no import at all when neither exists, as on most VMs and
+    containers), then lets Zeus open them (the counters are root-only on Linux >= 5.10)."""
+    if not any(os.path.exists(d) for d in RAPL_DIRS):
+        return ("rapl: /sys/class/powercap/intel-rapl is not present (no RAPL exposed to this machine, "
+                "e.g. a VM or a container without the powercap folder)")
     try:
-        out["driver"] = _text(nvml.nvmlSystemGetDriverVersion())
-        if device_index is not None:
-            h = nvml.nvmlDeviceGetHandleByIndex(device_index)
-            out["gpu_name"] = _text(nvml.nvmlDeviceGetName(h))
-            try:
-                nvml.nvmlDeviceGetTotalEnergyConsumption(h)
-                out["energy_counter"] = True
-            except Exception as exc:  # noqa: BLE001
-                out["energy_counter"] = False
-                out["energy_counter_reason"] = _nvml_error(exc)
+        from zeus.device.cpu import get_cpus  # noqa: PLC0415
+    except ImportError as exc:
+        return f"zeus not importable ({exc}): pip install zeus"
+    try:
+        cpus = get_cpus()
     except Exception as exc:  # noqa: BLE001
-        out["error"] = _nvml_error(exc)
-    finally:
-        try:
-            nvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
-    return out
+        return f"rapl: not readable ({_error(exc)}); the energy_uj files are root-only unless made readable"
+    if len(cpus) == 0:
+        return "rapl: Zeus found no CPU package"
+    return None
+
+
+def _zeus_monitor(target: Target, index: int | None) -> tuple[ZeusLikeMonitor | None, str | None]:
+    """A cached :class:`zeus.monitor.ZeusMonitor` for one GPU (no CPU packages) or for the CPU
+    packages (no GPU), or ``(None, reason)``."""
+    key = f"{target}:{index}"
+    if key in _MONITORS:
+        return _MONITORS[key], None
+    if target == "gpu":
+        gpus, reason = _gpu_manager()
+        if gpus is None:
+            return None, reason
+        if index is None or index >= len(gpus):
+            return None, f"zeus: GPU {index} is not among the {len(gpus)} GPUs Zeus sees"
+    else:
+        reason = cpu_energy_unavailable_reason()
+        if reason is not None:
+            return None, reason
+    try:
+        from zeus.monitor import ZeusMonitor  # noqa: PLC0415 - seconds to import (scikit-learn)
+
+        if target == "gpu":
+            monitor = ZeusMonitor(gpu_indices=[int(index or 0)], cpu_indices=[])
+        else:
+            monitor = ZeusMonitor(gpu_indices=[], cpu_indices=None)
+    except Exception as exc:  # noqa: BLE001
+        return None, f"zeus: monitor failed ({_error(exc)})"
+    _MONITORS[key] = monitor
+    return monitor, None
+
+
+# -- the adapter ---------------------------------------------------------------------------------
 
 
 class EnergyMeter:
-    """Context manager measuring GPU board energy over the ``with`` block (see module docstring).
+    """Energy over the ``with`` block on one GPU (``target="gpu"``, Zeus GPU index ``index``) or
+    on the CPU packages (``target="cpu"``), leaving out what lies between :meth:`pause` and
+    :meth:`resume`. ``result`` is set by :meth:`stop` (and on exit). See the module docstring.
 
-    ``device_index`` is the NVML index of the GPU, or ``None`` for a CPU device (the result is then
-    ``unavailable``). Prefer :meth:`for_device`, which maps a torch device to its NVML handle by
-    UUID (correct under ``CUDA_VISIBLE_DEVICES``). ``result`` is set on exit (also by :meth:`stop`).
+    ``monitor`` is a :class:`zeus.monitor.ZeusMonitor` (or a stand-in); ``None`` with
+    ``unavailable_reason`` makes the meter measure nothing and say why. Prefer :meth:`for_device`.
     """
 
     def __init__(
         self,
-        device_index: int | None,
-        poll_interval_s: float = 0.02,
+        monitor: ZeusLikeMonitor | None,
+        target: Target = "gpu",
+        index: int | None = 0,
         *,
-        uuid: str | None = None,
         unavailable_reason: str | None = None,
+        gpu_name: str | None = None,
     ) -> None:
-        if poll_interval_s <= 0:
-            raise ValueError(f"EnergyMeter: poll_interval_s must be > 0 (got {poll_interval_s!r})")
-        self.device_index = device_index
-        self.poll_interval_s = poll_interval_s
-        self.uuid = uuid
+        self.monitor = monitor
+        self.target = target
+        self.index = index
         self.result: EnergyResult | None = None
-        self._preset_reason = unavailable_reason
-        self._nvml: ModuleType | None = None
-        self._handle: Any = None
+        self._reason = unavailable_reason if monitor is None else None
+        if monitor is None and self._reason is None:
+            self._reason = "no energy monitor"
+        self._gpu_name = gpu_name
         self._method = "unavailable"
-        self._reason: str | None = None
-        self._fallback_reason: str | None = None
-        self._meta: dict[str, Any] = {}
-        self._pids_start: set[int] = set()
+        self._backend: str | None = None
+        self._keys = itertools.count()
+        self._open_key: str | None = None
+        self._segment_j: list[float] = []
+        self._segment_s: list[float] = []
+        self._error: str | None = None
         self._t_start = 0.0
-        self._e_start_mj: int | None = None
-        self._active_since: float | None = None  # perf_counter s of the open segment's start
-        self._segments: list[tuple[float, float]] = []  # closed active segments (perf_counter s)
-        self._seg_counter_start: int | None = None  # counter at the open segment's start, mJ
-        self._counter_total_mj = 0  # counter deltas of the closed segments, mJ
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._power: list[tuple[float, float]] = []  # (perf_counter s, W)
-        self._counter_values: list[int] = []
-        self._counter_backwards = False
-        self._poll_errors = 0
+        self._temp_start: float | None = None
+        self._last_counter: float | None = None
+        self._updates = 0
 
     @classmethod
-    def for_device(
-        cls, device: torch.device | str | int | None, poll_interval_s: float = 0.02
-    ) -> EnergyMeter:
-        """A meter for a torch device: CPU -> unavailable; CUDA -> its GPU, found by UUID."""
+    def for_device(cls, device: torch.device | str | int | None, poll_interval_s: float = 0.02) -> EnergyMeter:
+        """A meter for a torch device: CUDA -> that GPU's board (Zeus GPU index = torch index);
+        CPU -> unavailable (board energy is a GPU figure; :meth:`for_cpu` measures the CPU).
+        ``poll_interval_s`` is accepted for compatibility; Zeus chooses its own polling."""
         dev = resolve_device(device)
         if dev.type != "cuda":
-            return cls(None, poll_interval_s, unavailable_reason=CPU_REASON)
-        uuid = None
+            return cls(None, "gpu", None, unavailable_reason=CPU_REASON)
+        name = None
         try:
-            raw = getattr(torch.cuda.get_device_properties(dev), "uuid", None)
-            if raw is not None:
-                uuid = str(raw)
-        except Exception:  # noqa: BLE001 - fall back to the index
-            uuid = None
-        try:  # honours CUDA_VISIBLE_DEVICES (numbers or UUIDs)
-            index = int(torch.cuda._get_nvml_device_index(dev))
-        except Exception:  # noqa: BLE001 - private helper; the index is the best remaining guess
-            index = dev.index or 0
-        return cls(index, poll_interval_s, uuid=uuid)
-
-    # -- NVML helpers -----------------------------------------------------------------------
-
-    def _get_handle(self, nvml: ModuleType) -> Any:
-        if self.uuid:
-            for cand in (f"GPU-{self.uuid}", self.uuid):
-                try:
-                    return nvml.nvmlDeviceGetHandleByUUID(cand)
-                except Exception:  # noqa: BLE001 - try the next spelling, then the index
-                    continue
-        return nvml.nvmlDeviceGetHandleByIndex(self.device_index)
-
-    def _other_pids(self) -> set[int]:
-        assert self._nvml is not None
-        procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
-        me = os.getpid()
-        return {int(p.pid) for p in procs if int(p.pid) != me}
-
-    def _temperature(self) -> float | None:
-        assert self._nvml is not None
-        try:
-            kind = getattr(self._nvml, "NVML_TEMPERATURE_GPU", _NVML_TEMPERATURE_GPU)
-            return float(self._nvml.nvmlDeviceGetTemperature(self._handle, kind))
+            name = torch.cuda.get_device_name(dev)
         except Exception:  # noqa: BLE001 - metadata only
-            return None
+            pass
+        if "MIG" in (name or "") or os.environ.get("CUDA_VISIBLE_DEVICES", "").startswith("MIG"):
+            return cls(None, "gpu", dev.index, unavailable_reason=MIG_REASON, gpu_name=name)
+        monitor, reason = _zeus_monitor("gpu", dev.index or 0)
+        return cls(monitor, "gpu", dev.index or 0, unavailable_reason=reason, gpu_name=name)
 
-    def _read_power_w(self) -> float:
-        assert self._nvml is not None
-        return float(self._nvml.nvmlDeviceGetPowerUsage(self._handle)) / 1000.0
+    @classmethod
+    def for_cpu(cls) -> EnergyMeter:
+        """A meter for the CPU packages through RAPL (all packages: RAPL has no per-core figure)."""
+        monitor, reason = _zeus_monitor("cpu", None)
+        return cls(monitor, "cpu", None, unavailable_reason=reason)
 
-    def _read_counter_mj(self) -> int:
-        assert self._nvml is not None
-        return int(self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
-
-    # -- lifecycle ------------------------------------------------------------------------------
+    # -- readings ----------------------------------------------------------------------------------
 
     @property
     def method(self) -> str:
@@ -260,256 +281,196 @@ class EnergyMeter:
 
     @property
     def unavailable_reason(self) -> str | None:
-        """Why :meth:`start` found energy unmeasurable (method ``"unavailable"``), else None."""
+        """Why energy cannot be measured (method ``"unavailable"``), else None."""
         return self._reason if self._method == "unavailable" else None
 
     @property
     def counter_updates_so_far(self) -> int:
-        """Counter updates (counter method) or power samples (poll method) seen so far."""
-        with self._lock:
-            if self._method == "nvml-counter":
-                return max(len(self._counter_values) - 1, 0)
-            return len(self._power)
+        """Counter changes seen by :meth:`note_counter` since :meth:`start`."""
+        return self._updates
 
-    def _unavailable(self, reason: str) -> None:
-        self._method = "unavailable"
-        self._reason = reason
+    def _choose_method(self) -> str:
+        assert self.monitor is not None
+        if self.target == "cpu":
+            self._backend = type(self.monitor.cpus).__name__
+            return "zeus-rapl"
+        gpus = self.monitor.gpus
+        self._backend = type(gpus).__name__
+        if self._gpu_name is None:
+            try:
+                self._gpu_name = str(gpus.get_name(self.index))
+            except Exception:  # noqa: BLE001 - metadata only
+                pass
+        return "zeus-counter" if gpus.supports_get_total_energy_consumption(self.index) else "zeus-power-poll"
+
+    def read_counter_mj(self) -> float | None:
+        """The cumulative energy counter (mJ) through Zeus's device layer, or None without one
+        (Zeus's power polling). Raises what Zeus raises."""
+        assert self.monitor is not None
+        if self.target == "cpu":
+            return float(sum(self.monitor.cpus.get_total_energy_consumption(i).cpu_mj
+                             for i in range(len(self.monitor.cpus))))
+        if self._method != "zeus-counter":
+            return None
+        return float(self.monitor.gpus.get_total_energy_consumption(self.index))
+
+    def note_counter(self) -> None:
+        """Read the counter and count a change (called by the inference loop between bursts, in
+        the caller's thread: readings are recorded in the order they are taken)."""
+        if self._method == "unavailable" or self.result is not None:
+            return
+        try:
+            v = self.read_counter_mj()
+        except Exception:  # noqa: BLE001 - a missed reading only delays the end of the loop
+            return
+        if v is None:
+            return
+        if self._last_counter is not None and v != self._last_counter:
+            self._updates += 1
+        self._last_counter = v
+
+    def _temperature(self) -> float | None:
+        if self.target != "gpu" or self.monitor is None:
+            return None
+        try:
+            return float(self.monitor.gpus.get_gpu_temperature(self.index))
+        except Exception:  # noqa: BLE001 - metadata only
+            return None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        assert self.monitor is not None
+        key = f"kdsearch-{id(self)}-{next(self._keys)}"
+        self.monitor.begin_window(key, sync_execution=self.target == "gpu")
+        self._open_key = key
+
+    def _end(self) -> None:
+        assert self.monitor is not None and self._open_key is not None
+        key, self._open_key = self._open_key, None
+        with warnings.catch_warnings():  # Zeus warns on a zero window; the adapter says why instead
+            warnings.simplefilter("ignore")
+            m = self.monitor.end_window(key, sync_execution=self.target == "gpu")
+        if self.target == "cpu":
+            joules = float(sum((m.cpu_energy or {}).values()))
+        else:
+            joules = float(m.gpu_energy[self.index])
+        self._segment_j.append(joules)
+        self._segment_s.append(float(m.time))
 
     def start(self) -> EnergyMeter:
+        """Open the window (its first active segment)."""
         self.result = None
-        if self._preset_reason is not None or self.device_index is None:
-            self._unavailable(self._preset_reason or CPU_REASON)
-            return self
-        nvml, reason = _load_nvml()
-        if nvml is None:
-            self._unavailable(reason or "nvml: not importable")
+        if self.monitor is None:
+            self._method = "unavailable"
             return self
         try:
-            nvml.nvmlInit()
+            self._method = self._choose_method()
+            self._temp_start = self._temperature()
+            self._t_start = time.perf_counter()
+            self._begin()
         except Exception as exc:  # noqa: BLE001
-            self._unavailable(f"nvml: init failed ({_nvml_error(exc)})")
-            return self
-        self._nvml = nvml
-        try:
-            self._handle = self._get_handle(nvml)
-        except Exception as exc:  # noqa: BLE001
-            self._unavailable(f"nvml: no handle for GPU {self.device_index} ({_nvml_error(exc)})")
-            self._shutdown()
-            return self
-        try:
-            mig = nvml.nvmlDeviceGetMigMode(self._handle)
-            current = mig[0] if isinstance(mig, (tuple, list)) else mig
-            if int(current) == getattr(nvml, "NVML_DEVICE_MIG_ENABLE", _NVML_DEVICE_MIG_ENABLE):
-                self._unavailable("mig: NVML energy and power cover the whole GPU, not this MIG instance")
-                self._shutdown()
-                return self
-        except Exception:  # noqa: BLE001 - not supported means no MIG
-            pass
-        for key, fn in (("gpu_name", "nvmlDeviceGetName"),):
-            try:
-                self._meta[key] = _text(getattr(nvml, fn)(self._handle))
-            except Exception:  # noqa: BLE001
-                self._meta[key] = None
-        try:
-            self._meta["driver"] = _text(nvml.nvmlSystemGetDriverVersion())
-        except Exception:  # noqa: BLE001
-            self._meta["driver"] = None
-        self._meta["temp_start_c"] = self._temperature()
-        try:
-            self._pids_start = self._other_pids()
-        except Exception:  # noqa: BLE001 - the process list is not supported everywhere
-            self._pids_start = set()
-        # Counter first; power polling where the counter is not supported.
-        try:
-            self._e_start_mj = self._read_counter_mj()
-            self._counter_values = [self._e_start_mj]
-            self._method = "nvml-counter"
-        except Exception as exc:  # noqa: BLE001
-            self._fallback_reason = f"energy counter not supported ({_nvml_error(exc)})"
-            try:
-                first = (time.perf_counter(), self._read_power_w())
-            except Exception as exc2:  # noqa: BLE001
-                self._unavailable(
-                    f"nvml: neither energy counter ({_nvml_error(exc)}) nor power reading ({_nvml_error(exc2)})"
-                )
-                self._shutdown()
-                return self
-            self._power = [first]
-            self._method = "nvml-power-poll"
-        self._stop.clear()
-        self._t_start = self._power[0][0] if self._method == "nvml-power-poll" else time.perf_counter()
-        self._active_since = self._t_start
-        self._segments = []
-        self._seg_counter_start = self._e_start_mj
-        self._counter_total_mj = 0
-        self._thread = threading.Thread(target=self._poll, name="kdsearch-energy-poll", daemon=True)
-        self._thread.start()
+            self._method, self._reason = "unavailable", f"zeus: window did not open ({_error(exc)})"
         return self
 
-    def _take_reading(self, t: float) -> int | None:
-        """Read the counter (mJ, returned) or a power sample at ``t`` and record it; a counter that
-        went backwards is flagged. Raises what NVML raises."""
-        if self._method == "nvml-counter":
-            v = self._read_counter_mj()
-            with self._lock:
-                if v < self._counter_values[-1]:
-                    self._counter_backwards = True
-                if v != self._counter_values[-1]:
-                    self._counter_values.append(v)
-            return v
-        sample = (t, self._read_power_w())
-        with self._lock:
-            self._power.append(sample)
-        return None
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.poll_interval_s):
-            try:
-                self._take_reading(time.perf_counter())
-            except Exception:  # noqa: BLE001 - a missed sample is counted, not fatal
-                self._poll_errors += 1
-
     def pause(self) -> None:
-        """Leave what follows out of the window until :meth:`resume` (a no-op when unavailable,
-        stopped or already paused). Readings failing here are counted as poll errors."""
-        if self._method == "unavailable" or self.result is not None or self._active_since is None:
+        """Close the active segment (a no-op when unavailable, stopped or already paused)."""
+        if self._method == "unavailable" or self.result is not None or self._open_key is None:
             return
-        t = time.perf_counter()
         try:
-            self._end_segment_reading(t)
-        except Exception:  # noqa: BLE001
-            self._poll_errors += 1
-        self._segments.append((self._active_since, t))
-        self._active_since = None
+            self._end()
+        except Exception as exc:  # noqa: BLE001 - the sum is then unknown
+            self._error = f"zeus: reading failed ({_error(exc)})"
 
     def resume(self) -> None:
-        """Start a new active segment after :meth:`pause` (a no-op when not paused)."""
-        if self._method == "unavailable" or self.result is not None or self._active_since is not None:
+        """Open a new active segment after :meth:`pause` (a no-op when not paused)."""
+        if self._method == "unavailable" or self.result is not None or self._open_key is not None:
             return
-        t = time.perf_counter()
         try:
-            v = self._take_reading(t)
-            if v is not None:
-                self._seg_counter_start = v
-        except Exception:  # noqa: BLE001
-            self._poll_errors += 1
-            if self._method == "nvml-counter":
-                self._counter_backwards = True  # the segment's start is unknown: no trustworthy sum
-        self._active_since = t
-
-    def _end_segment_reading(self, t: float) -> int | None:
-        """Take the reading that ends the open segment at ``t`` and, on the counter, add the
-        segment's energy to the total (a counter that went backwards is flagged). Returns the
-        counter reading (mJ), None when polling power; raises when the reading fails."""
-        v = self._take_reading(t)
-        if v is not None:
-            assert self._seg_counter_start is not None
-            if v < self._seg_counter_start:
-                self._counter_backwards = True
-            self._counter_total_mj += v - self._seg_counter_start
-        return v
-
-    def _integrate_active(self, pts: list[tuple[float, float]]) -> float:
-        """Trapezoid integral (J) of the power samples over the active segments only."""
-        segments = list(self._segments)
-        total = 0.0
-        for (t0, p0), (t1, p1) in itertools.pairwise(pts):
-            if any(a <= t0 and t1 <= b for a, b in segments):
-                total += (t1 - t0) * (p0 + p1) / 2.0
-        return total
+            self._begin()
+        except Exception as exc:  # noqa: BLE001
+            self._error = f"zeus: reading failed ({_error(exc)})"
 
     def stop(self) -> EnergyResult:
         """End the window and build :attr:`result` (idempotent)."""
         if self.result is not None:
             return self.result
+        meta = {"gpu_name": self._gpu_name, "backend": self._backend, "zeus": _zeus_version()}
         if self._method == "unavailable":
-            self.result = EnergyResult(
-                joules=None, method="unavailable", reason=self._reason, **self._meta_fields()
-            )
-            self._shutdown()
+            self.result = EnergyResult(joules=None, method="unavailable", reason=self._reason, **meta)
             return self.result
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self.pause()
+        wall = time.perf_counter() - self._t_start
+        active = sum(self._segment_s)
+        total = sum(self._segment_j)
         joules: float | None = None
         reason: str | None = None
-        updates: int | None = None
-        samples: int | None = None
-        end_mj: int | None = None
-        try:
-            if self._active_since is not None:  # close the open segment with a final reading
-                t = time.perf_counter()
-                end_mj = self._end_segment_reading(t)
-                self._segments.append((self._active_since, t))
-                self._active_since = None
-            t_end = self._segments[-1][1] if self._segments else time.perf_counter()
-            if self._method == "nvml-counter":
-                assert self._e_start_mj is not None
-                updates = len(self._counter_values) - 1
-                last = end_mj if end_mj is not None else self._counter_values[-1]
-                if self._counter_backwards or last < self._e_start_mj:
-                    reason = f"{COUNTER_RESET_REASON} (start {self._e_start_mj} mJ, end {last} mJ)"
-                elif updates == 0:
-                    reason = (
-                        f"counter did not update during window ({t_end - self._t_start:.3f} s; too short)"
-                    )
-                else:
-                    joules = self._counter_total_mj / 1000.0
-            else:
-                pts = sorted(self._power)
-                samples = len(pts)
-                joules = self._integrate_active(pts)
-        except Exception as exc:  # noqa: BLE001
-            t_end = time.perf_counter()
-            joules, reason = None, f"nvml: final reading failed ({_nvml_error(exc)})"
-        meta = self._meta_fields()
-        meta["temp_end_c"] = self._temperature()
-        other = set(self._pids_start)
-        try:
-            other |= self._other_pids()
-        except Exception:  # noqa: BLE001
-            pass
-        active = sum(b - a for a, b in self._segments) if self._segments else t_end - self._t_start
-        window = active
+        if self._error is not None:
+            reason = self._error
+        elif any(j < 0 for j in self._segment_j):
+            reason = f"{COUNTER_RESET_REASON} (a segment read {min(self._segment_j):.4g} J)"
+        elif total <= 0.0:
+            reason = f"counter did not update during window ({active:.3f} s; too short)"
+        else:
+            joules = total
         self.result = EnergyResult(
             joules=joules,
             method=self._method,
             reason=reason,
-            shared=bool(other),
-            other_pids=sorted(other),
-            window_s=window,
-            segments=len(self._segments),
-            paused_s=max(0.0, (t_end - self._t_start) - active),
-            counter_updates=updates,
-            samples=samples,
-            mean_power_w=(joules / window) if joules is not None and window > 0 else None,
-            fallback_reason=self._fallback_reason,
+            temp_start_c=self._temp_start,
+            temp_end_c=self._temperature(),
+            window_s=active,
+            segments=len(self._segment_j),
+            paused_s=max(0.0, wall - active),
+            counter_updates=self._updates if self._last_counter is not None else None,
+            mean_power_w=(joules / active) if joules is not None and active > 0 else None,
             **meta,
         )
-        self._shutdown()
         return self.result
-
-    def _meta_fields(self) -> dict[str, Any]:
-        return {
-            "gpu_name": self._meta.get("gpu_name"),
-            "driver": self._meta.get("driver"),
-            "temp_start_c": self._meta.get("temp_start_c"),
-            "temp_end_c": self._meta.get("temp_end_c"),
-        }
-
-    def _shutdown(self) -> None:
-        if self._nvml is not None:
-            try:
-                self._nvml.nvmlShutdown()
-            except Exception:  # noqa: BLE001
-                pass
-            self._nvml = None
 
     def __enter__(self) -> EnergyMeter:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def run_inference_window(
+    forward: Callable[[], object],
+    images_per_forward: int,
+    meter: EnergyMeter,
+    min_time_s: float,
+    cap_s: float,
+    sync: Callable[[], None] = lambda: None,
+    read_every_s: float = 0.02,
+) -> tuple[int, EnergyResult]:
+    """Run ``forward`` back to back inside ``meter`` (already started) until ``min_time_s`` and
+    :data:`MIN_COUNTER_UPDATES` counter changes, or ``cap_s``; returns (images, the result).
+    Bursts of 8 forwards keep a GPU queue full; ``sync`` waits for them before the clock is read;
+    the counter is read at most every ``read_every_s``."""
+    images = 0
+    t0 = last_read = time.perf_counter()
+    try:
+        if meter.method != "unavailable":  # no point running the loop otherwise
+            meter.note_counter()
+            counted = meter.method in ("zeus-counter", "zeus-rapl")
+            while True:
+                for _ in range(8):
+                    forward()
+                images += 8 * images_per_forward
+                sync()
+                now = time.perf_counter()
+                if now - last_read >= read_every_s:
+                    meter.note_counter()
+                    last_read = now
+                ran = now - t0
+                enough = not counted or meter.counter_updates_so_far >= MIN_COUNTER_UPDATES
+                if ran >= cap_s or (ran >= min_time_s and enough):
+                    meter.note_counter()
+                    break
+    finally:
+        result = meter.stop()
+    return images, result
 
 
 def measure_inference_energy(
@@ -520,76 +481,105 @@ def measure_inference_energy(
     cfg: EnergyConfig,
     in_chans: int = 3,
     max_s: float | None = None,
+    *,
+    on_cpu: bool = False,
+    monitor: ZeusLikeMonitor | None = None,
 ) -> tuple[float | None, EnergyResult]:
-    """Board energy per image of inference, in mJ/image, and the full :class:`EnergyResult`.
+    """Energy per image of inference, in mJ/image, and the full :class:`EnergyResult`.
 
-    Runs back-to-back forwards of ``batch_size`` images (fp32, eval, inference mode) inside an
-    :class:`EnergyMeter`, after an untimed warm-up, for at least ``cfg.infer_min_time_s`` seconds
-    and at least :data:`MIN_COUNTER_UPDATES` counter updates (power samples with the polling
-    fallback), at most :data:`MAX_WINDOW_FACTOR` x ``infer_min_time_s``: the counter advances
-    every few tens of ms, so the window spans many of its steps. mJ/image = joules * 1000 /
-    images. ``max_s`` (s) caps the loop below the caller's remaining time budget (never below
-    ``infer_min_time_s``). ``None`` (with the result's ``reason``) when energy cannot be measured:
-    CPU device, disabled, or NVML unavailable.
+    Back-to-back forwards of ``batch_size`` images (eval, inference mode) inside one Zeus window,
+    after an untimed warm-up: see :func:`run_inference_window` and the module docstring.
+    mJ/image = joules * 1000 / images. ``max_s`` (s) caps the loop below the caller's remaining
+    time budget (never below ``infer_min_time_s``). ``on_cpu``: the CPU packages' energy (RAPL)
+    of a CPU copy of the model (the edge figure), whatever ``device`` is; otherwise the board
+    energy of ``device``'s GPU. ``monitor`` replaces Zeus (tests). ``None`` (with the result's
+    ``reason``) when energy cannot be measured.
     """
-    dev = resolve_device(device)
     if not cfg.enabled:
-        return None, EnergyResult(
-            joules=None, method="unavailable", reason="disabled: measure.energy.enabled is false"
-        )
-    if dev.type != "cuda":
-        return None, EnergyResult(joules=None, method="unavailable", reason=CPU_REASON)
-    dtype = model_dtype(model)
-    x = example_input(batch_size, resolution, dev, dtype, in_chans, uses_channels_last(model))
-    was_training = model.training
-    model.eval()
-    images = 0
+        return None, EnergyResult(joules=None, method="unavailable", reason="disabled: measure.energy.enabled is false")
+    dev = torch.device("cpu") if on_cpu else resolve_device(device)
+    if monitor is not None:
+        meter = EnergyMeter(monitor, "cpu" if on_cpu else "gpu", None if on_cpu else (dev.index or 0))
+    elif on_cpu:
+        meter = EnergyMeter.for_cpu()
+    else:
+        meter = EnergyMeter.for_device(dev)
+    if meter.monitor is None:  # say why without running anything
+        return None, meter.start().stop()
+    first = next(iter(model.parameters()), None)
+    net = cpu_copy(model) if on_cpu and first is not None and first.device.type != "cpu" else model
+    x = example_input(batch_size, resolution, dev, model_dtype(net), in_chans, uses_channels_last(net))
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    cap_s = MAX_WINDOW_FACTOR * cfg.infer_min_time_s
+    if max_s is not None:
+        cap_s = max(cfg.infer_min_time_s, min(cap_s, max_s))
+    was_training = net.training
+    net.eval()
     try:
-        with torch.inference_mode(), torch.cuda.device(dev):
+        with torch.inference_mode():
             for _ in range(3):
-                model(x)
-            torch.cuda.synchronize(dev)
-            meter = EnergyMeter.for_device(dev, cfg.poll_interval_s).start()
-            try:
-                if meter.method != "unavailable":  # no point running the loop otherwise
-                    t0 = time.perf_counter()
-                    cap_s = MAX_WINDOW_FACTOR * cfg.infer_min_time_s
-                    if max_s is not None:
-                        cap_s = max(cfg.infer_min_time_s, min(cap_s, max_s))
-                    # Keep a few forwards queued so the GPU stays busy; check the clock between bursts.
-                    while True:
-                        for _ in range(8):
-                            model(x)
-                        images += 8 * batch_size
-                        torch.cuda.synchronize(dev)
-                        ran = time.perf_counter() - t0
-                        if ran >= cap_s or (
-                            ran >= cfg.infer_min_time_s and meter.counter_updates_so_far >= MIN_COUNTER_UPDATES
-                        ):
-                            break
-            finally:
-                result = meter.stop()
+                net(x)
+            sync()
+            meter.start()
+            images, result = run_inference_window(
+                lambda: net(x), batch_size, meter, cfg.infer_min_time_s, cap_s, sync, cfg.poll_interval_s
+            )
     finally:
-        model.train(was_training)
+        net.train(was_training)
     if result.joules is None or images == 0:
         return None, result
     return result.joules * 1000.0 / images, result
 
 
+def nvml_status(device_index: int | None = 0) -> dict[str, Any]:
+    """What Zeus can measure here, for the environment record: ``{"available", "reason",
+    "gpu_name", "energy_counter", "backend", "driver", "rapl"}``. Imports ``zeus.device`` only (and
+    asks NVML itself for the driver version, which Zeus does not expose). Never raises."""
+    out: dict[str, Any] = {"rapl": cpu_energy_unavailable_reason() or "readable"}
+    gpus, reason = _gpu_manager()
+    if gpus is None:
+        return {**out, "available": False, "reason": reason}
+    out.update({"available": True, "reason": None, "backend": type(gpus).__name__})
+    if type(gpus).__name__ == "NVIDIAGPUs":  # Zeus has no driver-version call; NVML is initialised by Zeus
+        try:
+            import pynvml  # noqa: PLC0415
+
+            v = pynvml.nvmlSystemGetDriverVersion()
+            out["driver"] = v.decode() if isinstance(v, bytes) else str(v)
+        except Exception:  # noqa: BLE001 - metadata only
+            out["driver"] = None
+    if device_index is not None:
+        try:
+            out["gpu_name"] = str(gpus.get_name(device_index))
+            out["energy_counter"] = bool(gpus.supports_get_total_energy_consumption(device_index))
+        except Exception as exc:  # noqa: BLE001
+            out["error"] = _error(exc)
+    return out
+
+
 def energy_unavailable_reason(device: torch.device | str | int | None = 0) -> str | None:
-    """Why NVML energy cannot be measured on ``device`` (a CUDA device or index), or None when it
-    can: opens an :class:`EnergyMeter` the way a trial does (NVML import and init, the GPU's
-    handle, MIG, the counter or a power reading) and closes it at once. Takes milliseconds;
-    the preflight uses it to refuse an energy objective before a study starts."""
+    """Why GPU board energy cannot be measured on ``device`` (a CUDA device or index), or None when
+    it can: the checks a trial's meter makes (a GPU, not a MIG slice, Zeus's GPU manager, the GPU
+    among Zeus's), without building the monitor (``zeus.device`` only). The preflight uses it to
+    refuse an energy objective before a study starts."""
     if device is None:
         return CPU_REASON
     dev = torch.device("cuda", device) if isinstance(device, int) else resolve_device(device)
     if dev.type != "cuda":
         return CPU_REASON
-    meter = EnergyMeter.for_device(dev).start()
-    reason = meter.unavailable_reason
-    meter.stop()
-    return reason
+    try:
+        if "MIG" in torch.cuda.get_device_name(dev):
+            return MIG_REASON
+    except Exception:  # noqa: BLE001 - Zeus decides below
+        pass
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "").startswith("MIG"):
+        return MIG_REASON
+    gpus, reason = _gpu_manager()
+    if gpus is None:
+        return reason
+    if (dev.index or 0) >= len(gpus):
+        return f"zeus: GPU {dev.index or 0} is not among the {len(gpus)} GPUs Zeus sees"
+    return None
 
 
 def kd_energy_metrics(meter_result: Any, images_seen: int, m: Any) -> None:

@@ -19,7 +19,7 @@ from kdsearch.measure._common import BYTES_PER_MB, resolve_device
 
 __all__ = ["collect_environment", "environment_diff", "PACKAGES"]
 
-PACKAGES: tuple[str, ...] = ("torch", "torchvision", "timm", "optuna", "ptflops", "nvidia-ml-py", "kdsearch")
+PACKAGES: tuple[str, ...] = ("torch", "torchvision", "timm", "optuna", "ptflops", "nvidia-ml-py", "zeus", "kdsearch")
 
 
 def _cpu_model() -> str | None:
@@ -46,7 +46,7 @@ def collect_environment(device: torch.device | str | None) -> dict[str, Any]:
     Keys: ``device``, ``device_name``, ``device_capability``, ``device_memory_mb`` (MB = 10^6
     bytes), ``driver``, ``cuda``, ``cudnn``, ``torch``, ``cpu_model``, ``cpu_count``,
     ``cpu_affinity``, ``torch_threads``, ``hostname``, ``python``, ``platform``,
-    ``pkg.<name>`` for each of :data:`PACKAGES`, and ``nvml.*`` (NVML status, CUDA devices only).
+    ``pkg.<name>`` for each of :data:`PACKAGES`, and ``nvml.*`` (what Zeus can measure: GPU backend, energy counter, RAPL; CUDA devices only).
     """
     from kdsearch.measure.energy import nvml_status  # noqa: PLC0415 - avoid a cycle at import
 
@@ -78,7 +78,7 @@ def collect_environment(device: torch.device | str | None) -> dict[str, Any]:
             env["device_memory_mb"] = round(props.total_memory / BYTES_PER_MB, 1)
         except Exception as exc:  # noqa: BLE001
             env["device_name"] = f"error: {type(exc).__name__}: {exc}"
-        status = nvml_status(_nvml_index(dev))
+        status = nvml_status(dev.index or 0)  # Zeus's GPU index = torch's (after CUDA_VISIBLE_DEVICES)
         env["driver"] = status.get("driver")
         for k, v in status.items():
             if k != "driver":
@@ -89,21 +89,6 @@ def collect_environment(device: torch.device | str | None) -> dict[str, Any]:
         env["nvml.available"] = False
         env["nvml.reason"] = "not queried: cpu device"
     return env
-
-
-def _nvml_index(dev: torch.device) -> int:
-    """NVML index of a CUDA device, honouring ``CUDA_VISIBLE_DEVICES``."""
-    try:
-        return int(torch.cuda._get_nvml_device_index(dev))
-    except Exception:  # noqa: BLE001 - private helper; fall back to parsing numbers
-        pass
-    index = dev.index or 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        entries = [v.strip() for v in visible.split(",") if v.strip()]
-        if index < len(entries) and entries[index].isdigit():
-            return int(entries[index])
-    return index
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,15 +15,20 @@ Units: every figure is in **MB = 10^6 bytes** (not MiB), as the ``_mb`` metric n
   :class:`AllocatorCounters`, so the accounting is tested without a GPU.
 
 ``cudnn.benchmark`` (on while distilling: fixed shapes) makes cuDNN try several convolution
-algorithms in the first steps; their workspaces are allocations through the caching allocator,
-so they count in ``max_memory_allocated`` and therefore in the KD peak. That is deliberate: a
-card must hold them to train the student this way. ``benchmarks/bench_memory.py`` measures the
-peak with the autotuner on and off.
+algorithms the first time a worker meets a shape; their trial workspaces are caching-allocator
+allocations, so whether they land in a figure would depend on the worker's history (a shape seen
+by an earlier trial is not tuned again). The decision: **neither the probe nor the box includes
+the autotuner's trial workspaces**. :func:`probe_kd_peak` runs one unmeasured KD step of the
+trial's student at the trial's shapes before the probe's measured steps (that step tunes every
+training shape), and the box runs after the probe in the same worker, so both see the same tuned
+state whatever ran before. The workspaces of the algorithms chosen are included (a card must hold
+them to train this way). ``benchmarks/bench_memory.py`` measures the peak with the autotuner on
+and off.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -54,6 +59,8 @@ __all__ = [
     "KDMemoryTracker",
     "KD_MEMORY_METHOD",
     "CUDNN_NOTE",
+    "AUTOTUNER_WARMUP_STEPS",
+    "probe_kd_peak",
 ]
 
 CUDA_ONLY_REASON = "cpu: torch.cuda.max_memory_allocated is CUDA-only"
@@ -237,9 +244,11 @@ KD_MEMORY_METHOD = (
     "training segment starts, read when it ends; in-loop validation excluded)"
 )
 CUDNN_NOTE = (
-    "includes cuDNN workspaces: they are caching-allocator allocations, and with "
-    "cudnn.benchmark the autotuner's trial workspaces of the first steps count too"
+    "includes the cuDNN workspaces of the algorithms chosen (caching-allocator allocations), not the "
+    "autotuner's trial workspaces: the probe runs one unmeasured KD step first (it tunes every training "
+    "shape) and the box runs after the probe, so both see the same tuned state whatever the worker ran before"
 )
+AUTOTUNER_WARMUP_STEPS = 1  # unmeasured KD steps before the probe's measured ones
 
 
 class KDMemoryTracker:
@@ -372,3 +381,19 @@ class KDMemoryTracker:
         except Exception:  # noqa: BLE001 - a broken CUDA context must not hide the KD error
             if exc[0] is None:
                 raise
+
+
+def probe_kd_peak(
+    run_steps: Callable[[int, Sequence[KDMemoryTracker]], None], tracker: KDMemoryTracker, steps: int
+) -> None:
+    """The fail-fast memory probe's measurement, in the autotuner state the box will see.
+
+    ``run_steps(n, meters)`` runs ``n`` KD steps of (a copy of) the trial's student at the trial's
+    shapes with ``meters`` (``distill`` with a step limit). :data:`AUTOTUNER_WARMUP_STEPS`
+    unmeasured steps run first, so cuDNN's autotuner has tuned every training shape before
+    ``tracker`` opens; the ``steps`` measured steps, and the box after them, reuse the tuned
+    choice (see the module docstring). Exceptions (an OOM) propagate; ``tracker`` is closed.
+    """
+    run_steps(AUTOTUNER_WARMUP_STEPS, ())
+    with tracker:
+        run_steps(steps, (tracker,))

@@ -16,9 +16,12 @@ metric                            how
 ``model_size_mb``                 parameters + buffers, MB = 10^6 bytes
 ``activation_peak_mb_b1``         largest leaf-module (input + output) footprint, batch 1
 ``macs``, ``params``              ptflops, one image
-``infer_energy_mj_per_image_b{N}`` NVML board energy of a >= ``infer_min_time_s`` inference loop
+``infer_energy_mj_per_image_b{N}`` GPU board energy (Zeus) of a >= ``infer_min_time_s`` inference loop
                                   (and >= 20 counter updates) at batch N, per image (CUDA only)
 ``infer_energy_mj_per_image``     the same at the largest batch size
+``infer_energy_mj_per_image_b{N}_cpu`` CPU package energy (RAPL through Zeus) of the same loop on a
+                                  CPU copy, per image, beside ``latency_ms_b{N}_cpu`` (the edge
+                                  figure); missing with the reason where RAPL is not readable
 ================================  ==================================================================
 
 The whole phase runs under a hard time budget (``budget_s``, by default
@@ -51,7 +54,7 @@ from kdsearch import trial_record as tr
 from kdsearch.config import MeasureConfig
 from kdsearch.measure._common import device_label, error_reason, resolve_device
 from kdsearch.measure.complexity import PTFLOPS_BACKEND, measure_complexity
-from kdsearch.measure.energy import measure_inference_energy
+from kdsearch.measure.energy import cpu_energy_unavailable_reason, measure_inference_energy
 from kdsearch.measure.latency import LatencyResult, OverBudget, measure_latency, measure_latency_on_cpu
 from kdsearch.measure.memory import (
     CUDA_ONLY_REASON,
@@ -353,6 +356,32 @@ def measure_inference(
                 m.set(name, mj, how)
 
         _guard(m, [name], energy)
+    # CPU energy per image (RAPL through Zeus) beside the CPU latency: the edge figure.
+    # Produced exactly when kdsearch.metrics.why_not_produced says so: "cpu" listed, energy on.
+    if "cpu" in lat.devices and cfg.energy.enabled:
+        rapl_reason = cpu_energy_unavailable_reason()
+        for b in sorted(lat.batch_sizes):
+            name = f"infer_energy_mj_per_image_b{b}_cpu"
+            if rapl_reason is not None:
+                m.set_missing(name, rapl_reason, {"method": "unavailable", "device": "cpu", "batch_size": b})
+                continue
+
+            def cpu_energy(b: int = b, name: str = name) -> None:
+                r = cache.get(("cpu", b))
+                per = r.median_ms / 1e3 if isinstance(r, LatencyResult) else (r.forward_s if r else 0.0)
+                estimate = cfg.energy.infer_min_time_s + 11 * per
+                if estimate > left():
+                    raise OverBudget(f"CPU inference energy at batch {b}", estimate, left(), per,
+                                     f"{cfg.energy.infer_min_time_s:.3g} s + 11 forwards")
+                mj, er = measure_inference_energy(model, res, b, "cpu", cfg.energy, chans,
+                                                  max_s=left() - 1.0, on_cpu=True)
+                how = {**er.to_dict(), "batch_size": b, "device": "cpu", "threads": torch.get_num_threads()}
+                if mj is None:
+                    m.set_missing(name, er.reason or "unmeasured", how)
+                else:
+                    m.set(name, mj, how)
+
+            _guard(m, [name], cpu_energy)
     alias = f"infer_energy_mj_per_image_b{largest}"
     if m.values.get(alias) is not None:
         m.set("infer_energy_mj_per_image", m.values[alias], m.methods.get(alias))

@@ -20,7 +20,7 @@ from kdsearch.config import Space, StudyConfig
 from kdsearch.data import load_data
 from kdsearch.distill.cache_size import check_caches_fit
 from kdsearch.errors import ConfigError
-from kdsearch.measure.energy import energy_unavailable_reason
+from kdsearch.measure.energy import cpu_energy_unavailable_reason, energy_unavailable_reason
 from kdsearch.measure.runtime_ort import ORT_DEVICE, ORT_EXTRA, onnxruntime_missing
 from kdsearch.metrics import metric_info
 from kdsearch.models import create_teacher, get_family
@@ -60,16 +60,28 @@ def check_measurable(
     *,
     cuda_available: bool | None = None,
     energy_reason: str | None | Callable[[], str | None] = energy_unavailable_reason,
+    cpu_energy_reason: str | None | Callable[[], str | None] = cpu_energy_unavailable_reason,
 ) -> None:
     """Refuse an objective or constraint this machine cannot measure, in milliseconds.
 
     A metric the registry marks ``needs_cuda`` needs a visible CUDA device; one marked
     ``needs_nvml`` also needs NVML energy (the counter, or power polling) on it: not on a CPU,
-    not without the driver's NVML, not on a MIG slice. ``cuda_available`` and ``energy_reason``
+    not without the driver's NVML, not on a MIG slice; one marked ``needs_rapl`` needs readable
+    RAPL counters (CPU energy). ``cuda_available``, ``energy_reason`` and ``cpu_energy_reason``
     (a reason string, None for "usable", or a function returning either) default to asking this
     machine; tests pass them.
     """
     wanted = [("objectives", n) for n in cfg.objectives] + [("constraints", n) for n in cfg.constraints]
+    rapl = [(sec, n) for sec, n in wanted if (info := metric_info(n)) is not None and info.needs_rapl]
+    if rapl:
+        why = cpu_energy_reason() if callable(cpu_energy_reason) else cpu_energy_reason
+        if why is not None:
+            sec, name = rapl[0]
+            raise ConfigError(
+                f"{sec}.{name}", f"needs CPU energy (RAPL through Zeus), which is not readable here ({why})", name,
+                "run where /sys/class/powercap/intel-rapl/*/energy_uj is readable (root, or a udev rule), "
+                "or drop the CPU energy figure from the study",
+            )
     gpu = [(sec, n) for sec, n in wanted if (info := metric_info(n)) is not None and info.needs_cuda]
     if not gpu:
         return
@@ -88,7 +100,7 @@ def check_measurable(
         sec, name = nvml[0]
         raise ConfigError(
             f"{sec}.{name}", f"needs NVML energy on this GPU, which is not usable here ({reason})", name,
-            "install nvidia-ml-py with a driver that exposes NVML, use a whole GPU (not a MIG slice), "
+            "install zeus (pip install zeus) with a driver that exposes NVML, use a whole GPU (not a MIG slice), "
             "or drop the energy figure from the study",
         )
 

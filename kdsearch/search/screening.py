@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import optuna
@@ -46,6 +46,7 @@ from kdsearch import trial_record as tr
 from kdsearch.config import StudyConfig
 from kdsearch.distill import KDHyper, distill
 from kdsearch.measure import KDMemoryTracker, Measurements, measure_inference
+from kdsearch.measure.memory import AUTOTUNER_WARMUP_STEPS, probe_kd_peak
 from kdsearch.metrics import is_fixed_cost
 from kdsearch.models.spec import StudentSpec
 from kdsearch.search.worker_setup import PreparedTeacher, WorkerContext, free_device_memory
@@ -179,28 +180,32 @@ def memory_probe(
     ``probe_peak_memory_mb`` in ``fixed``. Returns ``(violations, reason)`` when the probe ran out
     of memory or its peak is over the ``peak_kd_memory_mb`` limit, else None."""
     cfg, device = ctx.cfg, ctx.device
-    how = {"method": f"{PROBE_STEPS} KD training steps of a copy of the untrained student before the box",
-           "steps": PROBE_STEPS, "batch_size": cfg.distill.batch_size, "resolution": spec.resolution,
-           "train_dtype": ctx.train_dtype}
+    how = {"method": f"{PROBE_STEPS} KD training steps of a copy of the untrained student before the box, "
+                     f"after {AUTOTUNER_WARMUP_STEPS} unmeasured step (cuDNN autotuner warmed for its shapes)",
+           "steps": PROBE_STEPS, "autotuner_warmup_steps": AUTOTUNER_WARMUP_STEPS,
+           "batch_size": cfg.distill.batch_size, "resolution": spec.resolution, "train_dtype": ctx.train_dtype}
     tracker = KDMemoryTracker(device)
     if not tracker.available:  # no allocator counters: the CPU
         fixed.set_missing("probe_peak_memory_mb", f"the memory probe runs on CUDA only; this worker runs on {device.type}",
                           {**how, "method": "skipped"})
         return None
-    probe = copy.deepcopy(student)
+    probes = [copy.deepcopy(student)]  # a list, so the copy can be dropped after the probe
     oom: str | None = None
-    try:
-        with tracker:
-            distill(
-                probe, train=ctx.train_source, val=ctx.bundle.val, bundle=ctx.bundle, teacher_source=teacher.source,
-                hyper=hyper, cfg=cfg.distill, time_box_s=cfg.study.trial_time_s, resolution=spec.resolution,
-                device=device, seed=seed, view_spec=ctx.view_spec, eval_batch_size=cfg.measure.eval_batch_size,
-                meters=(tracker,), train_dtype=ctx.train_dtype, max_steps=PROBE_STEPS,
-            )
+
+    def run_steps(steps: int, meters: Sequence[KDMemoryTracker]) -> None:
+        distill(
+            probes[0], train=ctx.train_source, val=ctx.bundle.val, bundle=ctx.bundle, teacher_source=teacher.source,
+            hyper=hyper, cfg=cfg.distill, time_box_s=cfg.study.trial_time_s, resolution=spec.resolution,
+            device=device, seed=seed, view_spec=ctx.view_spec, eval_batch_size=cfg.measure.eval_batch_size,
+            meters=meters, train_dtype=ctx.train_dtype, max_steps=steps,
+        )
+
+    try:  # one unmeasured step tunes cuDNN for the trial's shapes: the probe and the box agree
+        probe_kd_peak(run_steps, tracker, PROBE_STEPS)
     except torch.OutOfMemoryError as exc:
         oom = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
     finally:
-        del probe
+        probes.clear()
         free_device_memory(device)
     if tracker.value_mb is not None:
         fixed.set("probe_peak_memory_mb", tracker.value_mb, {**how, **tracker.method()})

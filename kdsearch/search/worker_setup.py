@@ -18,7 +18,15 @@ from typing import Any
 import torch
 
 from kdsearch.config import StudyConfig, TeacherConfig
-from kdsearch.data import BatchSource, DataBundle, ViewSpec, load_data, make_batch_source, should_be_resident
+from kdsearch.data import (
+    BatchSource,
+    DataBundle,
+    ViewSpec,
+    load_data,
+    make_batch_source,
+    share_pinned_train,
+    should_be_resident,
+)
 from kdsearch.distill import OnlineTeacher, TeacherCache, build_or_load_cache, fit_teacher
 from kdsearch.distill.precision import train_dtype_for
 from kdsearch.errors import KDSearchError
@@ -131,6 +139,7 @@ def prepare_worker(
     if resident:
         bundle = bundle.to(device)
     train_source = make_batch_source(bundle.train, device, resident, cfg.data.num_workers)
+    bundle = share_pinned_train(bundle, train_source)  # one host copy of train (fit, cache build reuse it)
     cache_cfg = cfg.teacher.cache
     view_spec = ViewSpec(image_size=bundle.image_size, padding=cache_cfg.crop_padding, flip=cache_cfg.flip)
     teachers: dict[str, PreparedTeacher] = {}

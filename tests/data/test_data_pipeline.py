@@ -76,3 +76,34 @@ def test_cuda_sources_deliver_on_device(resident: bool) -> None:
         assert torch.equal(images[:, 0, 0, 0], (idx % 256).to(torch.uint8))
         seen += idx.tolist()
     assert sorted(seen) == list(range(300))
+
+
+def test_a_worker_holds_one_host_copy_of_the_train_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20 item 6: with a CUDA device and host data, the trial's source pins the train split
+    once and the bundle keeps that copy; the teacher fit's and the cache build's sources (which call
+    make_batch_source on bundle.train) reuse it. pin_memory needs CUDA, so it is emulated here by a
+    pageable copy that is_pinned recognises: the copies counted are those the code makes."""
+    from kdsearch.data import share_pinned_train
+
+    pinned: set[int] = set()
+
+    def pin_memory(t: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        c = t.clone()
+        pinned.add(c.data_ptr())
+        return c
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda t, *a, **k: t.data_ptr() in pinned)
+    bundle = load_data(DataConfig(dataset="synthetic", synthetic_train_size=64, synthetic_test_size=16))
+    cuda = torch.device("cuda")  # only constructed: building a host source makes no CUDA call
+    trial = make_batch_source(bundle.train, cuda, resident=False)
+    shared = share_pinned_train(bundle, trial)
+    fit, cache = (make_batch_source(shared.train, cuda, resident=False) for _ in range(2))
+    ptrs = {s.split.images.data_ptr() for s in (trial, fit, cache)} | {shared.train.images.data_ptr()}
+    assert len(ptrs) == 1 and len(pinned) == 2  # one pinned copy of images, one of labels
+    assert torch.equal(shared.train.images, bundle.train.images)
+    # Without sharing (the code before), every source pinned a copy of its own.
+    assert make_batch_source(bundle.train, cuda, resident=False).split.images.data_ptr() not in ptrs
+    # A CPU worker (or a resident split) pins nothing: the bundle is returned as it was.
+    assert share_pinned_train(bundle, make_batch_source(bundle.train, "cpu", resident=False)) is bundle
+    assert share_pinned_train(bundle, make_batch_source(bundle.train, "cpu", resident=True)) is bundle

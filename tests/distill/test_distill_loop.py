@@ -239,7 +239,8 @@ def test_a_stop_cools_the_lr_down_linearly_to_its_final_value(world, monkeypatch
 
 
 def test_meters_follow_the_training_clock(world) -> None:
-    """Every meter is paused around each validation and resumed after it, never around the last."""
+    """Every meter is paused on entry (the set-up is not training), resumed when the training clock
+    starts, paused around each validation and resumed after it, never after the last."""
     events: list[str] = []
 
     class Meter:
@@ -257,7 +258,8 @@ def test_meters_follow_the_training_clock(world) -> None:
     n = len(r.val_history)
     assert n == 4
     one = ["pause", "pause", "eval", "resume", "resume"]
-    assert events == one * (n - 1) + ["pause", "pause", "eval"]
+    setup = ["pause", "pause", "resume", "resume"]
+    assert events == setup + one * (n - 1) + ["pause", "pause", "eval"]
 
 
 def test_in_loop_validation_uses_the_training_precision_and_batch(world, monkeypatch) -> None:

@@ -242,7 +242,9 @@ def test_distill_pauses_the_tracker_around_validation() -> None:
         )
     assert r.steps > 0 and len(evals) == 4
     assert mem.value_mb == pytest.approx(10.0) and mem.total_mb == pytest.approx(60.0)
-    assert mem.segments == 4  # the first, and one after each in-box validation
+    # the stretch before distill() is entered (closed by its set-up pause), the first training
+    # segment, and one after each in-box validation
+    assert mem.segments == 5
 
 
 @pytest.mark.gpu
@@ -281,5 +283,186 @@ def test_real_kd_peak_excludes_validation_and_the_resident_data() -> None:
     assert mem.baseline_mb >= 200.0 and mem.value_mb < 500.0  # a small student's training steps
     assert mem.total_mb == pytest.approx(mem.baseline_mb + mem.value_mb)
     assert whole.value_mb is not None and whole.value_mb >= 1000.0  # unpaused: the validation's 1 GB
-    assert mem.segments == 4
+    assert mem.segments == 5
     del resident
+
+
+# -- issue 20 item 4: the same figure in every worker; windows that hold the training steps only ---
+
+
+def _tiny_run(fake: FakeAllocator | None = None):
+    """A synthetic bundle, a tiny student and a distill() caller (CPU)."""
+    from kdsearch.config import DataConfig, DistillConfig
+    from kdsearch.data import ViewSpec, load_data, make_batch_source
+    from kdsearch.distill import KDHyper, distill
+    from kdsearch.models import StudentSpec, build_student
+
+    bundle = load_data(DataConfig(dataset="synthetic", synthetic_train_size=256, synthetic_test_size=64))
+    student = build_student(StudentSpec("vgg", 16, bundle.num_classes, {"depth": 2, "width": 0.125}))
+    source = make_batch_source(bundle.train, "cpu", resident=True)
+
+    def run(meters: tuple, *, steps: int | None = None, box_s: float = 0.3, val: object = None, model=None) -> object:
+        class Done(Exception):
+            pass
+
+        def stop_after(step: int, loss: torch.Tensor) -> torch.Tensor:
+            if steps is not None and step > steps:
+                raise Done
+            return loss
+
+        try:
+            return distill(
+                model or student, train=source, val=val or bundle.val, bundle=bundle, teacher_source=None,
+                hyper=KDHyper(4.0, 0.0, 0.05), cfg=DistillConfig(batch_size=32, eval_subset=16),
+                time_box_s=box_s, resolution=16, device="cpu", seed=0,
+                view_spec=ViewSpec(bundle.image_size, 2, True), meters=meters, on_step=stop_after,
+            )
+        except Done:
+            return None
+
+    return bundle, student, run
+
+
+class FakeAutotuner:
+    """cuDNN's autotuner (cudnn.benchmark) in one worker, charged to a fake allocator: the first
+    training forward of a conv at a new input shape tries algorithms with 500 MB of trial
+    workspaces; every training forward holds 10 MB while it runs. ``seen`` is the worker's history."""
+
+    def __init__(self, fake: FakeAllocator, seen: set | None = None) -> None:
+        self.fake = fake
+        self.seen: set = set() if seen is None else seen
+
+    def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not module.training:
+            return
+        key = (type(module).__name__, tuple(inputs[0].shape), tuple(module.weight.shape))
+        if key not in self.seen:
+            self.seen.add(key)
+            self.fake.alloc(500)
+            self.fake.free(500)
+        self.fake.alloc(10)
+        self.fake.free(10)
+
+
+def _probe_and_box(history: set | None, warm: bool = True) -> tuple[float, float, set]:
+    """One worker: the probe (as the objective runs it) then the box, for the same student."""
+    from kdsearch.measure.memory import probe_kd_peak
+
+    fake = FakeAllocator(resident_mb=50)
+    tuner = FakeAutotuner(fake, history)
+    _, student, run = _tiny_run()
+    for mod in student.modules():
+        if isinstance(mod, nn.Conv2d):
+            mod.register_forward_hook(tuner.hook)
+    probe = KDMemoryTracker("cpu", counters=fake)
+    if warm:
+        probe_kd_peak(lambda n, meters: run(tuple(meters), steps=n), probe, 3)
+    else:  # the old probe: measured from the first step
+        with probe:
+            run((probe,), steps=3)
+    with KDMemoryTracker("cpu", counters=fake) as box:
+        run((box,), box_s=0.3)
+    assert probe.value_mb is not None and box.value_mb is not None
+    return probe.value_mb, box.value_mb, tuner.seen
+
+
+def test_probe_and_box_agree_across_workers_with_different_histories() -> None:
+    """Worker A has never seen the student's shapes; worker B has (an earlier trial). With the
+    autotuner warmed before the probe, all four figures are the training step's own 10 MB."""
+    probe_a, box_a, seen = _probe_and_box(None)
+    probe_b, box_b, _ = _probe_and_box(set(seen))
+    assert seen  # the fake autotuner did see the conv shapes
+    assert probe_a == probe_b == box_a == box_b == pytest.approx(10.0)
+    # The old probe (measured from its first step) paid the trial workspaces in worker A only.
+    old_a, _, _ = _probe_and_box(None, warm=False)
+    old_b, _, _ = _probe_and_box(set(seen), warm=False)
+    assert old_a == pytest.approx(500.0) and old_b == pytest.approx(10.0)
+
+
+def test_the_memory_window_leaves_out_the_validation_subset() -> None:
+    """The in-box validation subset costs 300 MB on the (fake) device while it exists; it is copied
+    inside each validation pause and freed before training resumes, so it is not in the figure."""
+    import weakref
+
+    from kdsearch.data import ImageSplit
+
+    fake = FakeAllocator(resident_mb=50)
+    bundle, student, run = _tiny_run()
+
+    class ChargedSplit(ImageSplit):
+        def subset(self, indices: torch.Tensor) -> ImageSplit:
+            out = super().subset(indices)
+            fake.alloc(300)
+            weakref.finalize(out, fake.free, 300)
+            return out
+
+    val = ChargedSplit(bundle.val.images, bundle.val.labels)
+    def charge(module: nn.Module, inputs: object, output: object) -> None:
+        if module.training:
+            fake.alloc(10)
+            fake.free(10)
+
+    student.register_forward_hook(charge)
+    with KDMemoryTracker("cpu", counters=fake) as mem:
+        run((mem,), box_s=0.4, val=val)
+    assert mem.value_mb == pytest.approx(10.0)
+    assert fake.allocated == int(50 * 1e6)  # every subset copy was freed
+
+
+class ClockMeter:
+    """A :class:`TrainingMeter` that adds up its active wall time (what an energy window spans)."""
+
+    def __init__(self) -> None:
+        self.active_s = 0.0
+        self.events: list[str] = []
+        self._since: float | None = None
+
+    def start(self) -> ClockMeter:
+        import time
+
+        self._since = time.perf_counter()
+        return self
+
+    def pause(self) -> None:
+        import time
+
+        self.events.append("pause")
+        if self._since is not None:
+            self.active_s += time.perf_counter() - self._since
+            self._since = None
+
+    def resume(self) -> None:
+        import time
+
+        self.events.append("resume")
+        if self._since is None:
+            self._since = time.perf_counter()
+
+
+def test_the_energy_window_opens_and_closes_with_the_training_clock() -> None:
+    """A set-up that takes 0.4 s (the student's move to the device) and a validation subset copy
+    that takes 0.2 s stay out of a meter distill() drives: its active time is the training clock."""
+    import time
+
+    from kdsearch.data import ImageSplit
+
+    bundle, student, run = _tiny_run()
+
+    class SlowMove(type(student)):  # type: ignore[misc]
+        def to(self, *args: object, **kwargs: object):  # noqa: ANN202
+            time.sleep(0.4)
+            return super().to(*args, **kwargs)
+
+    student.__class__ = SlowMove
+
+    class SlowSplit(ImageSplit):
+        def subset(self, indices: torch.Tensor) -> ImageSplit:
+            time.sleep(0.2)
+            return super().subset(indices)
+
+    val = SlowSplit(bundle.val.images, bundle.val.labels)
+    meter = ClockMeter().start()
+    r = run((meter,), box_s=0.5, val=val)
+    meter.pause()
+    assert r is not None and meter.events[:2] == ["pause", "resume"]
+    assert meter.active_s == pytest.approx(r.kd_time_s, abs=0.1)  # not + 0.4 s set-up, + 0.2 s per subset

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kdsearch.config import EnergyConfig, LatencyConfig, MeasureConfig
-from kdsearch.measure import Measurements, measure_inference, measure_latency
+from kdsearch.measure import CPU_REASON, Measurements, measure_inference, measure_latency
 from kdsearch.metrics import FIXED_METRICS, metric_unit
 from kdsearch.models.spec import StudentSpec
 
@@ -62,6 +62,7 @@ def test_measure_inference_on_cpu_fills_every_metric() -> None:
     for name in expected:
         assert metric_unit(name) is not None, name  # every name is one config knows
     # measured: positive numbers
+    # (The CPU energy beside the CPU latency needs "cpu" in the devices: tests/measure/test_energy.py.)
     cuda_only = {n for n in expected if n.startswith(("peak_infer_memory", "infer_energy"))}
     for name in expected - cuda_only:
         v = m.values[name]
@@ -71,7 +72,7 @@ def test_measure_inference_on_cpu_fills_every_metric() -> None:
     for name in cuda_only:
         assert m.values[name] is None
         assert m.missing[name].startswith("cpu:")
-    assert m.missing["infer_energy_mj_per_image"] == "cpu: NVML measures NVIDIA GPUs only"
+    assert m.missing["infer_energy_mj_per_image"] == CPU_REASON
     assert m.methods["infer_energy_mj_per_image"]["method"] == "unavailable"
     # latency methods: how, where, how often, how spread
     lm = m.methods["latency_ms_b4"]

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from kdsearch import trial_record as tr
 from kdsearch.config import StudyConfig, load_config
+from kdsearch.measure.memory import AUTOTUNER_WARMUP_STEPS
 from kdsearch.search import objective, screening
 from kdsearch.search.worker_setup import WorkerContext, prepare_worker
 from kdsearch.storage import run_paths
@@ -147,7 +148,8 @@ def test_the_probe_asks_distill_for_its_steps_and_screens_over_the_limit(
     ctx.cfg = replace(ctx.cfg, constraints={"peak_kd_memory_mb": 100.0})
     _, t, error = _run(ctx)
     assert isinstance(error, optuna.TrialPruned)
-    assert [c.get("max_steps") for c in spy.calls] == [screening.PROBE_STEPS]  # the probe; no box
+    # The autotuner's unmeasured warm-up step, then the measured probe; no box.
+    assert [c.get("max_steps") for c in spy.calls] == [AUTOTUNER_WARMUP_STEPS, screening.PROBE_STEPS]
     a = t.user_attrs
     assert a["probe_peak_memory_mb"] == pytest.approx(900.0) and a[tr.SCREENED] is True
     assert a[tr.SCREEN_REASON] == "probe_peak_memory_mb=900 > peak_kd_memory_mb limit 100"

@@ -213,7 +213,7 @@ def test_the_memory_probe_ends_a_trial_over_the_memory_limit(copy_run: Path, mon
         objective.run_trial(ctx, trial)
     study.tell(trial, state=TrialState.PRUNED)
     t = study.trials[0]
-    assert len(boxes) == 1  # the probe's call; the box never started
+    assert len(boxes) == 2  # the probe's calls (the autotuner warm-up step, the measured steps); no box
     assert t.user_attrs["screened"] is True and t.user_attrs["probe_peak_memory_mb"] == pytest.approx(5000.0)
     assert t.user_attrs["methods"]["probe_peak_memory_mb"]["steps"] == objective.PROBE_STEPS
     assert t.constraints == {"peak_kd_memory_mb": pytest.approx(4900.0)}
