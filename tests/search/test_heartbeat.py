@@ -82,9 +82,9 @@ def test_journal_heartbeat_survives_transient_oserrors(
     t0 = time.time()
     with trial_heartbeat(study, t.number) as hb:
         time.sleep(3.2)  # the failed beats and their retries, then beats every second
-        # Well past the 2 s grace since the first (failed) beat, the trial is alive and beating.
-        assert fail_stale_trials(study, max_retries=1, stale_after_s=2.0) == []
-        assert flaky.beats >= 2, flaky.beats
+        # Past the 2.5 s grace since the first (failed) beat, the trial is alive and beating.
+        assert fail_stale_trials(study, max_retries=1, stale_after_s=2.5) == []
+        assert flaky.beats >= 1, flaky.beats
         beat = study.trials[t.number].user_attrs["heartbeat_at"]
         assert beat > t0 + 1.0, beat - t0
         assert hb.failures == fails and hb.failures_in_row == 0 and not hb.ended
@@ -97,7 +97,7 @@ def test_journal_heartbeat_survives_transient_oserrors(
 def test_rdb_heartbeat_survives_an_operational_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = RDBStorage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=2)
+        storage = RDBStorage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=3)
     study = optuna.create_study(storage=storage, study_name="hb")
     t = study.ask()
     broken = sqlalchemy.exc.OperationalError("UPDATE trial_heartbeats", {}, Exception("server closed the connection"))
@@ -105,7 +105,7 @@ def test_rdb_heartbeat_survives_an_operational_error(tmp_path: Path, monkeypatch
     flaky = FlakyStorage(recovery.study_storage(study), 2, broken, after=1)
     monkeypatch.setattr(recovery, "study_storage", lambda s: flaky)
     with trial_heartbeat(study, t.number) as hb:
-        time.sleep(3.5)  # past the 2 s grace after the last good beat of a heartbeat that gave up
+        time.sleep(4.5)  # past the 3 s grace after the last good beat of a heartbeat that gave up
         assert stale_trial_ids(study) == [] and recover_stale(study, max_retries=1) == []
         assert flaky.beats >= 2 and hb.failures == 2
     assert study.trials[t.number].state == TrialState.RUNNING
