@@ -308,7 +308,10 @@ class RungPruner:
     ``("linear", "log")`` for (accuracy, MACs). At the first evaluation at or past a rung it records the vector in
     ``store``, then decides; an evaluation past several rungs records and decides each in turn.
     It remembers every evaluation (:attr:`curve`) and every decision (:attr:`decisions`);
-    :attr:`pruned_at` is the decision that stopped the trial, if any.
+    :attr:`pruned_at` is the decision that stopped the trial, if any. It relies on
+    :func:`kdsearch.distill.distill` evaluating at every rung it is given in ``eval_at`` and showing
+    the hook in-box evaluations only: the final evaluation after a plateau stop's cool-down never
+    reaches it, so no rung is scored by an annealed model.
     """
 
     def __init__(
