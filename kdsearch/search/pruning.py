@@ -17,8 +17,8 @@ shared between workers (no scheduler of its own):
   :data:`kdsearch.pareto.HV_TIE_TOL`) go to the lower key (the earlier trial), so a decision
   never depends on rounding or on the order the competitors were read in. The sorting and the
   removal order are :mod:`kdsearch.pareto`'s; a decision orders only its own trial's front, and
-  only until its trial leaves it, with lazily recomputed contributions (about 0.1 s for a rung of
-  3,000 trials: ``benchmarks/bench_rung_ranking.py``).
+  only until its trial leaves it, with lazily recomputed contributions (a median 0.1-0.25 s at a
+  rung of 3,000 trials on a loaded 2-core VM: ``benchmarks/bench_rung_ranking.py``).
 * **Rule**: with ``n`` competitors (this trial included) the trial continues iff its rank is
   below ``ceil(n / eta)``; below ``min_competitors`` nothing is pruned (the first trials of a
   study have nobody to lose to). This is ASHA's stopping variant: the decision is taken once,
@@ -311,7 +311,10 @@ class RungPruner:
     ``("linear", "log")`` for (accuracy, MACs). At the first evaluation at or past a rung it records the vector in
     ``store``, then decides; an evaluation past several rungs records and decides each in turn.
     It remembers every evaluation (:attr:`curve`) and every decision (:attr:`decisions`);
-    :attr:`pruned_at` is the decision that stopped the trial, if any.
+    :attr:`pruned_at` is the decision that stopped the trial, if any. It relies on
+    :func:`kdsearch.distill.distill` evaluating at every rung it is given in ``eval_at`` and showing
+    the hook in-box evaluations only: the final evaluation after a plateau stop's cool-down never
+    reaches it, so no rung is scored by an annealed model.
     """
 
     def __init__(

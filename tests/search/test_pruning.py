@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from kdsearch.search.pruning import (
     OptunaRungStore,
     RungEntry,
     RungPruner,
+    competitors_digest,
     decide_at_rung,
+    pruning_record,
     rank_at_rung,
 )
 
@@ -183,6 +186,36 @@ def test_decisions_are_identical_from_a_journal_study_with_two_workers_and_from_
     rec = pruned.user_attrs["pruning"]
     assert rec["pruned_at"]["prune"] and rec["curve"][-1][1] == pytest.approx(rec["pruned_at"]["rung"], abs=0.05)
     assert pruned.user_attrs["rung_0"]["names"] == ["val_accuracy", "macs"]
+
+
+def _pruned_record(n_others: int) -> dict:
+    """The ``pruning`` record of a trial pruned at rung 0 against ``n_others`` better trials."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    names = ["val_accuracy", "macs"]
+    for k in range(n_others):
+        t = study.ask()
+        OptunaRungStore(t, names).record(t.number, 0, 0.12, (0.5 + 0.001 * k, 1e5 * (1 + k)), 1.0)
+    mine = study.ask()
+    pruner = RungPruner(key=mine.number, store=OptunaRungStore(mine, names), config=PruningConfig(),
+                        fixed_values=(1e9,), directions=MAX_MIN, scales=("linear", "log"))
+    assert pruner(1.2, 0.12, 0.1) is True
+    return pruning_record(pruner, 0.25)
+
+
+def test_the_stored_record_explains_the_decision_and_does_not_grow_with_the_rung() -> None:
+    """Issue 19: a pruned trial stored every competitor's vector (storage grew as n^2). Now the
+    record holds the decision (rung, rank, front, n, threshold, the digest of the competitors'
+    keys), and it is as long with 400 trials at the rung as with 5 (but for the digits of n)."""
+    small, big = _pruned_record(5), _pruned_record(400)
+    for rec, n_others in ((small, 5), (big, 400)):
+        d = rec["decisions"][0]
+        assert d["n_competitors"] == n_others + 1 and d["rank"] == n_others and d["front"] == 1
+        assert d["n_keep"] == math.ceil((n_others + 1) / 3) and d["prune"] is True
+        assert d["competitors_digest"] == competitors_digest(range(n_others))
+        assert rec["names"] == ["val_accuracy", "macs"] and rec["bracket"] is None and "competitors" not in rec
+    # only digits differ (n, rank and threshold, in the decision, its copy in pruned_at and their
+    # reasons): 24 bytes here, where 400 stored competitor vectors took about 12,000
+    assert len(json.dumps(big)) - len(json.dumps(small)) < 40
 
 
 def test_running_trials_compete_and_failed_ones_do_not(tmp_path: Path) -> None:
