@@ -96,6 +96,7 @@ from kdsearch.metrics import is_fixed_cost, metric_unit
 from kdsearch.models import LoadedTeacher, build_student, create_teacher, teacher_needs_fit
 from kdsearch.models.teacher import weak_teacher_warning
 from kdsearch.search.pruning import OptunaRungStore, PruningConfig, RungEntry, RungPruner
+from kdsearch.search.rehearsal import TABLE_NUM_CLASSES, Rehearsal, recorded_fixed_costs, replay_box
 from kdsearch.search.screening import screen_fixed_costs
 from kdsearch.search.space import Proposal, suggest
 from kdsearch.storage import RunPaths, artifact_store
@@ -144,18 +145,25 @@ class PreparedTeacher:
 
 @dataclass
 class WorkerContext:
-    """What one worker process holds for all its trials."""
+    """What one worker process holds for all its trials. In a rehearsal (``rehearsal`` section)
+    there is no data and no teacher (``bundle``, ``train_source``, ``view_spec`` None, ``teachers``
+    empty): ``rehearsal`` replays recorded trials instead (:mod:`kdsearch.search.rehearsal`)."""
 
     cfg: StudyConfig
     paths: RunPaths
     device: torch.device
-    bundle: DataBundle
-    train_source: BatchSource
-    view_spec: ViewSpec
+    bundle: DataBundle | None
+    train_source: BatchSource | None
+    view_spec: ViewSpec | None
     teachers: dict[str, PreparedTeacher]
     environment: dict[str, Any]
     train_dtype: str = "fp32"  # "bf16" | "fp16" | "fp32": kdsearch.distill.precision
     gpu_sharing: dict[str, Any] = field(default_factory=dict)
+    rehearsal: Rehearsal | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return TABLE_NUM_CLASSES if self.bundle is None else self.bundle.num_classes
 
 
 def pick_device(expect_cuda: bool | None = None) -> torch.device:
@@ -202,6 +210,12 @@ def prepare_worker(
         )
     train_dtype = train_dtype_for(device, cfg.distill.amp)
     paths.ensure()
+    if cfg.rehearsal.enabled:  # no data set, no teacher: trials replay the table
+        progress("data", None, f"loading the rehearsal table {cfg.rehearsal.table}")
+        env = {**collect_environment(device), "train_dtype": train_dtype,
+               "rehearsal": {"table": cfg.rehearsal.table, "speed": cfg.rehearsal.speed}}
+        return WorkerContext(cfg, paths, device, None, None, None, {}, env, train_dtype, {},
+                             Rehearsal.from_config(cfg.rehearsal))
     progress("data", None, f"loading {cfg.data.dataset}")
     bundle = load_data(cfg.data)
     resident = should_be_resident(bundle, device, cfg.data.device_resident)
@@ -299,9 +313,9 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     """The objective. Returns the objective values in the study's order, or raises TrialFailure."""
     cfg = ctx.cfg
     device = ctx.device
-    proposal: Proposal = suggest(trial, cfg, ctx.bundle.num_classes)
+    proposal: Proposal = suggest(trial, cfg, ctx.num_classes)
     spec, hyper, box_s = proposal.spec, proposal.hyper, proposal.box_s
-    teacher = ctx.teachers[proposal.teacher.display_name]
+    teacher = ctx.teachers.get(proposal.teacher.display_name)  # None in a rehearsal
     # First, so the supervisor's hard limit (box + grace) reads this trial's own box from storage.
     trial.set_user_attr("box_s", box_s)
     trial.set_user_attr("spec", spec.to_dict())
@@ -323,21 +337,35 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
 
     seed = cfg.study.seed * 100_003 + trial.number
     torch.manual_seed(seed)
-    try:
-        student = build_student(spec)
-    except Exception as exc:  # noqa: BLE001 - a student that cannot be built is this trial's failure
-        raise _fail(trial, "error", f"{type(exc).__name__}: {exc}") from None
+    # A rehearsal replays the nearest recorded trial: its fixed costs, its box through the same
+    # on_eval hook, its final accuracies; no student is built (kdsearch.search.rehearsal).
+    rehearsal, row, student = ctx.rehearsal, None, None
+    if rehearsal is not None:
+        row, how = rehearsal.match(proposal)
+        trial.set_user_attr("rehearsal", how)
+    else:
+        try:
+            student = build_student(spec)
+        except Exception as exc:  # noqa: BLE001 - a student that cannot be built is this trial's failure
+            raise _fail(trial, "error", f"{type(exc).__name__}: {exc}") from None
 
     # 1. Fixed costs, on the untrained student, then the constraints they decide.
     progress("measure", 0.0, "fixed costs of the untrained student")
-    fixed = _measure_fixed_costs(ctx, student, spec.resolution)
+    if row is not None:
+        fixed = recorded_fixed_costs(row, rehearsal.table.path)
+    else:
+        fixed = _measure_fixed_costs(ctx, student, spec.resolution)
     screen = screen_fixed_costs(fixed.values, cfg.constraints, [m for m in cfg.constraints if is_fixed_cost(m)])
     if not screen.feasible_so_far:
         cons, missing = _known_violations(cfg, fixed)
         _screen_out(trial, cfg, fixed, cons, "; ".join([screen.reason(cfg.constraints), *missing]))
 
     # 2. The fail-fast memory probe (CUDA only).
-    probe_attrs = _memory_probe(ctx, student, spec, teacher, hyper, seed, fixed)
+    if row is not None:
+        probe_attrs: dict[str, Any] = {}
+        fixed.set_missing("probe_peak_memory_mb", "a rehearsal trains no student", {"method": "skipped"})
+    else:
+        probe_attrs = _memory_probe(ctx, student, spec, teacher, hyper, seed, fixed)
     limit = cfg.constraints.get("peak_kd_memory_mb")
     probe_mb = fixed.values.get("probe_peak_memory_mb")
     probe_reason = None
@@ -359,28 +387,34 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     kd_energy = EnergyMeter.for_device(device, cfg.measure.energy.poll_interval_s)
     try:
         progress("distil", 0.0, spec.label)
-        with kd_memory, kd_energy:  # both paused by distill() around every validation
-            result: DistillResult = distill(
-                student,
-                train=ctx.train_source,
-                val=ctx.bundle.val,
-                bundle=ctx.bundle,
-                teacher_source=teacher.source,
-                hyper=hyper,
-                cfg=cfg.distill,
-                time_box_s=box_s,
-                resolution=spec.resolution,
-                device=device,
-                seed=seed,
-                view_spec=ctx.view_spec,
-                progress=lambda frac, msg: progress("distil", frac, msg),
-                eval_batch_size=cfg.measure.eval_batch_size,
-                on_eval=pruner,
-                on_step=fault,
-                meters=(kd_memory, kd_energy),
-                train_dtype=ctx.train_dtype,
-                eval_at=rungs,  # every rung is evaluated, on top of distill.eval_every_fraction
-            )
+        if row is not None:
+            replay = replay_box(row, box_s=box_s, speed=rehearsal.speed, eval_every_fraction=cfg.distill.eval_every_fraction,
+                                eval_at=rungs, on_eval=pruner, progress=lambda frac, msg: progress("distil", frac, msg))
+            result = replay.result
+            trial.set_user_attr("rehearsal", {**how, "on_eval_s": [[round(f, 5), round(t, 6)] for f, t in replay.hook_s]})
+        else:
+            with kd_memory, kd_energy:  # both paused by distill() around every validation
+                result: DistillResult = distill(
+                    student,
+                    train=ctx.train_source,
+                    val=ctx.bundle.val,
+                    bundle=ctx.bundle,
+                    teacher_source=teacher.source,
+                    hyper=hyper,
+                    cfg=cfg.distill,
+                    time_box_s=box_s,
+                    resolution=spec.resolution,
+                    device=device,
+                    seed=seed,
+                    view_spec=ctx.view_spec,
+                    progress=lambda frac, msg: progress("distil", frac, msg),
+                    eval_batch_size=cfg.measure.eval_batch_size,
+                    on_eval=pruner,
+                    on_step=fault,
+                    meters=(kd_memory, kd_energy),
+                    train_dtype=ctx.train_dtype,
+                    eval_at=rungs,  # every rung is evaluated, on top of distill.eval_every_fraction
+                )
     except TrialFailure as exc:
         raise _fail(trial, exc.reason, exc.detail, exc.attrs) from None
     except torch.OutOfMemoryError as exc:
@@ -395,7 +429,8 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
 
     m = Measurements()
     m.set("kd_time_s", result.kd_time_s, {
-        "method": "perf_counter" + (" + cuda synchronize" if device.type == "cuda" else ""),
+        "method": "rehearsal: box seconds replayed" if row is not None
+        else "perf_counter" + (" + cuda synchronize" if device.type == "cuda" else ""),
         "box_s": box_s, "box_searched": cfg.study.box_searched, "steps": result.steps, "epochs": result.epochs,
         "stopped_early": result.stopped_early, "stop_requested_s": result.stop_requested_s,
         "cooldown_s": result.cooldown_s, "train_dtype": result.train_dtype,
@@ -411,6 +446,83 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
         _store_pruned(trial, cfg, m, fixed, pruner, student, device)
 
     progress("measure", 0.0, "accuracy")
+    if row is not None:
+        Rehearsal.final_accuracy(row, m)
+    else:
+        _final_accuracy(ctx, student, spec, result, m, seed, progress)
+
+    # Latency, size, inference memory and energy were measured before KD (fixed costs).
+    m.update(fixed)
+    values = m.values
+    missing = m.missing
+
+    env_now = collect_environment(device)
+    diff = environment_diff(ctx.environment, env_now)
+    for name, value in m.to_user_attrs().items():
+        trial.set_user_attr(name, value)
+    if ctx.bundle is not None:
+        trial.set_user_attr("normalization", {"mean": list(ctx.bundle.mean), "std": list(ctx.bundle.std)})
+    if diff:
+        trial.set_user_attr("env_diff", diff)
+
+    # Constraints: value minus limit, <= 0 is feasible. A missing constrained metric is
+    # infeasible (a large positive violation) and the trial says why.
+    violations: dict[str, float] = {}
+    reasons: list[str] = []
+    for metric, limit in cfg.constraints.items():
+        v = values.get(metric)
+        if v is None or not math.isfinite(v):
+            violation = 1e18
+            reasons.append(f"{metric} missing ({missing.get(metric, 'not measured')})")
+        else:
+            violation = float(v) - float(limit)
+            if violation > 0:
+                reasons.append(f"{metric}={v:.4g} > {limit:.4g}")
+        trial.set_constraint(metric, violation)
+        violations[metric] = violation
+    trial.set_user_attr("constraint_violations", violations)
+    trial.set_user_attr("feasible", not reasons)
+    if reasons:
+        trial.set_user_attr("infeasible_reason", "; ".join(reasons))
+
+    progress("store", 0.9, "checkpoint")
+    if student is not None:  # a rehearsal has none (its "rehearsal" attr says so)
+        _store_checkpoint(ctx, trial, student, spec, proposal)
+        del student
+        _free_device_memory(device)
+
+    out: list[float] = []
+    for metric in cfg.metric_names:
+        v = values.get(metric)
+        if v is None or not math.isfinite(float(v)):
+            raise _fail(trial, "missing_objective",
+                        f"objective {metric} could not be measured: {missing.get(metric, 'not finite')}")
+        out.append(float(v))
+    progress("done", 1.0, "")
+    return out
+
+
+def _store_checkpoint(ctx: WorkerContext, trial: optuna.Trial, student: torch.nn.Module, spec: Any,
+                      proposal: Proposal) -> None:
+    """Upload the trained student as the trial's artifact (``artifact_id``, ``weights_sha256``)."""
+    with tempfile.TemporaryDirectory(prefix="kdsearch-ckpt-") as tmp:
+        path = Path(tmp) / f"trial-{trial.number}-{spec.label.replace('@', '_')}.safetensors"
+        sha = save_student(student, spec, path, {"teacher": proposal.teacher.display_name, "trial": str(trial.number)})
+        artifact_id = upload_artifact(
+            artifact_store=artifact_store(ctx.paths), file_path=str(path), study_or_trial=trial,
+            mimetype="application/octet-stream",
+        )
+    trial.set_user_attr("artifact_id", artifact_id)
+    trial.set_user_attr("weights_sha256", sha)
+
+
+def _final_accuracy(
+    ctx: WorkerContext, student: torch.nn.Module, spec: Any, result: DistillResult, m: Measurements, seed: int,
+    progress: ProgressFn,
+) -> None:
+    """Val and test accuracy of the trained student (and the fine-tune stage's figures) into ``m``."""
+    cfg, device = ctx.cfg, ctx.device
+    assert ctx.bundle is not None
     student.eval()
     # The training precision, at a batch no larger than the training batch: what fits for
     # training fits for evaluation (measure.eval_batch_size caps it).
@@ -457,62 +569,6 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
         m.set("pre_ft_accuracy", pre_test, ft_test)
         m.set("post_ft_accuracy", post_test, ft_test)
         m.set("ft_gain", post_test - pre_test, ft_test)
-
-    # Latency, size, inference memory and energy were measured before KD (fixed costs).
-    m.update(fixed)
-    values = m.values
-    missing = m.missing
-
-    env_now = collect_environment(device)
-    diff = environment_diff(ctx.environment, env_now)
-    for name, value in m.to_user_attrs().items():
-        trial.set_user_attr(name, value)
-    trial.set_user_attr("normalization", {"mean": list(ctx.bundle.mean), "std": list(ctx.bundle.std)})
-    if diff:
-        trial.set_user_attr("env_diff", diff)
-
-    # Constraints: value minus limit, <= 0 is feasible. A missing constrained metric is
-    # infeasible (a large positive violation) and the trial says why.
-    violations: dict[str, float] = {}
-    reasons: list[str] = []
-    for metric, limit in cfg.constraints.items():
-        v = values.get(metric)
-        if v is None or not math.isfinite(v):
-            violation = 1e18
-            reasons.append(f"{metric} missing ({missing.get(metric, 'not measured')})")
-        else:
-            violation = float(v) - float(limit)
-            if violation > 0:
-                reasons.append(f"{metric}={v:.4g} > {limit:.4g}")
-        trial.set_constraint(metric, violation)
-        violations[metric] = violation
-    trial.set_user_attr("constraint_violations", violations)
-    trial.set_user_attr("feasible", not reasons)
-    if reasons:
-        trial.set_user_attr("infeasible_reason", "; ".join(reasons))
-
-    progress("store", 0.9, "checkpoint")
-    with tempfile.TemporaryDirectory(prefix="kdsearch-ckpt-") as tmp:
-        path = Path(tmp) / f"trial-{trial.number}-{spec.label.replace('@', '_')}.safetensors"
-        sha = save_student(student, spec, path, {"teacher": proposal.teacher.display_name, "trial": str(trial.number)})
-        artifact_id = upload_artifact(
-            artifact_store=artifact_store(ctx.paths), file_path=str(path), study_or_trial=trial,
-            mimetype="application/octet-stream",
-        )
-    trial.set_user_attr("artifact_id", artifact_id)
-    trial.set_user_attr("weights_sha256", sha)
-    del student
-    _free_device_memory(device)
-
-    out: list[float] = []
-    for metric in cfg.metric_names:
-        v = values.get(metric)
-        if v is None or not math.isfinite(float(v)):
-            raise _fail(trial, "missing_objective",
-                        f"objective {metric} could not be measured: {missing.get(metric, 'not finite')}")
-        out.append(float(v))
-    progress("done", 1.0, "")
-    return out
 
 
 def _measure_fixed_costs(ctx: WorkerContext, student: torch.nn.Module, resolution: int) -> Measurements:
@@ -681,7 +737,7 @@ def _pruning_record(pruner: RungPruner, eval_every_fraction: float) -> dict[str,
 
 def _store_pruned(
     trial: optuna.Trial, cfg: StudyConfig, m: Measurements, fixed: Measurements, pruner: RungPruner,
-    student: torch.nn.Module, device: torch.device,
+    student: torch.nn.Module | None, device: torch.device,
 ) -> None:
     """Store a trial stopped at a rung (its figures so far, the rung, rank and front, its known
     constraint violations) and raise :class:`optuna.TrialPruned`."""
@@ -699,8 +755,9 @@ def _store_pruned(
     for metric, violation in cons.items():
         trial.set_constraint(metric, violation)
     trial.set_user_attr("constraint_violations", cons)
-    del student
-    _free_device_memory(device)
+    if student is not None:  # None in a rehearsal: nothing to free
+        del student
+        _free_device_memory(device)
     raise optuna.TrialPruned(f"pruned at rung {d.rung:.3g} of the box: {d.reason}")
 
 
