@@ -54,7 +54,7 @@ from kdsearch.errors import ConfigError
 from kdsearch.measure import Measurements
 
 if TYPE_CHECKING:
-    from kdsearch.config import RehearsalConfig
+    from kdsearch.config import RehearsalConfig, StudyConfig
     from kdsearch.search.space import Proposal
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "recorded_fixed_costs",
     "replay_box",
     "replay_fractions",
+    "wall_s",
 ]
 
 TABLE_AXES = ("depth", "width", "resolution", "temperature", "alpha")
@@ -199,6 +200,15 @@ def recorded_fixed_costs(row: RecordedTrial, table: str) -> Measurements:
         else:
             m.set(name, row.latency_ms_b1, {**how, "device": "cpu", "note": "recorded on a loaded machine"})
     return m
+
+
+def wall_s(cfg: StudyConfig, seconds: float) -> float:
+    """Wall seconds that ``seconds`` of box or budget take: ``seconds / rehearsal.speed`` in a
+    rehearsal, else ``seconds``. The supervisor's hard limit (box + grace), the worker's "one more
+    trial?" estimate and the deadline of ``study.budget`` use it, so a rehearsal at speed 100
+    rehearses a 24 h budget in 14.4 minutes, with ``study.grace`` (wall time for set-up and storage,
+    which a replay does not speed up) as it is."""
+    return seconds / cfg.rehearsal.speed if cfg.rehearsal.enabled else seconds
 
 
 def replay_fractions(eval_every_fraction: float, eval_at: Sequence[float] = ()) -> list[float]:

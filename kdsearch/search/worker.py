@@ -43,6 +43,7 @@ from kdsearch.config import StudyConfig, config_from_dict
 from kdsearch.errors import KDSearchError, TrialFailure
 from kdsearch.search.objective import WorkerContext, prepare_worker, run_trial, teacher_summary
 from kdsearch.search.recovery import recover_stale, trial_heartbeat
+from kdsearch.search.rehearsal import wall_s
 from kdsearch.search.study import create_or_resume, make_sampler
 from kdsearch.storage import run_paths
 
@@ -81,8 +82,8 @@ class RunSpec:
 def estimate_trial_s(cfg: StudyConfig, overheads_s: list[float]) -> float:
     """Expected wall time (s) of the next trial: the longest box it may draw plus the largest
     overhead (wall time beyond a trial's own box) seen so far; before any trial has finished, 25%
-    of that box plus 5 s."""
-    box = cfg.study.trial_time_s
+    of that box plus 5 s. In a rehearsal the box is its replay's wall time (box / speed)."""
+    box = wall_s(cfg, cfg.study.trial_time_s)
     if not overheads_s:
         return box * 1.25 + 5.0
     return box + max(0.0, max(overheads_s))
@@ -290,7 +291,7 @@ def run_trials(ctx: WorkerContext, study: optuna.Study, spec: RunSpec, status: _
             status.update(force=True, trial=None, trial_started_at=None, phase="idle", fraction=None, message="",
                           trials_done=int(status.data.get("trials_done", 0)) + 1)
         box = trial.user_attrs.get("box_s", cfg.study.trial_time_s)  # set by run_trial as it starts
-        overheads.append(time.monotonic() - t0 - float(box))
+        overheads.append(time.monotonic() - t0 - wall_s(cfg, float(box)))
 
 
 def _log_failure(number: int) -> None:
