@@ -513,11 +513,17 @@ def run_leg(leg: Leg, s: Settings, base: Path, pg: PgCluster | None, rng: random
                 if kind == "supervisor-kill" and rec.get("pid"):
                     kill_requested = True
         log.wall_s = round(time.monotonic() - t0, 1)
-        for p in fault_dir.iterdir():  # tokens nobody claimed
-            log.skipped_faults.setdefault("unclaimed_storage_tokens", "")
-            log.skipped_faults["unclaimed_storage_tokens"] += p.name + " "
+        for p in sorted(fault_dir.iterdir()):  # who hit each injected journal error
+            rec = next((f for f in log.faults if p.name.removeprefix("claimed-") in f.get("what", "")), None)
+            if rec is None:
+                continue
+            try:
+                rec["claimed_by"] = json.loads(p.read_text()) if p.name.startswith("claimed-") else None
+            except (OSError, ValueError):
+                rec["claimed_by"] = "unreadable"
         shutil.rmtree(fault_dir, ignore_errors=True)
         figures = analyse(leg, run_dir, url, log)
+        figures["logs"] = keep_logs(run_dir / leg.name / "workers", base / f"{leg.name}-workers", out_log)
         figures["cli"] = cli_timings(leg, run_dir, url, base)
     return {"log": asdict(log), "figures": figures}
 
@@ -581,7 +587,8 @@ def decision_times(trials: list[Any]) -> list[tuple[int, int, float]]:
         pruning = t.user_attrs.get("pruning") or {}
         for d in pruning.get("decisions") or []:
             rung = float(d.get("rung", 0.0))
-            secs = next((float(s) for f, s in hooks if float(f) >= rung * (1 - 1e-6)), None)
+            # the first evaluation at or past the rung (fractions are stored rounded to 5 digits)
+            secs = next((float(s) for f, s in hooks if float(f) >= rung - 1e-4), None)
             if secs is not None and "n_competitors" in d:
                 out.append((t.number, int(d["n_competitors"]), secs))
     return out
@@ -652,6 +659,30 @@ def analyse(leg: Leg, run_dir: Path, url: str | None, log: LegLog) -> dict[str, 
         "supervisor_rss_mb": {str(run): {"first": pts[0], "last": pts[-1], "max_mb": max(p[1] for p in pts),
                                          "samples": len(pts)} for run, pts in rss_runs.items()},
     }
+
+
+def keep_logs(workers: Path, dest: Path, supervisor_log: Path) -> dict[str, Any]:
+    """Copy the workers' logs and status files out of the run folder (which goes with the tmpfs)
+    and count what they say: tracebacks, OSErrors, database errors."""
+    dest.mkdir(parents=True, exist_ok=True)
+    counts: Counter[str] = Counter()
+    for path in workers.glob("*/worker*.*"):
+        with contextlib.suppress(OSError):
+            shutil.copy2(path, dest / f"{path.parent.name}-{path.name}")
+    for path in [*dest.glob("*.log"), supervisor_log]:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for word in ("Traceback", "OSError", "OperationalError", "No space left", "injected transient"):
+            counts[word] += text.count(word)
+    crashed = []
+    for path in dest.glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            st = json.loads(path.read_text())
+            if st.get("phase") == "crashed":
+                crashed.append({"file": path.name, "crash": st.get("crash")})
+    return {"folder": str(dest), "mentions": dict(counts), "crashed_workers": crashed}
 
 
 def cli_timings(leg: Leg, run_dir: Path, url: str | None, base: Path) -> dict[str, Any]:

@@ -22,10 +22,13 @@ Those two reaches (:func:`study_storage`, :func:`stale_trial_ids`) are here and 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib.util
+import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -242,7 +245,8 @@ class _FaultyJournalBackend(JournalFileBackend):
 
     Test-only, for the soak (``benchmarks/soak.py``): a file named ``journal-write-*`` in that
     folder is one transient write error. The process whose append claims it (removes it; only
-    one can) raises :class:`OSError` before writing a byte, as a full or flaky disk would; a token
+    one can: it renames it ``claimed-<name>`` and writes its pid and the failed write there) raises
+    :class:`OSError` before writing a byte, as a full or flaky disk would; a token
     named ``journal-write-heartbeat-*`` is claimed only by a heartbeat write. Nothing else changes.
     """
 
@@ -259,10 +263,14 @@ class _FaultyJournalBackend(JournalFileBackend):
         for name in names:
             if name.startswith("journal-write-heartbeat-") and not heartbeat:
                 continue
+            claimed = self._fault_dir / f"claimed-{name}"
             try:
-                (self._fault_dir / name).unlink()
+                (self._fault_dir / name).rename(claimed)
             except OSError:  # another process claimed it first
                 continue
+            with contextlib.suppress(OSError):  # who failed which write, for the soak's figures
+                claimed.write_text(json.dumps({"pid": os.getpid(), "argv": sys.argv[:3], "writes": [
+                    {"op_code": log.get("op_code"), "keys": sorted(log.get("user_attr") or {})} for log in logs]}))
             raise OSError(errno.EIO, f"injected transient journal write error ({FAULT_DIR_ENV} token {name})")
         super().append_logs(logs)
 
