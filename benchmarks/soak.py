@@ -111,6 +111,7 @@ class Settings:
     tmpfs_mb: int = 1536
     leg_timeout_s: float = 1800.0
     max_size_mb: float = 2.0  # the constraint: model_size_mb <= this (screens before the box)
+    cli: bool = True  # time `kdsearch trials --pareto` and `kdsearch report` on the soaked study
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,7 +525,7 @@ def run_leg(leg: Leg, s: Settings, base: Path, pg: PgCluster | None, rng: random
         shutil.rmtree(fault_dir, ignore_errors=True)
         figures = analyse(leg, run_dir, url, log)
         figures["logs"] = keep_logs(run_dir / leg.name / "workers", base / f"{leg.name}-workers", out_log)
-        figures["cli"] = cli_timings(leg, run_dir, url, base)
+        figures["cli"] = cli_timings(leg, run_dir, url, base) if s.cli else {}
     return {"log": asdict(log), "figures": figures}
 
 
@@ -737,8 +738,9 @@ def summary_line(name: str, result: dict[str, Any]) -> str:
     st = " ".join(f"{k}={v}" for k, v in sorted(f["states"].items()))
     return (f"{name}: {f['trials']} trials ({st}) in {lg['wall_s']:.0f}s; lost {f['lost']['total']}, "
             f"duplicates {f['duplicates']}; faults {len(lg['faults'])}; rung decision p50/p99 (last 10%) "
-            f"{fmt(rd['p50_s'])}/{fmt(rd['p99_s'])} s at up to {f['rung_decision_s']['max_competitors']} competitors; "
-            f"trials --pareto {f['cli']['trials_pareto']['wall_s']} s, report {f['cli']['report']['wall_s']} s")
+            f"{fmt(rd['p50_s'])}/{fmt(rd['p99_s'])} s at up to {f['rung_decision_s']['max_competitors']} competitors"
+            + (f"; trials --pareto {f['cli']['trials_pareto']['wall_s']} s, report {f['cli']['report']['wall_s']} s"
+               if f["cli"] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
