@@ -98,10 +98,13 @@ class Settings:
 
     workers: int = 4
     box_s: float = 30.0
-    speed: float = 10.0
-    grace_s: float = 2.0
-    heartbeat_interval_s: int = 1
-    heartbeat_grace_s: int = 3
+    speed: float = 30.0  # a 30 s box replays in 1 s
+    # Wall seconds. On a loaded 2-core machine a live worker can go seconds without running, so
+    # a tight grace would fail live trials as timeout or stale; the heartbeat's grace is above
+    # the supervisor's limit (box / speed + grace), so a frozen worker meets the limit first.
+    grace_s: float = 10.0
+    heartbeat_interval_s: int = 3
+    heartbeat_grace_s: int = 15
     eta: int = 3
     sampler: str = "random"
     seed: int = 0
@@ -411,6 +414,7 @@ class LegLog:
     killed_pids: list[int] = field(default_factory=list)
     wall_s: float = 0.0
     timed_out: bool = False
+    last_proc: Any = None  # the running `kdsearch optimize` (not written out)
 
 
 def fault_plan(leg: Leg, s: Settings, pg: PgCluster | None, tmpfs: bool, log: LegLog) -> list[tuple[int, str]]:
@@ -448,71 +452,11 @@ def run_leg(leg: Leg, s: Settings, base: Path, pg: PgCluster | None, rng: random
         plan = fault_plan(leg, s, pg, tmpfs, log)
         t0 = time.monotonic()
         proc = start_optimize(config, leg, s, leg.trials, env, out_log)
-        run_index = 0
-        run_t0 = time.monotonic()
-        stopped: dict[int, float] = {}  # frozen worker pid -> when
-        thresholds = [n for n in THRESHOLDS if n <= leg.trials] or [leg.trials]
-        last_rss = 0.0
-        kill_requested = False
-        while True:
-            time.sleep(0.5)
-            counts = counter.counts()
-            n_all = sum(counts.values())
-            n_done = sum(counts[k] for k in TERMINAL)
-            now = time.monotonic()
-            if now - last_rss >= 2.0 and proc.poll() is None:
-                last_rss = now
-                r = rss_mb(proc.pid)
-                if r is not None:
-                    log.rss.append([round(now - t0, 1), n_done, round(r, 1), run_index])
-            while thresholds and n_done >= thresholds[0]:
-                size = counter.storage_bytes()
-                log.storage.append([n_done, size if size is not None else -1])
-                thresholds.pop(0)
-            for pid, since in list(stopped.items()):
-                limit = s.box_s / s.speed + s.grace_s
-                if pid_gone(pid):
-                    rec = next(f for f in log.faults if f.get("pid") == pid and f["kind"] == "worker-stop")
-                    rec["ended_after_s"] = round(now - since, 2)
-                    rec["ended_by"] = "supervisor kill (hard limit)" if not kill_requested else "gone"
-                    del stopped[pid]
-                elif now - since > limit + 30:
-                    os.kill(pid, signal.SIGCONT)
-                    rec = next(f for f in log.faults if f.get("pid") == pid and f["kind"] == "worker-stop")
-                    rec["ended_by"] = f"SIGCONT by the driver: the supervisor had not acted after {now - since:.0f}s"
-                    del stopped[pid]
-            if proc.poll() is not None:
-                log.supervisor_runs.append({"run": run_index, "exit_code": proc.returncode,
-                                            "wall_s": round(now - run_t0, 1), "killed_by_driver": kill_requested,
-                                            "trials_at_exit": n_done})
-                if n_done >= leg.trials and counts["RUNNING"] == 0 and not kill_requested:
-                    break
-                if now - t0 > s.leg_timeout_s:
-                    log.timed_out = True
-                    break
-                for pid in list(stopped):  # a frozen worker of a dead supervisor: let it die
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGCONT)
-                    stopped.pop(pid)
-                remaining = max(1, leg.trials - (n_all - counts["WAITING"]))
-                kill_requested = False
-                run_index += 1
-                run_t0 = time.monotonic()
-                proc = start_optimize(config, leg, s, remaining, env, out_log)
-                continue
-            if now - t0 > s.leg_timeout_s:
-                log.timed_out = True
-                _kill_group(proc)
-                continue
-            if plan and n_done >= plan[0][0] and not stopped:
-                at, kind = plan.pop(0)
-                rec = inject(kind, leg, s, proc, run_dir, fault_dir, pg, rng, log)
-                rec.update({"kind": kind, "at_trials": n_done, "at_s": round(now - t0, 1)})
-                log.faults.append(rec)
-                if kind == "worker-stop" and rec.get("pid"):
-                    stopped[rec["pid"]] = time.monotonic()
-                if kind == "supervisor-kill" and rec.get("pid"):
-                    kill_requested = True
+        try:
+            _drive(leg, s, proc, log, counter, plan, config, env, out_log, run_dir, fault_dir, pg, rng, t0)
+        finally:
+            _kill_group(log.last_proc or proc)
+            log.last_proc = None
         log.wall_s = round(time.monotonic() - t0, 1)
         for p in sorted(fault_dir.iterdir()):  # who hit each injected journal error
             rec = next((f for f in log.faults if p.name.removeprefix("claimed-") in f.get("what", "")), None)
@@ -526,12 +470,86 @@ def run_leg(leg: Leg, s: Settings, base: Path, pg: PgCluster | None, rng: random
         figures = analyse(leg, run_dir, url, log)
         figures["logs"] = keep_logs(run_dir / leg.name / "workers", base / f"{leg.name}-workers", out_log)
         figures["cli"] = cli_timings(leg, run_dir, url, base) if s.cli else {}
-    return {"log": asdict(log), "figures": figures}
+    return {"log": {k: v for k, v in asdict(log).items() if k != "last_proc"}, "figures": figures}
+
+
+def _drive(leg: Leg, s: Settings, proc: subprocess.Popen[bytes], log: LegLog, counter: TrialCounter,
+           plan: list[tuple[int, str]], config: Path, env: dict[str, str], out_log: Path, run_dir: Path,
+           fault_dir: Path, pg: PgCluster | None, rng: random.Random, t0: float) -> None:
+    """Watch one leg until its trials are stored: sample, inject the planned faults, resume the
+    supervisor whenever it exits before the end (killed by the driver, or crashed)."""
+    run_index = 0
+    run_t0 = time.monotonic()
+    stopped: dict[int, float] = {}  # frozen worker pid -> when
+    thresholds = [n for n in THRESHOLDS if n <= leg.trials] or [leg.trials]
+    last_rss = 0.0
+    kill_requested = False
+    while True:
+        time.sleep(0.5)
+        counts = counter.counts()
+        n_all = sum(counts.values())
+        n_done = sum(counts[k] for k in TERMINAL)
+        now = time.monotonic()
+        if now - last_rss >= 2.0 and proc.poll() is None:
+            last_rss = now
+            r = rss_mb(proc.pid)
+            if r is not None:
+                log.rss.append([round(now - t0, 1), n_done, round(r, 1), run_index])
+        while thresholds and n_done >= thresholds[0]:
+            size = counter.storage_bytes()
+            log.storage.append([n_done, size if size is not None else -1])
+            thresholds.pop(0)
+        for pid, since in list(stopped.items()):
+            limit = s.box_s / s.speed + s.grace_s
+            if pid_gone(pid):
+                rec = next(f for f in log.faults if f.get("pid") == pid and f["kind"] == "worker-stop")
+                rec["ended_after_s"] = round(now - since, 2)
+                rec["ended_by"] = "supervisor kill (hard limit)" if not kill_requested else "gone"
+                del stopped[pid]
+            elif now - since > limit + 30:
+                os.kill(pid, signal.SIGCONT)
+                rec = next(f for f in log.faults if f.get("pid") == pid and f["kind"] == "worker-stop")
+                rec["ended_by"] = f"SIGCONT by the driver: the supervisor had not acted after {now - since:.0f}s"
+                del stopped[pid]
+        if proc.poll() is not None:
+            log.supervisor_runs.append({"run": run_index, "exit_code": proc.returncode,
+                                        "wall_s": round(now - run_t0, 1), "killed_by_driver": kill_requested,
+                                        "trials_at_exit": n_done})
+            if n_done >= leg.trials and counts["RUNNING"] == 0 and not kill_requested:
+                break
+            if now - t0 > s.leg_timeout_s:
+                log.timed_out = True
+                break
+            for pid in list(stopped):  # a frozen worker of a dead supervisor: let it die
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+                stopped.pop(pid)
+            remaining = max(1, leg.trials - (n_all - counts["WAITING"]))
+            kill_requested = False
+            run_index += 1
+            run_t0 = time.monotonic()
+            proc = start_optimize(config, leg, s, remaining, env, out_log)
+            log.last_proc = proc
+            continue
+        if now - t0 > s.leg_timeout_s:
+            log.timed_out = True
+            _kill_group(proc)
+            continue
+        if plan and n_done >= plan[0][0] and not stopped:
+            at, kind = plan.pop(0)
+            rec = inject(kind, leg, s, proc, run_dir, fault_dir, pg, rng, log)
+            rec.update({"kind": kind, "at_trials": n_done, "at_s": round(now - t0, 1)})
+            log.faults.append(rec)
+            if kind == "worker-stop" and rec.get("pid"):
+                stopped[rec["pid"]] = time.monotonic()
+            if kind == "supervisor-kill" and rec.get("pid"):
+                kill_requested = True
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
