@@ -37,8 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kdsearch.config import config_from_dict
-from kdsearch.search.objective import prepare_worker, run_trial
+from kdsearch.search.objective import run_trial
 from kdsearch.search.study import create_or_resume
+from kdsearch.search.worker_setup import prepare_worker
 from kdsearch.storage import run_paths
 
 from common import environment_lines, format_table, pick_device  # noqa: E402

@@ -155,8 +155,8 @@ def main() -> int:
     from kdsearch.distill import loop as distill_loop
     from kdsearch.measure import evaluate_accuracy, measure_complexity, measure_latency, model_size_mb
     from kdsearch.models import StudentSpec, build_student
-    from kdsearch.search.objective import prepare_worker
     from kdsearch.search.study import run_paths
+    from kdsearch.search.worker_setup import prepare_worker
 
     cfg = config_from_dict(study_dict(args))
     # The fitted teacher and its logit cache live in one place for every shard and schedule.

@@ -38,7 +38,6 @@ from typing import Any, Literal
 __all__ = [
     "Direction",
     "FIXED_METRICS",
-    "KNOWN_METRICS",
     "MISSING_TEXT",
     "Metric",
     "PATTERN_METRICS",
@@ -189,10 +188,6 @@ PATTERN_METRICS: tuple[PatternMetric, ...] = (
                   "window lasts measure.energy.infer_min_time and enough counter updates (CUDA only)",
                   needs_cuda=True, needs_nvml=True),
 )
-
-KNOWN_METRICS: dict[str, Metric] = dict(FIXED_METRICS)
-"""The fixed metric names in display order (pattern metrics are resolved by :func:`metric_info`)."""
-
 
 def metric_info(name: str) -> Metric | None:
     """The :class:`Metric` record of ``name``, or None if kdsearch does not store it."""

@@ -18,6 +18,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kdsearch import trial_record as tr
 from kdsearch.config import StudyConfig, format_duration
 from kdsearch.metrics import format_metric
 
@@ -88,7 +89,7 @@ class SearchDisplay:
         state = trial.state
         if state == optuna.trial.TrialState.COMPLETE:
             self.done += 1
-            if trial.user_attrs.get("feasible") is False:
+            if trial.user_attrs.get(tr.FEASIBLE) is False:
                 self.infeasible += 1
             else:
                 for metric, direction, value in zip(self.cfg.metric_names, self.cfg.directions, trial.values or [], strict=False):
@@ -109,22 +110,22 @@ class SearchDisplay:
 
     def _trial_line(self, trial: optuna.trial.FrozenTrial, wall_s: float) -> str:
         ua = trial.user_attrs
-        head = f"trial {trial.number:>4} {ua.get('student', '?'):<24}"
-        if self.cfg.study.box_searched and isinstance(ua.get("box_s"), (int, float)):
-            head += f" box {format_duration(float(ua['box_s']))}"
+        head = f"trial {trial.number:>4} {ua.get(tr.STUDENT, '?'):<24}"
+        if self.cfg.study.box_searched and isinstance(ua.get(tr.BOX_S), (int, float)):
+            head += f" box {format_duration(float(ua[tr.BOX_S]))}"
         if trial.state == optuna.trial.TrialState.COMPLETE:
             vals = ", ".join(f"{m}={format_metric(m, v)}" for m, v in zip(self.cfg.metric_names, trial.values or [], strict=False))
-            tag = "" if ua.get("feasible", True) else f"  infeasible: {ua.get('infeasible_reason', '')}"
+            tag = "" if ua.get(tr.FEASIBLE, True) else f"  infeasible: {ua.get(tr.INFEASIBLE_REASON, '')}"
             return f"{head} COMPLETE {vals} ({format_duration(wall_s)}){tag}"
         if trial.state == optuna.trial.TrialState.PRUNED:
-            if ua.get("screened"):
-                why = f"screened before training: {ua.get('screen_reason', '')}"
+            if ua.get(tr.SCREENED):
+                why = f"screened before training: {ua.get(tr.SCREEN_REASON, '')}"
             else:
-                rung = ua.get("pruned_rung")
+                rung = ua.get(tr.PRUNED_RUNG)
                 at = f"at rung {rung:.3g} of the box" if isinstance(rung, (int, float)) else "at a rung"
-                why = f"{at}, {ua.get('prune_reason', '')}"
+                why = f"{at}, {ua.get(tr.PRUNE_REASON, '')}"
             return f"{head} PRUNED {why} ({format_duration(wall_s)})"
-        return f"{head} {trial.state.name} {ua.get('fail_reason', '')}: {ua.get('fail_detail', '')} ({format_duration(wall_s)})"
+        return f"{head} {trial.state.name} {ua.get(tr.FAIL_REASON, '')}: {ua.get(tr.FAIL_DETAIL, '')} ({format_duration(wall_s)})"
 
     # -- rendering -----------------------------------------------------------------------------
     def _render(self) -> Panel:

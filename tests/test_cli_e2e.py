@@ -250,7 +250,7 @@ def test_a_failed_trial_keeps_its_workers_log(copy_run: Path, capsys: pytest.Cap
 
 
 def test_the_progress_line_says_when_the_teacher_accuracy_is_measured(copy_run: Path) -> None:
-    from kdsearch.search.objective import prepare_worker
+    from kdsearch.search.worker_setup import prepare_worker
 
     cfg = apply_overrides(load_config(SMOKE), run_dir=str(copy_run))
     seen: list[tuple[str, str]] = []
@@ -265,6 +265,6 @@ def test_the_cli_default_run_dir_is_the_study_files() -> None:
     """``commands.arguments`` spells the default out (importing the study-file package would
     double ``--help``); it must stay the study file's default."""
     from kdsearch.commands.arguments import DEFAULT_RUN_DIR
-    from kdsearch.config import StudySection
+    from kdsearch.config import StudyRunConfig
 
-    assert DEFAULT_RUN_DIR == StudySection.run_dir
+    assert DEFAULT_RUN_DIR == StudyRunConfig.run_dir

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from kdsearch.config import config_from_dict, load_config
 from kdsearch.models import StudentSpec, build_student, student_param_count
 from kdsearch.models.families.vgg import vgg_width_for_params
-from kdsearch.models.families.vit import ViTSpaceConfig
+from kdsearch.models.families.vit import ViTConfig
 from kdsearch.search.space import grid_search_space, param_distributions, suggest
 from kdsearch.storage import default_storage_url, load_study
 
@@ -131,7 +131,7 @@ def _vit_resolutions() -> list[int]:
 def test_vit_space_builds_every_sampled_spec(resolution: int) -> None:
     """Every combination of the default ViT space, through ``suggest`` (which rounds the width
     up to a multiple of the heads), builds; the smallest and largest also run a forward."""
-    space = ViTSpaceConfig()
+    space = ViTConfig()
     cfg = config_from_dict({"student": {"family": "vit", "resolution": resolution}})
     specs = []
     for depth, dim, heads, pps in itertools.product(space.depth.values(), space.embed_dim.values(),

@@ -20,7 +20,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState, create_trial
 
 from kdsearch.errors import ConfigError
-from kdsearch.report.table import pivot_table, render_csv, render_markdown
+from kdsearch.report.pivot_table import pivot_table, render_csv, render_markdown
 
 from cli_helpers import run_cli
 
@@ -124,7 +124,7 @@ def test_cli_prints_the_same_table(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_categorical_labels_keep_the_study_files_order() -> None:
-    from kdsearch.report.table import pivot_table, render_markdown
+    from kdsearch.report.pivot_table import pivot_table, render_markdown
 
     study = optuna.create_study(directions=["maximize"])
     dists = {"size": optuna.distributions.CategoricalDistribution(["XS", "S", "M", "L", "XL"]),

@@ -20,6 +20,7 @@ import yaml
 from kdsearch.config import apply_overrides, config_from_dict, load_config
 from kdsearch.distill.precision import autocast_dtype, select_train_dtype
 from kdsearch.errors import ConfigError, KDSearchError
+from kdsearch.export.pick import parse_pick
 from kdsearch.metrics import (
     FIXED_METRICS,
     TEST_SPLIT_RULE,
@@ -27,9 +28,8 @@ from kdsearch.metrics import (
     metric_info,
     val_counterpart,
 )
-from kdsearch.report.pareto import parse_pick
-from kdsearch.search.objective import pick_device, prepare_worker
 from kdsearch.search.preflight import check_measurable, check_workers
+from kdsearch.search.worker_setup import pick_device, prepare_worker
 from kdsearch.storage import default_storage_url, load_study, run_paths
 
 from cli_helpers import SMOKE, run_cli

@@ -15,7 +15,7 @@ from kdsearch.errors import ConfigError
 __all__ = ["DEFAULT_RUN_DIR", "integer", "positive_int", "add_storage_args", "storage_url", "artifact_dir"]
 
 DEFAULT_RUN_DIR: str = "runs"
-"""The study file's default run folder (``StudySection.run_dir``; a test keeps the two equal).
+"""The study file's default run folder (``StudyRunConfig.run_dir``; a test keeps the two equal).
 Not imported from ``kdsearch.config``: that package (YAML, every section) would double ``--help``."""
 
 

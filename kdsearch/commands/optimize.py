@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kdsearch import trial_record as tr
 from kdsearch.commands.arguments import integer, positive_int
 
 __all__ = ["add_parser", "run", "run_supervised"]
@@ -111,7 +112,7 @@ def run_supervised(cfg: Any, *, plain: bool, create: bool) -> int:
                                 on_trial_end=display.trial_end, create=create)
     finally:
         restore()
-    total = outcome.study.user_attrs.get("time_spent_s", 0.0)
+    total = outcome.study.user_attrs.get(tr.TIME_SPENT_S, 0.0)
     console.print(
         f"stopped: {outcome.stop_reason}. This run: {outcome.trials_complete} complete, "
         f"{outcome.trials_pruned} pruned, {outcome.trials_failed} failed "

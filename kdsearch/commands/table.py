@@ -25,7 +25,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from kdsearch.commands.arguments import storage_url
-    from kdsearch.report.table import pivot_table, render_csv, render_markdown
+    from kdsearch.report.pivot_table import pivot_table, render_csv, render_markdown
     from kdsearch.storage import load_study
 
     study = load_study(storage_url(args), args.study_name)

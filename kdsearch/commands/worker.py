@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kdsearch import trial_record as tr
 from kdsearch.commands.arguments import add_storage_args, positive_int
 
 __all__ = ["add_parser", "run"]
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from kdsearch.storage import load_study
 
     url = storage_url(args)
-    stored = load_study(url, args.study_name).user_attrs.get("config")
+    stored = load_study(url, args.study_name).user_attrs.get(tr.CONFIG)
     if not stored:
         raise ConfigError("--study-name", "this study has no stored kdsearch config", args.study_name)
     stored["study"]["storage"] = url

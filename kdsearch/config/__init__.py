@@ -40,7 +40,7 @@ from kdsearch.config.sections import (
     LatencyConfig,
     MeasureConfig,
     RehearsalConfig,
-    StudySection,
+    StudyRunConfig,
     TeacherCacheConfig,
     TeacherConfig,
     TeacherFitConfig,
@@ -53,7 +53,7 @@ from kdsearch.config.study import StudyConfig, config_to_dict
 __all__ = [
     "Space",
     "space_field",
-    "StudySection",
+    "StudyRunConfig",
     "DataConfig",
     "TeacherCacheConfig",
     "TeacherFitConfig",

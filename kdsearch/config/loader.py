@@ -27,7 +27,7 @@ from kdsearch.config.sections import (
     FinetuneConfig,
     MeasureConfig,
     RehearsalConfig,
-    StudySection,
+    StudyRunConfig,
     TeacherConfig,
 )
 from kdsearch.config.space import Space
@@ -63,7 +63,7 @@ _FIELDS: dict[type, dict[str, dataclasses.Field[Any]]] = _FieldIndex()
 
 
 _SECTION_TYPES: dict[str, type] = {
-    "study": StudySection,
+    "study": StudyRunConfig,
     "data": DataConfig,
     "student": StudentConfig,
     "distill": DistillConfig,

@@ -61,8 +61,9 @@ class PruningSection:
 
 
 @dataclass(frozen=True)
-class StudySection:
-    """Where the study lives and how it is driven."""
+class StudyRunConfig:
+    """The ``study:`` section: where the study lives and how it is run (the whole file is
+    :class:`~kdsearch.config.StudyConfig`)."""
 
     name: str = "kdsearch"
     run_dir: str = "runs"

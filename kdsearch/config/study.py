@@ -17,7 +17,7 @@ from kdsearch.config.sections import (
     FinetuneConfig,
     MeasureConfig,
     RehearsalConfig,
-    StudySection,
+    StudyRunConfig,
     TeacherConfig,
 )
 from kdsearch.config.space import Space
@@ -52,7 +52,7 @@ TOP_KEYS = ["study", "data", "teacher", "student", "distill", "objectives", "con
 
 @dataclass(frozen=True)
 class StudyConfig:
-    study: StudySection = field(default_factory=StudySection)
+    study: StudyRunConfig = field(default_factory=StudyRunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     teachers: tuple[TeacherConfig, ...] = field(default_factory=lambda: (TeacherConfig(),))
     student: StudentConfig = field(default_factory=StudentConfig)

@@ -94,7 +94,6 @@ class DistillResult:
     epochs: float  # images_seen / train images
     images_seen: int
     final_train_loss: float  # mean over the last (up to) 50 steps
-    best_val_accuracy: float | None
     val_history: list[tuple[float, float]] = field(default_factory=list)  # (training s, val accuracy)
     stopped_early: bool = False  # a stopping rule ended the loop before the box was used
     teacher_forward_count: int = 0  # teacher forward passes during this call (0 with a cache)
@@ -208,7 +207,6 @@ def distill(
     last_loss = float("nan")
     val_history: list[tuple[float, float]] = []
     final_val_acc: float | None = None
-    best_acc: float | None = None
     stopped_early = False
     stop_at_s: float | None = None  # training s when a rule asked to stop: the cool-down starts
     cooldown_len_s = 0.0
@@ -296,7 +294,6 @@ def distill(
                 final_val_acc = acc if split is val else None
                 model.train()
                 val_history.append((train_s, acc))
-                best_acc = acc if best_acc is None else max(best_acc, acc)
                 # Every rule sees every evaluation (stateful rules never miss one).
                 plateau = plateau_stop(train_s, train_s / time_box_s, acc)
                 abandon = caller_stop(train_s, train_s / time_box_s, acc)
@@ -341,7 +338,6 @@ def distill(
         epochs=images_seen / n,
         images_seen=images_seen,
         final_train_loss=final_loss,
-        best_val_accuracy=best_acc,
         val_history=val_history,
         stopped_early=stopped_early,
         teacher_forward_count=forwards,

@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from kdsearch import trial_record as tr
 from kdsearch._version import __version__
 from kdsearch.metrics import metric_unit
 from kdsearch.modelcard import EXPORT_KIND
@@ -24,8 +25,8 @@ PREPROCESSING = "RGB uint8 -> resize to resolution_px (bilinear, antialias) -> /
 
 def _metrics(study: optuna.Study, trial: FrozenTrial) -> dict[str, dict[str, Any]]:
     names = list(study.metric_names or [])
-    missing = trial.user_attrs.get("missing_metrics") or {}
-    methods = trial.user_attrs.get("methods") or {}
+    missing = trial.user_attrs.get(tr.MISSING_METRICS) or {}
+    methods = trial.user_attrs.get(tr.METHODS) or {}
     out: dict[str, dict[str, Any]] = {}
     for m in metric_columns(study, [trial]):
         value = metric_value(trial, m, names)
@@ -40,7 +41,7 @@ def _metrics(study: optuna.Study, trial: FrozenTrial) -> dict[str, dict[str, Any
 
 def _normalisation(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any] | None:
     for attrs in (trial.user_attrs, study.user_attrs):
-        norm = attrs.get("normalization")
+        norm = attrs.get(tr.NORMALIZATION)
         if isinstance(norm, dict) and "mean" in norm and "std" in norm:
             return {"mean": list(norm["mean"]), "std": list(norm["std"])}
     return None
@@ -49,7 +50,7 @@ def _normalisation(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any] | 
 def export_card(study: optuna.Study, trial: FrozenTrial, spec: StudentSpec, fmt: str) -> dict[str, Any]:
     """The card of ``trial``'s student exported as ``fmt`` (without ``verification`` and ``files``)."""
     ua = trial.user_attrs
-    cfg = study.user_attrs.get("config") if isinstance(study.user_attrs.get("config"), dict) else {}
+    cfg = study.user_attrs.get(tr.CONFIG) if isinstance(study.user_attrs.get(tr.CONFIG), dict) else {}
     objectives = dict(zip(study.metric_names or [], [d.name.lower() for d in study.directions], strict=False))
     return {
         "kind": EXPORT_KIND,
@@ -69,15 +70,15 @@ def export_card(study: optuna.Study, trial: FrozenTrial, spec: StudentSpec, fmt:
         "constraints": cfg.get("constraints") if isinstance(cfg, dict) else None,
         "feasible": feasible(trial),
         "metrics": _metrics(study, trial),
-        "teacher": ua.get("teacher"),
-        "teacher_name": ua.get("teacher_name"),
-        "dataset": ua.get("dataset") or (cfg.get("data", {}) or {}).get("dataset"),
-        "distillation": {k: ua.get(k) for k in ("temperature", "alpha", "lr")},
+        "teacher": ua.get(tr.TEACHER),
+        "teacher_name": ua.get(tr.TEACHER_NAME),
+        "dataset": ua.get(tr.DATASET) or (cfg.get("data", {}) or {}).get("dataset"),
+        "distillation": {k: ua.get(k) for k in (tr.TEMPERATURE, tr.ALPHA, tr.LR)},
         "params": dict(trial.params),
         "environment": {
-            "study": study.user_attrs.get("environment"),
-            "trial_device": ua.get("device") or (ua.get("worker") or {}).get("device"),
-            "env_diff": ua.get("env_diff"),
+            "study": study.user_attrs.get(tr.ENVIRONMENT),
+            "trial_device": ua.get(tr.DEVICE) or (ua.get(tr.WORKER) or {}).get("device"),
+            "env_diff": ua.get(tr.ENV_DIFF),
         },
-        "source": {"artifact_id": ua.get("artifact_id"), "weights_sha256": ua.get("weights_sha256")},
+        "source": {"artifact_id": ua.get(tr.ARTIFACT_ID), "weights_sha256": ua.get(tr.WEIGHTS_SHA256)},
     }

@@ -3,7 +3,7 @@
 ``kdsearch export --format onnx --quantize int8`` writes ``model.int8.onnx`` beside the fp32
 ``model.onnx`` and a ``quantization`` section in the card. How:
 
-1. **Data.** The study's stored data config (``study.user_attrs["config"]["data"]``) is loaded with
+1. **Data.** The study's stored data config (``data`` of the study user attr ``config``) is loaded with
    :func:`kdsearch.data.load_data`: the same seeded train/val/test splits the search used, and
    the trial's normalisation (its ``normalization`` user attr, else the data set's statistics).
 2. **Calibration.** ``calibration_images`` images drawn from the **training** split (a seeded
@@ -38,6 +38,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
+from kdsearch import trial_record as tr
 from kdsearch.config import LatencyConfig, config_from_dict
 from kdsearch.data import load_data, preprocess
 from kdsearch.errors import ConfigError, ExportError
@@ -111,10 +112,10 @@ class QuantData:
 def study_data(study: optuna.Study, trial: FrozenTrial, data_root: str | None = None) -> QuantData:
     """Load the study's data as the search saw it (stored data config; ``data_root`` overrides
     ``data.root`` when the data has moved) and its ``measure.latency`` settings."""
-    stored = study.user_attrs.get("config")
+    stored = study.user_attrs.get(tr.CONFIG)
     if not isinstance(stored, dict) or not isinstance(stored.get("data"), dict):
         raise ExportError(
-            f"--quantize: study {study.study_name!r} has no stored data config (user attr 'config'); "
+            f"--quantize: study {study.study_name!r} has no stored data config (user attr {tr.CONFIG!r}); "
             "the calibration and accuracy data cannot be found"
         )
     raw: dict[str, Any] = {"data": dict(stored["data"])}
@@ -124,7 +125,7 @@ def study_data(study: optuna.Study, trial: FrozenTrial, data_root: str | None = 
         raw["data"]["root"] = str(data_root)
     cfg = config_from_dict(raw)
     bundle = load_data(cfg.data)
-    norm = trial.user_attrs.get("normalization")
+    norm = trial.user_attrs.get(tr.NORMALIZATION)
     if isinstance(norm, dict) and "mean" in norm and "std" in norm:
         mean, std, source = tuple(norm["mean"]), tuple(norm["std"]), "the trial's normalization"
     else:

@@ -10,6 +10,7 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial
 
+from kdsearch import trial_record as tr
 from kdsearch.checkpoint import MODEL_FILE, load_student_file, sha256_file
 from kdsearch.errors import CheckpointError, ConfigError, ExportError
 from kdsearch.export.card import export_card
@@ -48,9 +49,9 @@ class ExportResult:
 
 
 def _download_checkpoint(trial: FrozenTrial, artifact_dir: Path | None, dest: Path) -> None:
-    aid = trial.user_attrs.get("artifact_id")
+    aid = trial.user_attrs.get(tr.ARTIFACT_ID)
     if not aid:
-        raise ExportError(f"trial {trial.number}: no stored checkpoint (user attr 'artifact_id' is missing)")
+        raise ExportError(f"trial {trial.number}: no stored checkpoint (user attr {tr.ARTIFACT_ID!r} is missing)")
     if artifact_dir is None or not Path(artifact_dir).is_dir():
         raise ExportError(
             f"artifact_dir: the study's artifact folder is missing (got {str(artifact_dir)!r}); "
@@ -109,9 +110,9 @@ def export_trial(
     check_out_dir(out)
     study = load_study(storage_url, study_name)
     trial = select_trial(study, trial_number, pick)
-    expected = trial.user_attrs.get("weights_sha256")
+    expected = trial.user_attrs.get(tr.WEIGHTS_SHA256)
     if not expected:
-        raise ExportError(f"trial {trial.number}: no 'weights_sha256' user attr; cannot check the checkpoint")
+        raise ExportError(f"trial {trial.number}: no {tr.WEIGHTS_SHA256!r} user attr; cannot check the checkpoint")
     # The data first: a moved data folder fails before anything is exported.
     data = study_data(study, trial, data_root) if quantize == "int8" else None
     with staged_out_dir(out) as stage:

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdsearch import trial_record as tr
 from kdsearch.config import MeasureConfig
 from kdsearch.measure._common import device_label, error_reason, resolve_device
 from kdsearch.measure.complexity import PTFLOPS_BACKEND, measure_complexity
@@ -100,8 +101,8 @@ class Measurements:
     def to_user_attrs(self) -> dict[str, Any]:
         """Trial user attrs per the storage contract: each metric, ``missing_metrics``, ``methods``."""
         attrs: dict[str, Any] = dict(self.values)
-        attrs["missing_metrics"] = dict(self.missing)
-        attrs["methods"] = {k: dict(v) for k, v in self.methods.items()}
+        attrs[tr.MISSING_METRICS] = dict(self.missing)
+        attrs[tr.METHODS] = {k: dict(v) for k, v in self.methods.items()}
         return attrs
 
 

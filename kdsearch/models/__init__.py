@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from kdsearch.models.families import StudentFamily, UnknownFamilyError, family_names, get_family
 from kdsearch.models.spec import StudentSpec
-from kdsearch.models.students import build_student, param_groups, student_families, student_param_count
+from kdsearch.models.students import build_student, param_groups, student_param_count
 from kdsearch.models.suggest import suggest_space
 from kdsearch.models.teacher import LoadedTeacher, create_teacher, state_dict_sha256, teacher_needs_fit
 
@@ -22,7 +22,6 @@ __all__ = [
     "family_names",
     "get_family",
     "param_groups",
-    "student_families",
     "student_param_count",
     "suggest_space",
     "LoadedTeacher",

@@ -8,19 +8,14 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from kdsearch.models.families import family_names, get_family
+from kdsearch.models.families import get_family
 from kdsearch.models.registry import UnknownFamilyError
 from kdsearch.models.spec import StudentSpec
 
-__all__ = ["build_student", "student_param_count", "student_families", "param_groups", "TOKEN_PATTERNS"]
+__all__ = ["build_student", "student_param_count", "param_groups", "TOKEN_PATTERNS"]
 
 TOKEN_PATTERNS: tuple[str, ...] = ("*pos_embed", "*cls_token", "*dist_token")
 """Transformer embeddings and tokens never decayed by the generic rule (``fnmatch`` patterns)."""
-
-
-def student_families() -> list[str]:
-    """Every registered student family name, sorted."""
-    return family_names()
 
 
 def build_student(spec: StudentSpec) -> nn.Module:

@@ -1,4 +1,4 @@
-"""kdsearch.report: the feasible Pareto front, ``--pick`` rules, plotly figures, the HTML report.
+"""kdsearch.report: the feasible Pareto front, plotly figures, the HTML report.
 
 Reads stored studies only (docs/ARCHITECTURE.md, "Storage contract").
 """
@@ -11,13 +11,10 @@ from typing import Any
 __all__ = [
     "build_report",
     "render_report",
-    "PickRule",
     "feasible",
     "load_trials",
     "metric_columns",
     "pareto_front",
-    "parse_pick",
-    "pick_trial",
     "trial_rows",
 ]
 

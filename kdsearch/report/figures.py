@@ -31,6 +31,7 @@ import plotly.graph_objects as go
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsearch import trial_record as tr
 from kdsearch.config import format_duration
 from kdsearch.metrics import metric_unit
 from kdsearch.report.pareto import feasible, metric_columns, metric_value, pareto_front, teacher_accuracies
@@ -82,7 +83,7 @@ def _key(*parts: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # A light study for Optuna's plots
 
-_PLOT_USER_ATTRS = ("student", "teacher")
+_PLOT_USER_ATTRS = (tr.STUDENT, tr.TEACHER)
 
 
 class _TrialListStudy(optuna.Study):
@@ -363,7 +364,7 @@ def cost_metrics(study: optuna.Study) -> list[str]:
 
 
 def _spec_value(t: FrozenTrial, field: str, param: str) -> int | None:
-    spec = t.user_attrs.get("spec")
+    spec = t.user_attrs.get(tr.SPEC)
     v = spec.get(field) if isinstance(spec, dict) else None
     if v is None:
         v = t.params.get(param)
@@ -397,7 +398,7 @@ def accuracy_cost_figure(
         x, y = metric_value(t, cost, names), metric_value(t, accuracy, names)
         if x is None or y is None:
             miss = [m for m, v in ((cost, x), (accuracy, y)) if v is None]
-            why = (t.user_attrs.get("missing_metrics") or {}).get(miss[0], "not recorded")
+            why = (t.user_attrs.get(tr.MISSING_METRICS) or {}).get(miss[0], "not recorded")
             skipped.append(f"trial {t.number} ({miss[0]}: {why})")
             continue
         pts.append((t, x, y, _spec_value(t, "resolution", "resolution"), _spec_value(t, "depth", "vgg_depth")))
@@ -424,7 +425,7 @@ def accuracy_cost_figure(
                 mode="markers",
                 name=f"{res} px" if res is not None else "resolution unknown",
                 text=[
-                    f"trial {p[0].number}<br>{p[0].user_attrs.get('student', '')}<br>depth {p[4]}, {res} px"
+                    f"trial {p[0].number}<br>{p[0].user_attrs.get(tr.STUDENT, '')}<br>depth {p[4]}, {res} px"
                     f"<br>{'on the feasible front' if p[0].number in front else ('feasible' if feasible(p[0]) else 'INFEASIBLE')}"
                     for p in group
                 ],
@@ -518,24 +519,24 @@ def learning_curves_figure(study: optuna.Study) -> ReportFigure:
     curves: list[tuple[str, str, bool, list[float], list[float]]] = []  # label, how, pruned, xs, ys
     for t in trials:
         ua = t.user_attrs
-        if ua.get("screened"):
+        if ua.get(tr.SCREENED):
             screened += 1
             continue
-        curve = (ua.get("kd_history") or {}).get("val") or []
+        curve = (ua.get(tr.KD_HISTORY) or {}).get("val") or []
         if not curve:
             continue
         xs, ys = [float(p[0]) for p in curve], [float(p[1]) for p in curve]
         is_pruned = t.state == TrialState.PRUNED
         pruned += is_pruned
-        rec = ua.get("pruning") or {}
-        method = (ua.get("methods") or {}).get("kd_time_s") or {}
+        rec = ua.get(tr.PRUNING) or {}
+        method = (ua.get(tr.METHODS) or {}).get("kd_time_s") or {}
         if isinstance(method.get("box_s"), (int, float)):
             boxes_s.add(float(method["box_s"]))
         rungs.update(float(r) for r in rec.get("rungs", []))
-        label = f"#{t.number} {ua.get('student', '')}"
+        label = f"#{t.number} {ua.get(tr.STUDENT, '')}"
         if method.get("box_searched") and isinstance(method.get("box_s"), (int, float)):
             label += f" box {format_duration(float(method['box_s']))}"
-        how = f"PRUNED at rung {ua.get('pruned_rung', 0):.3g} ({ua.get('prune_reason', '')})" if is_pruned else "COMPLETE"
+        how = f"PRUNED at rung {ua.get(tr.PRUNED_RUNG, 0):.3g} ({ua.get(tr.PRUNE_REASON, '')})" if is_pruned else "COMPLETE"
         curves.append((label, how, is_pruned, xs, ys))
         drawn += 1
     if not drawn:

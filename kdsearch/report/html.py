@@ -3,8 +3,8 @@
 The page opens with what a user asks first ("At a glance", :func:`glance_html`): each
 teacher's accuracy, the student of the feasible Pareto front with the best value of each
 objective (with its distance to the teacher's val accuracy), and the student the default export
-picks (:data:`~kdsearch.report.pareto.DEFAULT_PICK_RULE`, selected by the same
-:func:`~kdsearch.report.pareto.pick_trial` as ``kdsearch export --pick``), with a link to its
+picks (:data:`~kdsearch.export.pick.DEFAULT_PICK_RULE`, selected by the same
+:func:`~kdsearch.export.pick.pick_trial` as ``kdsearch export --pick``), with a link to its
 model card when an export of it sits beside the report, else the command that writes one. Then
 the study's details, the front table, the other trials and the figures.
 
@@ -32,21 +32,21 @@ import optuna
 import plotly.io as pio
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsearch import trial_record as tr
 from kdsearch._version import __version__
 from kdsearch.config import format_duration
 from kdsearch.errors import ConfigError
+from kdsearch.export.pick import default_pick_rule, pick_trial
 from kdsearch.metrics import format_metric, metric_unit
 from kdsearch.report.figures import ReportFigure, all_figures
 from kdsearch.report.pareto import (
     TrialRow,
     best_per_objective,
-    default_pick_rule,
     feasible,
     infeasible_reason,
     metric_columns,
     metric_value,
     pareto_front,
-    pick_trial,
     teacher_accuracies,
     trial_rows,
 )
@@ -113,7 +113,7 @@ def _e(value: Any) -> str:
 
 
 def _teachers(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str:
-    stored = study.user_attrs.get("teachers")
+    stored = study.user_attrs.get(tr.TEACHERS)
     if isinstance(stored, dict) and stored:
         parts = []
         for label, info in stored.items():
@@ -125,22 +125,22 @@ def _teachers(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> st
                         acc.append(f"{k.split('_')[0]} {format_metric(k, v)}")
             parts.append(f"{label}" + (f" ({', '.join(acc)})" if acc else ""))
         return "; ".join(parts)
-    labels = sorted({str(t.user_attrs["teacher"]) for t in trials if t.user_attrs.get("teacher")})
+    labels = sorted({str(t.user_attrs[tr.TEACHER]) for t in trials if t.user_attrs.get(tr.TEACHER)})
     return ", ".join(labels) or "not recorded"
 
 
 def _dataset(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str:
-    cfg = study.user_attrs.get("config")
+    cfg = study.user_attrs.get(tr.CONFIG)
     if isinstance(cfg, dict) and isinstance(cfg.get("data"), dict) and cfg["data"].get("dataset"):
         data = cfg["data"]
         extra = f" (root {data['root']})" if data.get("root") else ""
         return f"{data['dataset']}{extra}"
-    names = sorted({str(t.user_attrs["dataset"]) for t in trials if t.user_attrs.get("dataset")})
+    names = sorted({str(t.user_attrs[tr.DATASET]) for t in trials if t.user_attrs.get(tr.DATASET)})
     return ", ".join(names) or "not recorded"
 
 
 def _constraints(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str:
-    cfg = study.user_attrs.get("config")
+    cfg = study.user_attrs.get(tr.CONFIG)
     con = cfg.get("constraints") if isinstance(cfg, dict) else None
     if isinstance(con, dict) and con:
         return ", ".join(f"{m} ≤ {format_metric(m, v)}" for m, v in con.items())
@@ -168,7 +168,7 @@ def _header(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str:
     states = Counter(t.state for t in trials)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     n_inf = sum(1 for t in complete if not feasible(t))
-    fails = Counter(str(t.user_attrs.get("fail_reason", "unknown")) for t in trials if t.state == TrialState.FAIL)
+    fails = Counter(str(t.user_attrs.get(tr.FAIL_REASON, "unknown")) for t in trials if t.state == TrialState.FAIL)
     fail_txt = f"{states[TrialState.FAIL]} failed" + (
         f" ({', '.join(f'{r}: {c}' for r, c in sorted(fails.items()))})" if fails else ""
     )
@@ -179,9 +179,9 @@ def _header(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str:
         f"{len(trials)} trials: {len(complete)} complete ({len(complete) - n_inf} feasible, {n_inf} infeasible), "
         f"{fail_txt}" + (f", {others}" if others else "")
     )
-    spent = study.user_attrs.get("time_spent_s")
+    spent = study.user_attrs.get(tr.TIME_SPENT_S)
     spent_txt = format_duration(float(spent)) if isinstance(spent, (int, float)) else "not recorded"
-    env = study.user_attrs.get("environment")
+    env = study.user_attrs.get(tr.ENVIRONMENT)
     env_items = _flatten(env) if isinstance(env, dict) else []
     env_short = ", ".join(f"{k}: {v}" for k, v in env_items[:6]) or "not recorded"
     env_full = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in env_items)
@@ -194,7 +194,7 @@ def _header(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str:
         ("Dataset", _dataset(study, trials)),
         ("Time spent", f"{spent_txt} (all runs, wall clock)"),
         ("Environment", env_short),
-        ("kdsearch", f"stored by {study.user_attrs.get('kdsearch_version', '?')}, report by {__version__}"),
+        ("kdsearch", f"stored by {study.user_attrs.get(tr.KDSEARCH_VERSION, '?')}, report by {__version__}"),
         ("Generated", _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %z")),
     ]
     meta = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in rows)
@@ -243,7 +243,7 @@ def _export_command(study: optuna.Study, rule: str, run_dir: Path | None, storag
 def _delta_points(trial: FrozenTrial, names: list[str], teachers: dict[str, float]) -> tuple[str, str]:
     """(text, css class) of the trial's val accuracy minus its teacher's, in percentage points."""
     acc = metric_value(trial, "val_accuracy", names)
-    label = str(trial.user_attrs.get("teacher", ""))
+    label = str(trial.user_attrs.get(tr.TEACHER, ""))
     ref = teachers.get(label)
     if ref is None and len(teachers) == 1:
         ref = next(iter(teachers.values()))
@@ -254,7 +254,7 @@ def _delta_points(trial: FrozenTrial, names: list[str], teachers: dict[str, floa
 
 
 def _stored_teachers(study: optuna.Study) -> dict[str, dict[str, Any]]:
-    stored = study.user_attrs.get("teachers")
+    stored = study.user_attrs.get(tr.TEACHERS)
     return {str(k): v for k, v in stored.items() if isinstance(v, dict)} if isinstance(stored, dict) else {}
 
 
@@ -350,7 +350,7 @@ def glance_html(
         link = card_link if role == "default export" else "—"
         rows.append(
             f"<tr data-trial='{t.number}' data-role='{_e(role)}'><td class='role'>{_e(role)}</td><td>{t.number}</td>"
-            f"<td class='text'>{_e(t.user_attrs.get('student', ''))}</td>{''.join(cells)}"
+            f"<td class='text'>{_e(t.user_attrs.get(tr.STUDENT, ''))}</td>{''.join(cells)}"
             f"<td class='{cls}'>{_e(delta)}</td><td class='text'>{link}</td></tr>"
         )
     if not front:
@@ -429,14 +429,14 @@ def _other_table(trials: list[optuna.trial.FrozenTrial]) -> str:
         if t.state == TrialState.COMPLETE and not feasible(t):
             state, why = "INFEASIBLE", infeasible_reason(t) or ""
         elif t.state == TrialState.FAIL:
-            reason = t.user_attrs.get("fail_reason", "unknown")
-            detail = t.user_attrs.get("fail_detail", "")
+            reason = t.user_attrs.get(tr.FAIL_REASON, "unknown")
+            detail = t.user_attrs.get(tr.FAIL_DETAIL, "")
             state, why = f"FAIL ({reason})", str(detail)
         else:
             continue
         rows.append(
             f"<tr data-trial='{t.number}'><td data-sort='{t.number}'>{t.number}</td><td class='text'>{_e(state)}</td>"
-            f"<td class='text'>{_e(t.user_attrs.get('student', ''))}</td><td class='text'>{_e(why)}</td></tr>"
+            f"<td class='text'>{_e(t.user_attrs.get(tr.STUDENT, ''))}</td><td class='text'>{_e(why)}</td></tr>"
         )
     if not rows:
         return "<p class='note'>None: every trial completed within the constraints.</p>"

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
+from kdsearch import trial_record as tr
 from kdsearch.config.durations import format_duration
 from kdsearch.metrics import format_metric
 from kdsearch.report.pareto import feasible, front_sorted, metric_value, pareto_front, teacher_accuracies
@@ -38,7 +39,7 @@ def table_trials(study: optuna.Study, pareto: bool) -> tuple[list[FrozenTrial], 
     front = {t.number for t in front_trials}
     if pareto:
         infeasible = [t for t in trials if (t.state == TrialState.COMPLETE and t.number not in front and not feasible(t))
-                      or (t.state == TrialState.PRUNED and t.user_attrs.get("screened"))]
+                      or (t.state == TrialState.PRUNED and t.user_attrs.get(tr.SCREENED))]
         trials = front_sorted(study, front_trials) + front_sorted(study, infeasible)
     return trials, front
 
@@ -47,15 +48,15 @@ def pruned_label(user_attrs: dict[str, object]) -> str:
     """``PRUNED (rung 0.111)`` for a trial stopped at a rung (the rung as a fraction of the box),
     ``INFEASIBLE (screened)`` for one ended before the box (stored PRUNED) because a fixed cost
     or the memory probe broke a constraint."""
-    if user_attrs.get("screened"):
+    if user_attrs.get(tr.SCREENED):
         return "INFEASIBLE (screened)"
-    rung = user_attrs.get("pruned_rung")
+    rung = user_attrs.get(tr.PRUNED_RUNG)
     return f"PRUNED (rung {rung:.3g})" if isinstance(rung, (int, float)) else "PRUNED"
 
 
 def _vs_teacher(trial: FrozenTrial, names: list[str], teachers: dict[str, float]) -> str:
     acc = metric_value(trial, "val_accuracy", names)
-    ref = teachers.get(str(trial.user_attrs.get("teacher", "")))
+    ref = teachers.get(str(trial.user_attrs.get(tr.TEACHER, "")))
     if ref is None and len(teachers) == 1:
         ref = next(iter(teachers.values()))
     return "—" if acc is None or ref is None else f"{100.0 * (acc - ref):+.2f} pts"
@@ -83,14 +84,14 @@ def trials_table(study: optuna.Study, pareto: bool) -> Table:
         if state == "COMPLETE" and not feasible(t):
             state = "INFEASIBLE"
         elif state == "FAIL":
-            state = f"FAIL ({ua.get('fail_reason', '?')})"
+            state = f"FAIL ({ua.get(tr.FAIL_REASON, '?')})"
         elif state == "PRUNED":
             state = pruned_label(ua)
         mark = "*" if t.number in front else ""
         more = [format_metric(m, ua.get(m)) for m in extra]
         box = [] if not box_col else \
             [format_duration(float(t.params["trial_time_s"])) if "trial_time_s" in t.params else "—"]
-        table.add_row(str(t.number), state, str(ua.get("student", "")), str(ua.get("teacher", "")), *box, *vals,
+        table.add_row(str(t.number), state, str(ua.get(tr.STUDENT, "")), str(ua.get(tr.TEACHER, "")), *box, *vals,
                       *more, _vs_teacher(t, names, teachers), mark)
     return table
 
@@ -108,7 +109,7 @@ def trial_records(study: optuna.Study, pareto: bool) -> list[dict[str, object]]:
             "values": t.values,
             "user_attrs": t.user_attrs,
             "constraints": t.constraints,
-            "feasible": feasible(t) if t.state == TrialState.COMPLETE else (False if t.user_attrs.get("screened") else None),
+            "feasible": feasible(t) if t.state == TrialState.COMPLETE else (False if t.user_attrs.get(tr.SCREENED) else None),
             "pareto": t.number in front,
         }
         for t in trials

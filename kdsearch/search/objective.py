@@ -1,7 +1,7 @@
 """One trial, top to bottom: propose -> build -> distil -> measure -> store.
 
-:func:`prepare_worker` does the per-process work that every trial shares (data on the device,
-teachers created, fitted and cached). :func:`run_trial` is the objective: a plain function that
+:func:`~kdsearch.search.worker_setup.prepare_worker` does the per-process work that every trial
+shares (data on the device, teachers created, fitted and cached). :func:`run_trial` is the objective: a plain function that
 stores every metric as a user attr, sets the constraints, uploads the student checkpoint as an
 Optuna artifact, and returns the objective values. A failure inside a trial becomes
 :class:`~kdsearch.errors.TrialFailure` with ``fail_reason`` stored on the trial.
@@ -56,12 +56,8 @@ tells it as PRUNED.
 from __future__ import annotations
 
 import copy
-import gc
 import math
-import os
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,20 +65,12 @@ import optuna
 import torch
 from optuna.artifacts import upload_artifact
 
+from kdsearch import trial_record as tr
 from kdsearch.checkpoint import save_student
-from kdsearch.config import StudyConfig, TeacherConfig
-from kdsearch.data import BatchSource, DataBundle, ViewSpec, load_data, make_batch_source, should_be_resident
-from kdsearch.distill import (
-    DistillResult,
-    FaultInjector,
-    OnlineTeacher,
-    TeacherCache,
-    build_or_load_cache,
-    distill,
-    fit_teacher,
-)
-from kdsearch.distill.precision import autocast_dtype, train_dtype_for
-from kdsearch.errors import KDSearchError, TrialFailure
+from kdsearch.config import StudyConfig
+from kdsearch.distill import DistillResult, FaultInjector, distill
+from kdsearch.distill.precision import autocast_dtype
+from kdsearch.errors import TrialFailure
 from kdsearch.measure import (
     EnergyMeter,
     KDMemoryTracker,
@@ -93,223 +81,38 @@ from kdsearch.measure import (
     measure_inference,
 )
 from kdsearch.metrics import is_fixed_cost, metric_unit
-from kdsearch.models import LoadedTeacher, build_student, create_teacher, teacher_needs_fit
-from kdsearch.models.teacher import weak_teacher_warning
+from kdsearch.models import build_student
 from kdsearch.search.pruning import OptunaRungStore, PruningConfig, RungEntry, RungPruner
-from kdsearch.search.rehearsal import TABLE_NUM_CLASSES, Rehearsal, recorded_fixed_costs, replay_box
+from kdsearch.search.rehearsal import Rehearsal, recorded_fixed_costs, replay_box
 from kdsearch.search.screening import screen_fixed_costs
 from kdsearch.search.space import Proposal, suggest
-from kdsearch.storage import RunPaths, artifact_store
+from kdsearch.search.worker_setup import (
+    PreparedTeacher,
+    ProgressFn,
+    WorkerContext,
+    free_device_memory,
+    no_progress,
+)
+from kdsearch.storage import artifact_store
 
-__all__ = [
-    "ProgressFn",
-    "PreparedTeacher",
-    "WorkerContext",
-    "prepare_worker",
-    "run_trial",
-    "pick_device",
-    "ENV_EXPECT_CUDA",
-    "ENV_WORKERS_PER_GPU",
-    "PROBE_STEPS",
-    "UNTRAINED_NOTE",
-]
+__all__ = ["run_trial", "PROBE_STEPS", "UNTRAINED_NOTE"]
 
 PROBE_STEPS = 3
 """Training steps of the fail-fast memory probe (CUDA only)."""
 UNTRAINED_NOTE = "untrained student, before KD"
 """``measured_on`` of every fixed-cost figure: latency and size do not depend on the weights."""
 
-ENV_EXPECT_CUDA = "KDSEARCH_EXPECT_CUDA"
-"""Set to ``1`` by the supervisor for a worker it pins to a GPU: finding none is then an error."""
-ENV_WORKERS_PER_GPU = "KDSEARCH_WORKERS_PER_GPU"
-"""Set by the supervisor: how many workers share this worker's GPU (> 1 only with study.share_gpu)."""
-
-# progress(phase, fraction in [0, 1] or None, message)
-ProgressFn = Callable[[str, float | None, str], None]
-
-
-def _no_progress(phase: str, fraction: float | None, message: str) -> None:
-    return None
-
-
-@dataclass
-class PreparedTeacher:
-    """A teacher ready for every trial: weights, accuracy, and where its logits come from."""
-
-    loaded: LoadedTeacher
-    source: TeacherCache | OnlineTeacher
-    val_accuracy: float
-    test_accuracy: float
-    fit_info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class WorkerContext:
-    """What one worker process holds for all its trials. In a rehearsal (``rehearsal`` section)
-    there is no data and no teacher (``bundle``, ``train_source``, ``view_spec`` None, ``teachers``
-    empty): ``rehearsal`` replays recorded trials instead (:mod:`kdsearch.search.rehearsal`)."""
-
-    cfg: StudyConfig
-    paths: RunPaths
-    device: torch.device
-    bundle: DataBundle | None
-    train_source: BatchSource | None
-    view_spec: ViewSpec | None
-    teachers: dict[str, PreparedTeacher]
-    environment: dict[str, Any]
-    train_dtype: str = "fp32"  # "bf16" | "fp16" | "fp32": kdsearch.distill.precision
-    gpu_sharing: dict[str, Any] = field(default_factory=dict)
-    rehearsal: Rehearsal | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return TABLE_NUM_CLASSES if self.bundle is None else self.bundle.num_classes
-
-
-def pick_device(expect_cuda: bool | None = None) -> torch.device:
-    """CUDA when visible (workers are pinned by CUDA_VISIBLE_DEVICES), else CPU.
-
-    ``expect_cuda`` (default: the supervisor's ``KDSEARCH_EXPECT_CUDA`` for this worker) makes a
-    missing GPU an error instead of a silent fall-back to the CPU, which would measure latency,
-    memory and energy on the wrong device.
-    """
-    if expect_cuda is None:
-        expect_cuda = os.environ.get(ENV_EXPECT_CUDA) == "1"
-    if torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    if expect_cuda:
-        raise KDSearchError(
-            f"worker: pinned to GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')!r} but torch sees no CUDA device; "
-            "check the driver and CUDA_VISIBLE_DEVICES (it would otherwise run on the CPU and measure the wrong device)"
-        )
-    return torch.device("cpu")
-
-
-def _needs_cuda(cfg: StudyConfig) -> list[str]:
-    """The objectives and constraints that only a CUDA device measures."""
-    from kdsearch.metrics import metric_info  # noqa: PLC0415 - ground floor, read here only
-
-    names = [*cfg.objectives, *cfg.constraints]
-    return [n for n in names if (info := metric_info(n)) is not None and info.needs_cuda]
-
-
-def prepare_worker(
-    cfg: StudyConfig, paths: RunPaths, device: torch.device | None = None, progress: ProgressFn = _no_progress
-) -> WorkerContext:
-    """Load the data (resident on the device when it fits) and prepare every teacher once.
-
-    The teachers are fitted, evaluated and cached on ``device``, then (cached mode) moved off it:
-    no trial uses them, and what stays resident is the baseline of every trial's memory figure.
-    """
-    device = device or pick_device()
-    gpu_only = _needs_cuda(cfg)
-    if device.type != "cuda" and gpu_only:
-        raise KDSearchError(
-            f"worker: {', '.join(gpu_only)} can only be measured on a CUDA device and this worker runs on "
-            f"{device.type}; run it on a GPU machine, or drop those objectives/constraints"
-        )
-    train_dtype = train_dtype_for(device, cfg.distill.amp)
-    paths.ensure()
-    if cfg.rehearsal.enabled:  # no data set, no teacher: trials replay the table
-        progress("data", None, f"loading the rehearsal table {cfg.rehearsal.table}")
-        env = {**collect_environment(device), "train_dtype": train_dtype,
-               "rehearsal": {"table": cfg.rehearsal.table, "speed": cfg.rehearsal.speed}}
-        return WorkerContext(cfg, paths, device, None, None, None, {}, env, train_dtype, {},
-                             Rehearsal.from_config(cfg.rehearsal))
-    progress("data", None, f"loading {cfg.data.dataset}")
-    bundle = load_data(cfg.data)
-    resident = should_be_resident(bundle, device, cfg.data.device_resident)
-    if resident:
-        bundle = bundle.to(device)
-    train_source = make_batch_source(bundle.train, device, resident, cfg.data.num_workers)
-    cache_cfg = cfg.teacher.cache
-    view_spec = ViewSpec(image_size=bundle.image_size, padding=cache_cfg.crop_padding, flip=cache_cfg.flip)
-    teachers: dict[str, PreparedTeacher] = {}
-    for tcfg in cfg.teachers:
-        teachers[tcfg.display_name] = _prepare_teacher(
-            tcfg, cfg, paths, bundle, view_spec, device, progress, train_dtype
-        )
-    env = collect_environment(device)
-    sharing = {
-        "workers_per_gpu": int(os.environ.get(ENV_WORKERS_PER_GPU, "1") or 1) if device.type == "cuda" else None,
-        "share_gpu": cfg.study.share_gpu,
-    }
-    env["gpu_sharing"] = sharing
-    env["train_dtype"] = train_dtype
-    return WorkerContext(cfg, paths, device, bundle, train_source, view_spec, teachers, env, train_dtype, sharing)
-
-
-def _prepare_teacher(
-    tcfg: TeacherConfig,
-    cfg: StudyConfig,
-    paths: RunPaths,
-    bundle: DataBundle,
-    view_spec: ViewSpec,
-    device: torch.device,
-    progress: ProgressFn,
-    train_dtype: str = "fp32",
-) -> PreparedTeacher:
-    label = tcfg.display_name
-    progress("teacher", None, f"creating teacher {label}")
-    # Seeded: a teacher without weights gets the same random init in every worker and run, so
-    # its fitted weights and logit cache are found again instead of rebuilt.
-    torch.manual_seed(cfg.study.seed)
-    loaded = create_teacher(tcfg, bundle.num_classes, device)
-    fit_info: dict[str, Any] = {}
-    if teacher_needs_fit(tcfg, loaded, bundle.num_classes):
-        progress("teacher-fit", 0.0, f"fitting teacher {label} {tcfg.fit.describe()}")
-        loaded, fit_info = fit_teacher(
-            loaded,
-            bundle,
-            tcfg.fit,
-            paths.teachers,
-            device,
-            progress=lambda done, total: progress("teacher-fit", done / max(total, 1e-9), f"fitting {label}"),
-        )
-        _free_device_memory(device)  # the fit's optimiser state and activations
-    loaded.model.eval()
-    batch = cfg.measure.eval_batch_size
-    progress("teacher", None, f"measuring teacher {label} accuracy (val, test)")
-    val_acc = evaluate_accuracy(loaded.model, bundle.val, loaded.input_size, loaded.mean, loaded.std, device, batch,
-                                interpolation=loaded.interpolation)
-    test_acc = evaluate_accuracy(loaded.model, bundle.test, loaded.input_size, loaded.mean, loaded.std, device, batch,
-                                 interpolation=loaded.interpolation)
-    weak_teacher_warning(loaded, val_acc, tcfg.expected_accuracy)
-    source: TeacherCache | OnlineTeacher
-    if tcfg.mode == "cached":
-        source = build_or_load_cache(
-            loaded,
-            bundle,
-            tcfg.cache,
-            paths.cache,
-            device,
-            progress=lambda done, total: progress("cache", done / max(total, 1), f"teacher cache {label}"),
-            dtype=train_dtype,
-        )
-        # No trial runs the teacher in cached mode: off the device, so the baseline of every
-        # trial's memory figure is the data and the cache, not a ViT nobody uses.
-        loaded.model.to("cpu")
-        _free_device_memory(device)
-    else:
-        source = OnlineTeacher(loaded, view_spec, dtype=train_dtype)
-    return PreparedTeacher(loaded, source, val_acc, test_acc, fit_info)
+def _set_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
 
 
 def _fail(trial: optuna.Trial, reason: str, detail: str, attrs: dict[str, Any] | None = None) -> TrialFailure:
-    trial.set_user_attr("fail_reason", reason)
-    trial.set_user_attr("fail_detail", detail[:500])
-    for k, v in (attrs or {}).items():
-        trial.set_user_attr(k, v)
+    _set_attrs(trial, {**tr.failure_attrs(reason, detail), **(attrs or {})})
     return TrialFailure(reason, detail, attrs)
 
 
-def _free_device_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _no_progress) -> list[float]:
+def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = no_progress) -> list[float]:
     """The objective. Returns the objective values in the study's order, or raises TrialFailure."""
     cfg = ctx.cfg
     device = ctx.device
@@ -317,19 +120,12 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     spec, hyper, box_s = proposal.spec, proposal.hyper, proposal.box_s
     teacher = ctx.teachers.get(proposal.teacher.display_name)  # None in a rehearsal
     # First, so the supervisor's hard limit (box + grace) reads this trial's own box from storage.
-    trial.set_user_attr("box_s", box_s)
-    trial.set_user_attr("spec", spec.to_dict())
-    trial.set_user_attr("student", spec.label)
-    trial.set_user_attr("teacher", proposal.teacher.display_name)
-    trial.set_user_attr("teacher_name", proposal.teacher.name)
-    trial.set_user_attr("teacher_mode", proposal.teacher.mode)
-    trial.set_user_attr("temperature", hyper.temperature)
-    trial.set_user_attr("alpha", hyper.alpha)
-    trial.set_user_attr("lr", hyper.lr)
-    trial.set_user_attr("dataset", cfg.data.dataset)
-    trial.set_user_attr("device", str(device))
-    trial.set_user_attr("train_dtype", ctx.train_dtype)
-    trial.set_user_attr("gpu_sharing", ctx.gpu_sharing)
+    _set_attrs(trial, {
+        tr.BOX_S: box_s, tr.SPEC: spec.to_dict(), tr.STUDENT: spec.label, tr.TEACHER: proposal.teacher.display_name,
+        tr.TEACHER_NAME: proposal.teacher.name, tr.TEACHER_MODE: proposal.teacher.mode,
+        tr.TEMPERATURE: hyper.temperature, tr.ALPHA: hyper.alpha, tr.LR: hyper.lr, tr.DATASET: cfg.data.dataset,
+        tr.DEVICE: str(device), tr.TRAIN_DTYPE: ctx.train_dtype, tr.GPU_SHARING: ctx.gpu_sharing,
+    })
     inject = cfg.debug.inject
     if cfg.debug.inject_trial is not None and cfg.debug.inject_trial != trial.number:
         inject = None
@@ -342,7 +138,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     rehearsal, row, student = ctx.rehearsal, None, None
     if rehearsal is not None:
         row, how = rehearsal.match(proposal)
-        trial.set_user_attr("rehearsal", how)
+        trial.set_user_attr(tr.REHEARSAL, how)
     else:
         try:
             student = build_student(spec)
@@ -357,8 +153,8 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
         fixed = _measure_fixed_costs(ctx, student, spec.resolution)
     screen = screen_fixed_costs(fixed.values, cfg.constraints, [m for m in cfg.constraints if is_fixed_cost(m)])
     if not screen.feasible_so_far:
-        cons, missing = _known_violations(cfg, fixed)
-        _screen_out(trial, cfg, fixed, cons, "; ".join([screen.reason(cfg.constraints), *missing]))
+        known = _known_verdict(cfg, fixed)
+        _screen_out(trial, cfg, fixed, known.violations, known.reason)
 
     # 2. The fail-fast memory probe (CUDA only).
     if row is not None:
@@ -374,11 +170,11 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     elif limit is not None and probe_mb is not None and probe_mb > limit:
         probe_reason = f"probe_peak_memory_mb={probe_mb:.4g} > peak_kd_memory_mb limit {limit:.4g}"
     if probe_reason is not None:
-        cons, missing = _known_violations(cfg, fixed)
-        probe_reason = "; ".join([probe_reason, *missing])
+        known = _known_verdict(cfg, fixed)
+        cons = dict(known.violations)
         if limit is not None:
-            cons["peak_kd_memory_mb"] = 1e18 if probe_mb is None else float(probe_mb) - float(limit)
-        _screen_out(trial, cfg, fixed, cons, probe_reason)
+            cons["peak_kd_memory_mb"] = tr.INFEASIBLE if probe_mb is None else float(probe_mb) - float(limit)
+        _screen_out(trial, cfg, fixed, cons, "; ".join([probe_reason, *known.reasons]))
 
     # 3. The box, with the rung pruner when study.pruning is on.
     pruner = _rung_pruner(trial, cfg, fixed, box_s)
@@ -391,7 +187,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
             replay = replay_box(row, box_s=box_s, speed=rehearsal.speed, eval_every_fraction=cfg.distill.eval_every_fraction,
                                 eval_at=rungs, on_eval=pruner, progress=lambda frac, msg: progress("distil", frac, msg))
             result = replay.result
-            trial.set_user_attr("rehearsal", {**how, "on_eval_s": [[round(f, 5), round(t, 6)] for f, t in replay.hook_s]})
+            trial.set_user_attr(tr.REHEARSAL, {**how, "on_eval_s": [[round(f, 5), round(t, 6)] for f, t in replay.hook_s]})
         else:
             with kd_memory, kd_energy:  # both paused by distill() around every validation
                 result: DistillResult = distill(
@@ -418,13 +214,13 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     except TrialFailure as exc:
         raise _fail(trial, exc.reason, exc.detail, exc.attrs) from None
     except torch.OutOfMemoryError as exc:
-        _free_device_memory(device)
+        free_device_memory(device)
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise _fail(trial, "oom", f"{type(exc).__name__}: {first}", {
             "peak_kd_memory_mb": kd_memory.value_mb, "peak_kd_memory_total_mb": kd_memory.total_mb,
         }) from None
     except Exception as exc:  # noqa: BLE001 - any other error is data for this trial
-        _free_device_memory(device)
+        free_device_memory(device)
         raise _fail(trial, "error", f"{type(exc).__name__}: {exc}") from None
 
     m = Measurements()
@@ -439,9 +235,9 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     })
     _store_kd_memory(m, kd_memory)
     _store_kd_energy(m, kd_energy, result)
-    trial.set_user_attr("kd_history", _kd_history(result))
+    trial.set_user_attr(tr.KD_HISTORY, _kd_history(result))
     if pruner is not None:
-        trial.set_user_attr("pruning", _pruning_record(pruner, cfg.distill.eval_every_fraction))
+        trial.set_user_attr(tr.PRUNING, _pruning_record(pruner, cfg.distill.eval_every_fraction))
     if pruner is not None and pruner.pruned_at is not None:
         _store_pruned(trial, cfg, m, fixed, pruner, student, device)
 
@@ -458,38 +254,24 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
 
     env_now = collect_environment(device)
     diff = environment_diff(ctx.environment, env_now)
-    for name, value in m.to_user_attrs().items():
-        trial.set_user_attr(name, value)
+    _set_attrs(trial, m.to_user_attrs())
     if ctx.bundle is not None:
-        trial.set_user_attr("normalization", {"mean": list(ctx.bundle.mean), "std": list(ctx.bundle.std)})
+        trial.set_user_attr(tr.NORMALIZATION, {"mean": list(ctx.bundle.mean), "std": list(ctx.bundle.std)})
     if diff:
-        trial.set_user_attr("env_diff", diff)
+        trial.set_user_attr(tr.ENV_DIFF, diff)
 
     # Constraints: value minus limit, <= 0 is feasible. A missing constrained metric is
     # infeasible (a large positive violation) and the trial says why.
-    violations: dict[str, float] = {}
-    reasons: list[str] = []
-    for metric, limit in cfg.constraints.items():
-        v = values.get(metric)
-        if v is None or not math.isfinite(v):
-            violation = 1e18
-            reasons.append(f"{metric} missing ({missing.get(metric, 'not measured')})")
-        else:
-            violation = float(v) - float(limit)
-            if violation > 0:
-                reasons.append(f"{metric}={v:.4g} > {limit:.4g}")
+    verdict = tr.constraint_verdict(cfg.constraints, values, missing)
+    for metric, violation in verdict.violations.items():
         trial.set_constraint(metric, violation)
-        violations[metric] = violation
-    trial.set_user_attr("constraint_violations", violations)
-    trial.set_user_attr("feasible", not reasons)
-    if reasons:
-        trial.set_user_attr("infeasible_reason", "; ".join(reasons))
+    _set_attrs(trial, tr.verdict_attrs(verdict))
 
     progress("store", 0.9, "checkpoint")
-    if student is not None:  # a rehearsal has none (its "rehearsal" attr says so)
+    if student is not None:  # a rehearsal has none (its rehearsal record says so)
         _store_checkpoint(ctx, trial, student, spec, proposal)
         del student
-        _free_device_memory(device)
+        free_device_memory(device)
 
     out: list[float] = []
     for metric in cfg.metric_names:
@@ -512,8 +294,7 @@ def _store_checkpoint(ctx: WorkerContext, trial: optuna.Trial, student: torch.nn
             artifact_store=artifact_store(ctx.paths), file_path=str(path), study_or_trial=trial,
             mimetype="application/octet-stream",
         )
-    trial.set_user_attr("artifact_id", artifact_id)
-    trial.set_user_attr("weights_sha256", sha)
+    _set_attrs(trial, {tr.ARTIFACT_ID: artifact_id, tr.WEIGHTS_SHA256: sha})
 
 
 def _final_accuracy(
@@ -584,7 +365,7 @@ def _measure_fixed_costs(ctx: WorkerContext, student: torch.nn.Module, resolutio
     for name in list(fixed.values):
         fixed.methods[name] = {**fixed.methods.get(name, {}), "measured_on": UNTRAINED_NOTE}
     student.to("cpu")
-    _free_device_memory(device)
+    free_device_memory(device)
     return fixed
 
 
@@ -636,7 +417,7 @@ def _memory_probe(
         out["oom"] = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
     finally:
         del probe
-        _free_device_memory(device)
+        free_device_memory(device)
     if tracker.value_mb is not None:
         fixed.set("probe_peak_memory_mb", tracker.value_mb, {**how, **tracker.method()})
     else:
@@ -645,19 +426,12 @@ def _memory_probe(
     return out
 
 
-def _known_violations(cfg: StudyConfig, m: Measurements) -> tuple[dict[str, float], list[str]]:
-    """``set_constraint`` values of a trial that ends before its final check: value - limit for
-    each fixed cost measured; a fixed cost that could not be measured is infeasible (1e18, as in
-    the final check: it will not be measured later), with its reason; 0.0 ("not known to be
-    violated") for a constraint that needs training."""
-    screen = screen_fixed_costs(m.values, cfg.constraints, [n for n in cfg.constraints if is_fixed_cost(n)])
-    cons = screen.constraint_values(cfg.constraints)
-    missing: list[str] = []
-    for metric in cfg.constraints:
-        if is_fixed_cost(metric) and metric not in screen.violations:
-            cons[metric] = 1e18
-            missing.append(f"{metric} missing ({m.missing.get(metric, 'not measured')})")
-    return cons, missing
+def _known_verdict(cfg: StudyConfig, m: Measurements) -> tr.Verdict:
+    """The verdict of a trial that ends before its final check: value - limit for each fixed
+    cost measured; a fixed cost that could not be measured is infeasible (as in the final check:
+    it will not be measured later), with its reason; 0.0 ("not known to be violated") for a
+    constraint that needs training."""
+    return tr.constraint_verdict(cfg.constraints, m.values, m.missing, [n for n in cfg.constraints if is_fixed_cost(n)])
 
 
 def _screen_out(
@@ -665,17 +439,11 @@ def _screen_out(
 ) -> None:
     """End the trial before the box: store what was measured and the violations, and raise
     :class:`optuna.TrialPruned` (told PRUNED, infeasible; the sampler learns from its constraints)."""
-    for name, value in fixed.to_user_attrs().items():
-        trial.set_user_attr(name, value)
+    _set_attrs(trial, fixed.to_user_attrs())
     for metric, violation in constraints.items():
         trial.set_constraint(metric, violation)
-    trial.set_user_attr("constraint_violations", constraints)
-    trial.set_user_attr("feasible", False)
-    trial.set_user_attr("infeasible_reason", reason)
-    trial.set_user_attr("screened", True)
-    trial.set_user_attr("screen_reason", reason)
     # The objectives it has (fixed costs); the rest (accuracy, ...) needs training: None.
-    trial.set_user_attr("screened_values", {n: fixed.values.get(n) for n in cfg.metric_names})
+    _set_attrs(trial, tr.screened_attrs(constraints, reason, {n: fixed.values.get(n) for n in cfg.metric_names}))
     raise optuna.TrialPruned(f"screened before training: {reason}")
 
 
@@ -744,20 +512,15 @@ def _store_pruned(
     d = pruner.pruned_at
     assert d is not None
     m.update(fixed)
-    for name, value in m.to_user_attrs().items():
-        trial.set_user_attr(name, value)
-    trial.set_user_attr("pruned_rung", d.rung)
-    trial.set_user_attr("pruned_rung_index", d.rung_index)
-    trial.set_user_attr("pruned_rank", d.rank)
-    trial.set_user_attr("pruned_front", d.front)
-    trial.set_user_attr("prune_reason", d.reason)
-    cons, _ = _known_violations(cfg, m)
+    _set_attrs(trial, m.to_user_attrs())
+    _set_attrs(trial, tr.pruned_attrs(d.rung, d.rung_index, d.rank, d.front, d.reason))
+    cons = _known_verdict(cfg, m).violations
     for metric, violation in cons.items():
         trial.set_constraint(metric, violation)
-    trial.set_user_attr("constraint_violations", cons)
+    trial.set_user_attr(tr.CONSTRAINT_VIOLATIONS, cons)
     if student is not None:  # None in a rehearsal: nothing to free
         del student
-        _free_device_memory(device)
+        free_device_memory(device)
     raise optuna.TrialPruned(f"pruned at rung {d.rung:.3g} of the box: {d.reason}")
 
 
@@ -810,22 +573,3 @@ def _store_kd_energy(m: Measurements, meter: EnergyMeter, result: DistillResult)
         m.set("kd_mean_power_w", e.mean_power_w, how)
     else:
         m.set_missing("kd_mean_power_w", "the window had no length", how)
-
-
-def teacher_summary(ctx: WorkerContext) -> dict[str, Any]:
-    """Study user attr ``teachers``: per teacher label, its accuracy and identity."""
-    return {
-        label: {
-            "name": t.loaded.name,
-            "val_accuracy": t.val_accuracy,
-            "test_accuracy": t.test_accuracy,
-            "weights_sha256": t.loaded.weights_sha256,
-            "input_size": t.loaded.input_size,
-            "mean": list(t.loaded.mean), "std": list(t.loaded.std), "norm_source": t.loaded.norm_source,
-            "interpolation": t.loaded.interpolation,
-            "pretrained": t.loaded.pretrained,
-            "mode": "cached" if isinstance(t.source, TeacherCache) else "online",
-            "fit": t.fit_info,
-        }
-        for label, t in ctx.teachers.items()
-    }

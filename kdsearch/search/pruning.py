@@ -36,6 +36,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from kdsearch import trial_record as tr
 from kdsearch.config.sections import RUNG_END_MARGIN, PruningSection
 
 __all__ = [
@@ -56,7 +57,7 @@ __all__ = [
     "to_loss",
 ]
 
-RUNG_ATTR_PREFIX = "rung_"
+RUNG_ATTR_PREFIX = tr.RUNG_PREFIX
 """User attr ``rung_<k>`` holds ``{"fraction", "values", "names", "train_s"}`` of rung k."""
 
 COMPETING_STATES: tuple[TrialState, ...] = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)

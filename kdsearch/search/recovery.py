@@ -36,6 +36,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsearch import trial_record as tr
 from kdsearch.storage import (
     HEARTBEAT_GRACE_S,
     HEARTBEAT_INTERVAL_S,
@@ -122,7 +123,7 @@ def trial_heartbeat(study: optuna.Study, number: int) -> TrialHeartbeat:
     if interval is not None:
         return TrialHeartbeat(lambda: storage.record_heartbeat(tid), float(interval))  # type: ignore[attr-defined]
     every, _ = heartbeat_settings(HEARTBEAT_EVERY_S, STALE_AFTER_S)
-    return TrialHeartbeat(lambda: storage.set_trial_user_attr(tid, "heartbeat_at", time.time()), every)
+    return TrialHeartbeat(lambda: storage.set_trial_user_attr(tid, tr.HEARTBEAT_AT, time.time()), every)
 
 
 def uses_optuna_heartbeat(study: optuna.Study) -> bool:
@@ -160,7 +161,7 @@ def fail_heartbeat_stale_trials(study: optuna.Study) -> list[int]:
             continue
         if trial.state != TrialState.RUNNING:
             continue
-        worker = trial.user_attrs.get("worker") or {}
+        worker = trial.user_attrs.get(tr.WORKER) or {}
         detail = f"no heartbeat for > {grace}s (worker {worker.get('host', '?')}:{worker.get('pid', '?')})"
         if mark_failed(study, trial, "stale", detail):
             failed.append((tid, trial))
@@ -172,8 +173,8 @@ def fail_heartbeat_stale_trials(study: optuna.Study) -> list[int]:
 
 
 def _is_stale(t: FrozenTrial, now: float, stale_after_s: float) -> str | None:
-    worker = t.user_attrs.get("worker") or {}
-    beat = t.user_attrs.get("heartbeat_at")
+    worker = t.user_attrs.get(tr.WORKER) or {}
+    beat = t.user_attrs.get(tr.HEARTBEAT_AT)
     if worker.get("host") == socket.gethostname() and isinstance(worker.get("pid"), int):
         if not pid_alive(worker["pid"]):
             return f"worker pid {worker['pid']} on {worker['host']} is gone"
@@ -190,8 +191,8 @@ def mark_failed(study: optuna.Study, trial: FrozenTrial, reason: str, detail: st
     storage = study_storage(study)
     try:
         tid = trial_id(study, trial.number)
-        storage.set_trial_user_attr(tid, "fail_reason", reason)
-        storage.set_trial_user_attr(tid, "fail_detail", detail)
+        for key, value in tr.failure_attrs(reason, detail).items():
+            storage.set_trial_user_attr(tid, key, value)
         return storage.set_trial_state_values(tid, state=TrialState.FAIL)
     except RuntimeError:
         # The trial was finished meanwhile (optuna refuses to change a finished trial).
@@ -200,14 +201,14 @@ def mark_failed(study: optuna.Study, trial: FrozenTrial, reason: str, detail: st
 
 def retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
     """User attrs of the re-queued copy of ``trial``: the original trial and the retry count."""
-    return {"retry_of": trial.user_attrs.get("retry_of", trial.number),
-            "retry_count": int(trial.user_attrs.get("retry_count", 0)) + 1}
+    return {tr.RETRY_OF: trial.user_attrs.get(tr.RETRY_OF, trial.number),
+            tr.RETRY_COUNT: int(trial.user_attrs.get(tr.RETRY_COUNT, 0)) + 1}
 
 
 def requeue(study: optuna.Study, trial: FrozenTrial, max_retries: int) -> bool:
     """Enqueue the trial's params again unless they were already retried ``max_retries`` times."""
     attrs = retry_attrs(trial)
-    if attrs["retry_count"] > max_retries or not trial.params:
+    if attrs[tr.RETRY_COUNT] > max_retries or not trial.params:
         return False
     study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
     return True

@@ -69,7 +69,7 @@ __all__ = [
     "recorded_fixed_costs",
     "replay_box",
     "replay_fractions",
-    "wall_s",
+    "rehearsal_wall_s",
 ]
 
 TABLE_AXES = ("depth", "width", "resolution", "temperature", "alpha")
@@ -202,7 +202,7 @@ def recorded_fixed_costs(row: RecordedTrial, table: str) -> Measurements:
     return m
 
 
-def wall_s(cfg: StudyConfig, seconds: float) -> float:
+def rehearsal_wall_s(cfg: StudyConfig, seconds: float) -> float:
     """Wall seconds that ``seconds`` of box or budget take: ``seconds / rehearsal.speed`` in a
     rehearsal, else ``seconds``. The supervisor's hard limit (box + grace), the worker's "one more
     trial?" estimate and the deadline of ``study.budget`` use it, so a rehearsal at speed 100
@@ -284,7 +284,6 @@ def replay_box(
         epochs=row.epochs * reached,
         images_seen=0,  # not recorded in the table
         final_train_loss=math.nan,  # not recorded in the table
-        best_val_accuracy=max(a for _, a in history) if history else None,
         val_history=history,
         stopped_early=stopped_at is not None,
         final_val_accuracy=final_val,

@@ -18,6 +18,8 @@ import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
+from kdsearch.trial_record import constraint_verdict
+
 __all__ = ["ScreenResult", "screen_fixed_costs"]
 
 
@@ -34,17 +36,17 @@ class ScreenResult:
     violations: dict[str, float] = field(default_factory=dict)
     violated: tuple[str, ...] = ()
     unchecked: dict[str, str] = field(default_factory=dict)
+    reasons: tuple[str, ...] = ()
 
     @property
     def feasible_so_far(self) -> bool:
         """No constraint checked before training is broken."""
         return not self.violated
 
-    def reason(self, limits: Mapping[str, float]) -> str:
-        """One line for the trial: ``params=1.2e+05 > 1e+05; macs=...``."""
-        return "; ".join(
-            f"{m}={self.violations[m] + float(limits[m]):.4g} > {float(limits[m]):.4g}" for m in self.violated
-        )
+    def reason(self, limits: Mapping[str, float] | None = None) -> str:
+        """One line for the trial: ``params=1.2e+05 > 1e+05; macs=...`` (the verdict's phrases,
+        :func:`kdsearch.trial_record.constraint_verdict`)."""
+        return "; ".join(self.reasons)
 
     def constraint_values(self, names: Collection[str]) -> dict[str, float]:
         """``set_constraint`` values for ``names``: the measured violation, else 0.0 (not known)."""
@@ -62,19 +64,15 @@ def screen_fixed_costs(
     measured). ``constraints``: metric -> upper limit, in the metric's unit. ``fixed_metrics``:
     the metric names that depend on the architecture only (the metric registry knows them).
     """
-    violations: dict[str, float] = {}
-    violated: list[str] = []
     unchecked: dict[str, str] = {}
-    for metric, limit in constraints.items():
+    for metric in constraints:
+        value = measured.get(metric)
         if metric not in fixed_metrics:
             unchecked[metric] = "needs training"
-            continue
-        value = measured.get(metric)
-        if value is None or not math.isfinite(float(value)):
+        elif value is None or not math.isfinite(float(value)):
             unchecked[metric] = "not measured before training"
-            continue
-        violation = float(value) - float(limit)
-        violations[metric] = violation
-        if violation > 0:
-            violated.append(metric)
-    return ScreenResult(violations, tuple(violated), unchecked)
+    checked = [m for m in constraints if m not in unchecked]
+    verdict = constraint_verdict(constraints, measured, {}, checked)
+    violations = {m: verdict.violations[m] for m in checked}
+    violated = tuple(m for m in checked if violations[m] > 0)
+    return ScreenResult(violations, violated, unchecked, verdict.reasons)

@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 
+from kdsearch import trial_record as tr
 from kdsearch._version import __version__
 from kdsearch.config import StudyConfig, config_to_dict
 from kdsearch.errors import ConfigError, StorageError, StudyMismatchError
@@ -84,7 +85,7 @@ def create_or_resume(cfg: StudyConfig, *, create: bool = True) -> tuple[optuna.S
     current = _normalise(cfg.search_signature())
     if resumed:
         study = optuna.load_study(study_name=cfg.study.name, storage=storage, sampler=make_sampler(cfg))
-        stored = study.user_attrs.get("signature")
+        stored = study.user_attrs.get(tr.SIGNATURE)
         if stored is None:
             raise StudyMismatchError(
                 f"study {cfg.study.name!r} exists in {url!r} but was not made by kdsearch; choose another --study-name"
@@ -109,14 +110,14 @@ def create_or_resume(cfg: StudyConfig, *, create: bool = True) -> tuple[optuna.S
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(cfg.metric_names)
-    study.set_user_attr("signature", current)
+    study.set_user_attr(tr.SIGNATURE, current)
     # Key order kept (not _normalise): the order of `objectives` is the order of the study's values,
     # and `kdsearch worker` rebuilds its config from this attr.
-    study.set_user_attr("config", json.loads(json.dumps(config_to_dict(cfg))))
-    study.set_user_attr("kdsearch_version", __version__)
-    study.set_user_attr("created_on_host", socket.gethostname())
-    study.set_user_attr("created_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    study.set_user_attr("time_spent_s", 0.0)
+    study.set_user_attr(tr.CONFIG, json.loads(json.dumps(config_to_dict(cfg))))
+    study.set_user_attr(tr.KDSEARCH_VERSION, __version__)
+    study.set_user_attr(tr.CREATED_ON_HOST, socket.gethostname())
+    study.set_user_attr(tr.CREATED_AT, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    study.set_user_attr(tr.TIME_SPENT_S, 0.0)
     return study, False
 
 
@@ -126,6 +127,6 @@ def add_time_spent(study: optuna.Study, seconds: float) -> float:
     Not atomic across concurrent workers: each worker adds its own share when it stops, and the
     worst case of a race is one worker's share lost from the displayed total, never a trial.
     """
-    total = float(study.user_attrs.get("time_spent_s", 0.0)) + float(seconds)
-    study.set_user_attr("time_spent_s", total)
+    total = float(study.user_attrs.get(tr.TIME_SPENT_S, 0.0)) + float(seconds)
+    study.set_user_attr(tr.TIME_SPENT_S, total)
     return total

@@ -43,15 +43,16 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsearch import trial_record as tr
 from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import StudyConfig, config_to_dict
 from kdsearch.errors import KDSearchError
-from kdsearch.search.objective import ENV_EXPECT_CUDA, ENV_WORKERS_PER_GPU
 from kdsearch.search.preflight import check_workers, preflight
 from kdsearch.search.recovery import mark_failed, recover_stale
-from kdsearch.search.rehearsal import wall_s
+from kdsearch.search.rehearsal import rehearsal_wall_s
 from kdsearch.search.study import add_time_spent, create_or_resume
 from kdsearch.search.worker import EXIT_USER_ERROR, RunSpec
+from kdsearch.search.worker_setup import ENV_EXPECT_CUDA, ENV_WORKERS_PER_GPU
 from kdsearch.storage import heartbeat_interval_s, run_paths
 
 __all__ = [
@@ -183,7 +184,7 @@ def supervise(
     spec = RunSpec(
         config=json.loads(json.dumps(config_to_dict(cfg))),
         invocation=invocation,
-        deadline_epoch_s=time.time() + wall_s(cfg, cfg.study.budget_s),  # budget / speed in a rehearsal
+        deadline_epoch_s=time.time() + rehearsal_wall_s(cfg, cfg.study.budget_s),  # budget / speed in a rehearsal
         n_trials=cfg.study.n_trials,
         status_path="",
         slot_lock=str(paths.root / f".slots-{invocation}.lock"),
@@ -197,7 +198,7 @@ def supervise(
     grace_s = cfg.study.grace_s
     # The hard limit is each trial's own box + grace (TrialBoxes reads a searched box from storage,
     # only once the shortest box + grace has passed).
-    min_box_s = wall_s(cfg, min(cfg.study.trial_times_s))
+    min_box_s = rehearsal_wall_s(cfg, min(cfg.study.trial_times_s))
     trial_box_s = TrialBoxes(cfg, study)
 
     recover_every_s = RECOVER_EVERY_S
@@ -344,7 +345,7 @@ def supervise(
         Path(spec.slot_lock).unlink(missing_ok=True)
         outcome.wall_s = time.monotonic() - t0
         flush_time()
-    new = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("invocation") == invocation]
+    new = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(tr.INVOCATION) == invocation]
     outcome.trials_complete = sum(t.state == TrialState.COMPLETE for t in new)
     outcome.trials_failed = sum(t.state == TrialState.FAIL for t in new)
     outcome.trials_pruned = sum(t.state == TrialState.PRUNED for t in new)
@@ -370,9 +371,9 @@ def tidy_worker_files(
     """
     host = socket.gethostname()
     failed_pids = {
-        (t.user_attrs.get("worker") or {}).get("pid")
+        (t.user_attrs.get(tr.WORKER) or {}).get("pid")
         for t in trials
-        if t.state == TrialState.FAIL and (t.user_attrs.get("worker") or {}).get("host") == host
+        if t.state == TrialState.FAIL and (t.user_attrs.get(tr.WORKER) or {}).get("host") == host
     }
     kept: list[str] = []
     for name, proc in spawned.items():
@@ -415,15 +416,15 @@ class TrialBoxes:
         self._known: dict[int, float] = {}
 
     def __call__(self, number: Any) -> float:
-        longest = wall_s(self.cfg, self.cfg.study.trial_time_s)
+        longest = rehearsal_wall_s(self.cfg, self.cfg.study.trial_time_s)
         if not self.cfg.study.box_searched or not isinstance(number, int):
             return longest
         if number not in self._known:
             trial = _find_trial(self.study, number)
-            box = trial.user_attrs.get("box_s") if trial is not None else None
+            box = trial.user_attrs.get(tr.BOX_S) if trial is not None else None
             if not isinstance(box, (int, float)):
                 return longest
-            self._known[number] = wall_s(self.cfg, float(box))
+            self._known[number] = rehearsal_wall_s(self.cfg, float(box))
         return self._known[number]
 
 

@@ -38,13 +38,15 @@ import torch
 from filelock import FileLock
 from optuna.trial import TrialState
 
+from kdsearch import trial_record as tr
 from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import StudyConfig, config_from_dict
 from kdsearch.errors import KDSearchError, TrialFailure
-from kdsearch.search.objective import WorkerContext, prepare_worker, run_trial, teacher_summary
+from kdsearch.search.objective import run_trial
 from kdsearch.search.recovery import recover_stale, trial_heartbeat
-from kdsearch.search.rehearsal import wall_s
+from kdsearch.search.rehearsal import rehearsal_wall_s
 from kdsearch.search.study import create_or_resume, make_sampler
+from kdsearch.search.worker_setup import WorkerContext, prepare_worker, teacher_summary
 from kdsearch.storage import run_paths
 
 __all__ = ["RunSpec", "estimate_trial_s", "worker_main", "align_objectives", "EXIT_USER_ERROR", "EXIT_CRASH"]
@@ -83,7 +85,7 @@ def estimate_trial_s(cfg: StudyConfig, overheads_s: list[float]) -> float:
     """Expected wall time (s) of the next trial: the longest box it may draw plus the largest
     overhead (wall time beyond a trial's own box) seen so far; before any trial has finished, 25%
     of that box plus 5 s. In a rehearsal the box is its replay's wall time (box / speed)."""
-    box = wall_s(cfg, cfg.study.trial_time_s)
+    box = rehearsal_wall_s(cfg, cfg.study.trial_time_s)
     if not overheads_s:
         return box * 1.25 + 5.0
     return box + max(0.0, max(overheads_s))
@@ -200,12 +202,12 @@ def _claim_trial(study: optuna.Study, spec: RunSpec) -> optuna.Trial | None:
     """Ask for a trial unless this invocation already has ``n_trials`` (atomic across local workers)."""
     with FileLock(spec.slot_lock, timeout=600):
         if spec.n_trials is not None:
-            mine = sum(t.user_attrs.get("invocation") == spec.invocation for t in study.get_trials(deepcopy=False))
+            mine = sum(t.user_attrs.get(tr.INVOCATION) == spec.invocation for t in study.get_trials(deepcopy=False))
             if mine >= spec.n_trials:
                 return None
         trial = study.ask()
-        trial.set_user_attr("invocation", spec.invocation)
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()})
+        trial.set_user_attr(tr.INVOCATION, spec.invocation)
+        trial.set_user_attr(tr.WORKER, {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()})
         return trial
 
 
@@ -237,8 +239,8 @@ def _fail_trial(study: optuna.Study, trial: optuna.Trial, reason: str | None = N
     process finished it first (failed it as stale or timeout)."""
     try:
         if reason is not None:
-            trial.set_user_attr("fail_reason", reason)
-            trial.set_user_attr("fail_detail", detail[:500])
+            for key, value in tr.failure_attrs(reason, detail).items():
+                trial.set_user_attr(key, value)
         _tell(study, trial, state=TrialState.FAIL)
     except RuntimeError:  # UpdateFinishedTrialError: finished meanwhile
         pass
@@ -290,13 +292,13 @@ def run_trials(ctx: WorkerContext, study: optuna.Study, spec: RunSpec, status: _
         finally:
             status.update(force=True, trial=None, trial_started_at=None, phase="idle", fraction=None, message="",
                           trials_done=int(status.data.get("trials_done", 0)) + 1)
-        box = trial.user_attrs.get("box_s", cfg.study.trial_time_s)  # set by run_trial as it starts
-        overheads.append(time.monotonic() - t0 - wall_s(cfg, float(box)))
+        box = trial.user_attrs.get(tr.BOX_S, cfg.study.trial_time_s)  # set by run_trial as it starts
+        overheads.append(time.monotonic() - t0 - rehearsal_wall_s(cfg, float(box)))
 
 
 def _log_failure(number: int) -> None:
     """The traceback of a failed trial, into this worker's log (stderr): the trial stores only a
-    500-character detail, and the supervisor keeps the logs of workers whose trials failed."""
+    short detail (trial_record.FAIL_DETAIL_MAX_CHARS), and the supervisor keeps the logs of workers whose trials failed."""
     print(f"trial {number} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
 
 
@@ -314,9 +316,9 @@ def worker_main(spec_path: str) -> int:
             study.sampler = make_sampler(replace(cfg, study=replace(cfg.study, seed=spec.sampler_seed)))
         paths = run_paths(cfg.study.run_dir, cfg.study.name, cfg.teacher.cache.dir)
         ctx = prepare_worker(cfg, paths, progress=status.progress)
-        study.set_user_attr("teachers", _json_safe(teacher_summary(ctx)))
-        if "environment" not in study.user_attrs:
-            study.set_user_attr("environment", ctx.environment)
+        study.set_user_attr(tr.TEACHERS, _json_safe(teacher_summary(ctx)))
+        if tr.ENVIRONMENT not in study.user_attrs:
+            study.set_user_attr(tr.ENVIRONMENT, ctx.environment)
         status.update(force=True, phase="ready", ready=True, teachers=_json_safe(teacher_summary(ctx)))
         reason = run_trials(ctx, study, spec, status, signals)
     except KDSearchError as exc:

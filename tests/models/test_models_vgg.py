@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdsearch.models import StudentSpec, build_student, param_groups, student_families, student_param_count
+from kdsearch.models import StudentSpec, build_student, family_names, param_groups, student_param_count
 from kdsearch.models.families.vgg import (
     VGG_CFGS,
     VGG_DEPTHS,
@@ -126,7 +126,7 @@ def test_bad_depth_and_width_are_rejected() -> None:
 
 
 def test_registry_knows_families_and_rejects_unknown() -> None:
-    assert {"vgg", "vit"} <= set(student_families())
+    assert {"vgg", "vit"} <= set(family_names())
     with pytest.raises(ValueError, match="unknown student family 'resnet'"):
         build_student(StudentSpec("resnet", 32, 10, {"depth": 18}))
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdsearch.models import StudentSpec, build_student, param_groups, student_param_count
-from kdsearch.models.families.vit import ViTArch, ViTSpaceConfig, vit_patch_size
+from kdsearch.models.families.vit import ViTArch, ViTConfig, vit_patch_size
 
 
 def _spec(depth: int, embed_dim: int, num_heads: int, patch_size: int, resolution: int = 32) -> StudentSpec:
@@ -17,7 +17,7 @@ def _spec(depth: int, embed_dim: int, num_heads: int, patch_size: int, resolutio
 
 def _default_space_specs(resolution: int) -> tuple[list[StudentSpec], list[dict[str, int]]]:
     """Valid specs, and the architectures (as dicts) whose width the heads do not divide."""
-    space = ViTSpaceConfig()
+    space = ViTConfig()
     ok, bad = [], []
     for depth, dim, heads, pps in itertools.product(
         space.depth.values(),

@@ -16,12 +16,12 @@ from optuna.storages.journal import JournalFileBackend
 
 from kdsearch.config import format_duration
 from kdsearch.errors import ConfigError, StorageError
+from kdsearch.export.pick import DEFAULT_PICK_RULE, pick_trial
 from kdsearch.metrics import metric_unit
 from kdsearch.modelcard import EXPORT_KIND
 from kdsearch.report import build_report
 from kdsearch.report.figures import all_figures, reference_point
 from kdsearch.report.html import EXPORT_CARD_KIND
-from kdsearch.report.pareto import DEFAULT_PICK_RULE, pick_trial
 
 from helpers_study import FIXTURE_ROWS, LATENCY_LIMIT_MS, FixtureStudy
 

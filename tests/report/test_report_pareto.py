@@ -6,17 +6,14 @@ import pytest
 from optuna.trial import TrialState
 
 from kdsearch.errors import ConfigError, StorageError
+from kdsearch.export.pick import Condition, PickRule, parse_pick, pick_trial
 from kdsearch.metrics import format_metric, metric_unit
 from kdsearch.report.pareto import (
-    Condition,
-    PickRule,
     feasible,
     infeasible_reason,
     load_trials,
     metric_columns,
     pareto_front,
-    parse_pick,
-    pick_trial,
     trial_rows,
     trial_state_label,
 )

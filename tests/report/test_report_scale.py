@@ -13,13 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from bench_report import STUDY, make_study  # noqa: E402
 
+from kdsearch.export.pick import DEFAULT_PICK_RULE, pick_trial  # noqa: E402
 from kdsearch.report.figures import (  # noqa: E402
     MAX_CURVE_TRACES,
     MAX_PARALLEL_LINES,
     learning_curves_figure,
     parallel_coordinate_figure,
 )
-from kdsearch.report.pareto import DEFAULT_PICK_RULE, best_per_objective, pareto_front, pick_trial  # noqa: E402
+from kdsearch.report.pareto import best_per_objective, pareto_front  # noqa: E402
 from kdsearch.report.trials_table import table_trials  # noqa: E402
 from kdsearch.storage import load_study  # noqa: E402
 

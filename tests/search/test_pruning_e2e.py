@@ -186,10 +186,11 @@ def test_the_memory_probe_ends_a_trial_over_the_memory_limit(copy_run: Path, mon
 
     from kdsearch.config import apply_overrides
     from kdsearch.search import objective
+    from kdsearch.search.worker_setup import prepare_worker
     from kdsearch.storage import run_paths
 
     cfg = apply_overrides(load_config(SMOKE), run_dir=str(copy_run))
-    ctx = objective.prepare_worker(cfg, run_paths(copy_run, "smoke"), torch.device("cpu"))
+    ctx = prepare_worker(cfg, run_paths(copy_run, "smoke"), torch.device("cpu"))
     ctx.cfg = replace(cfg, constraints={"peak_kd_memory_mb": 100.0})
     fake = _BigAllocator(5000.0)
     monkeypatch.setattr(objective, "KDMemoryTracker", lambda device: KDMemoryTracker(device, counters=fake))

@@ -16,7 +16,13 @@ from kdsearch.config import config_from_dict, config_to_dict
 from kdsearch.errors import ConfigError
 from kdsearch.search.preflight import preflight
 from kdsearch.search.pruning import ListRungStore, PruningConfig, RungPruner
-from kdsearch.search.rehearsal import load_table, recorded_fixed_costs, replay_box, replay_fractions, wall_s
+from kdsearch.search.rehearsal import (
+    load_table,
+    recorded_fixed_costs,
+    rehearsal_wall_s,
+    replay_box,
+    replay_fractions,
+)
 from kdsearch.storage import FAULT_DIR_ENV, open_storage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,7 +132,7 @@ def test_the_section_validates_and_round_trips() -> None:
     plain = _raw()
     del plain["rehearsal"]
     assert "rehearsal_table" not in config_from_dict(plain).search_signature()
-    assert wall_s(cfg, 30.0) == pytest.approx(0.6) and wall_s(config_from_dict(plain), 30.0) == 30.0
+    assert rehearsal_wall_s(cfg, 30.0) == pytest.approx(0.6) and rehearsal_wall_s(config_from_dict(plain), 30.0) == 30.0
 
 
 @pytest.mark.parametrize(("over", "fragment"), [

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from kdsearch.models.spec import StudentSpec
 
-__all__ = ["MobileNetV3Student", "MobileNetV3Arch", "MobileNetV3SpaceConfig", "TIMM_WIDTHS", "timm_name"]
+__all__ = ["MobileNetV3Student", "MobileNetV3Arch", "MobileNetV3Config", "TIMM_WIDTHS", "timm_name"]
 
 SIZES: tuple[str, ...] = ("small", "large")
 
@@ -143,7 +143,7 @@ class MobileNetV3Student(TimmBackboneStudent):
 
 
 @dataclass(frozen=True)
-class MobileNetV3SpaceConfig:
+class MobileNetV3Config:
     """``student.mobilenetv3``: every (size, channel_multiplier) pair the lists can form must be
     a width timm registers (:data:`TIMM_WIDTHS`)."""
 
@@ -163,7 +163,7 @@ class MobileNetV3SpaceConfig:
                 _check_width(size, width, "student.mobilenetv3.channel_multiplier")
 
 
-def mobilenetv3_params(section: MobileNetV3SpaceConfig) -> dict[str, Space]:
+def mobilenetv3_params(section: MobileNetV3Config) -> dict[str, Space]:
     return {
         "mobilenetv3_size": section.size,
         "mobilenetv3_channel_multiplier": section.channel_multiplier,
@@ -172,7 +172,7 @@ def mobilenetv3_params(section: MobileNetV3SpaceConfig) -> dict[str, Space]:
 
 
 def suggest_mobilenetv3(
-    trial: optuna.trial.BaseTrial, section: MobileNetV3SpaceConfig, resolution: int
+    trial: optuna.trial.BaseTrial, section: MobileNetV3Config, resolution: int
 ) -> MobileNetV3Arch:
     """Size, then width, then depth; the global pool lets any resolution work."""
     size = str(suggest_space(trial, "mobilenetv3_size", section.size))
@@ -198,14 +198,14 @@ def mobilenetv3_param_groups(model: nn.Module, weight_decay: float) -> list[dict
     return param_groups_weight_decay(model, weight_decay)
 
 
-def preflight_mobilenetv3(section: MobileNetV3SpaceConfig, resolutions: Sequence[int]) -> None:
+def preflight_mobilenetv3(section: MobileNetV3Config, resolutions: Sequence[int]) -> None:
     """Nothing beyond the section's rules: global pooling makes every resolution from 16 px work."""
 
 
 register_family(
     StudentFamily(
         name="mobilenetv3",
-        section=MobileNetV3SpaceConfig,
+        section=MobileNetV3Config,
         arch=MobileNetV3Arch,
         build=build_mobilenetv3,
         params=mobilenetv3_params,

@@ -2,7 +2,7 @@
 
 Laid out like a timm model file: the table of layer configs, then the blocks, then the model
 (``forward_features`` / ``forward_head``), then the family: its architecture record
-(:class:`VGGArch`), its study-file section (:class:`VGGSpaceConfig`, ``student.vgg``), its
+(:class:`VGGArch`), its study-file section (:class:`VGGConfig`, ``student.vgg``), its
 ``suggest`` (Optuna params ``vgg_depth`` and ``vgg_width``, or ``vgg_preset``), label and
 parameter groups, and the registration.
 
@@ -70,7 +70,7 @@ __all__ = [
     "VGG_NUM_FC",
     "VGGArch",
     "VGGPreset",
-    "VGGSpaceConfig",
+    "VGGConfig",
     "vgg_width_for_params",
     "scaled_channels",
 ]
@@ -266,7 +266,7 @@ DEFAULT_WIDTH = Space(low=1 / 64, high=1.0, log=True)
 
 
 @dataclass(frozen=True)
-class VGGSpaceConfig:
+class VGGConfig:
     """``student.vgg``: ``depth`` x ``width``, or a fixed list of ``presets`` (one categorical
     ``vgg_preset`` param) when only some (depth, width) pairs make sense together, e.g. students
     sized to given parameter counts. ``presets`` replaces ``depth`` and ``width``."""
@@ -303,14 +303,14 @@ class VGGSpaceConfig:
 # The family: search, build, label, parameter groups
 
 
-def vgg_params(section: VGGSpaceConfig) -> dict[str, Space]:
+def vgg_params(section: VGGConfig) -> dict[str, Space]:
     """Optuna params: ``vgg_preset`` when the study lists presets, else ``vgg_depth`` and ``vgg_width``."""
     if section.presets:  # named (depth, width) pairs: one categorical instead of a cross product
         return {"vgg_preset": Space(choices=tuple(p.display_name for p in section.presets))}
     return {"vgg_depth": section.depth, "vgg_width": section.width}
 
 
-def suggest_vgg(trial: optuna.trial.BaseTrial, section: VGGSpaceConfig, resolution: int) -> VGGArch:
+def suggest_vgg(trial: optuna.trial.BaseTrial, section: VGGConfig, resolution: int) -> VGGArch:
     """Depth then width (or one preset); the resolution does not constrain a VGG."""
     spaces = vgg_params(section)
     if "vgg_preset" in spaces:
@@ -340,7 +340,7 @@ def vgg_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 register_family(
     StudentFamily(
         name="vgg",
-        section=VGGSpaceConfig,
+        section=VGGConfig,
         arch=VGGArch,
         build=build_vgg,
         params=vgg_params,

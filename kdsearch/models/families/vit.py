@@ -15,7 +15,7 @@ The model is a thin wrapper so that the student contract is exact:
 State-dict keys are the timm keys prefixed with ``features.``, plus ``head.weight``/``head.bias``.
 
 The family: :class:`ViTArch` (depth, embed_dim, num_heads, patch_size in px), the study file's
-``student.vit`` section (:class:`ViTSpaceConfig`; Optuna params ``vit_depth``, ``vit_embed_dim``,
+``student.vit`` section (:class:`ViTConfig`; Optuna params ``vit_depth``, ``vit_embed_dim``,
 ``vit_num_heads``, ``vit_patches_per_side``), a preflight check that every resolution the study can
 propose has a patch size, the label and the parameter groups.
 """
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from kdsearch.models.spec import StudentSpec
 
-__all__ = ["ViTStudent", "ViTArch", "ViTSpaceConfig", "vit_patch_size", "check_patch_grid"]
+__all__ = ["ViTStudent", "ViTArch", "ViTConfig", "vit_patch_size", "check_patch_grid"]
 
 GLOBAL_POOLS = ("token", "avg")
 
@@ -152,7 +152,7 @@ class ViTStudent(TimmBackboneStudent):
 
 
 @dataclass(frozen=True)
-class ViTSpaceConfig:
+class ViTConfig:
     """``student.vit``: the patch size follows the resolution (``resolution // patches_per_side``,
     see :func:`vit_patch_size`); a sampled width is rounded up to a multiple of the heads."""
 
@@ -162,7 +162,7 @@ class ViTSpaceConfig:
     patches_per_side: Space = space_field(Space(choices=(4, 8), integer=True), kind=int, minimum=1, maximum=32)
 
 
-def vit_params(section: ViTSpaceConfig) -> dict[str, Space]:
+def vit_params(section: ViTConfig) -> dict[str, Space]:
     return {
         "vit_depth": section.depth,
         "vit_embed_dim": section.embed_dim,
@@ -171,7 +171,7 @@ def vit_params(section: ViTSpaceConfig) -> dict[str, Space]:
     }
 
 
-def suggest_vit(trial: optuna.trial.BaseTrial, section: ViTSpaceConfig, resolution: int) -> ViTArch:
+def suggest_vit(trial: optuna.trial.BaseTrial, section: ViTConfig, resolution: int) -> ViTArch:
     heads = int(suggest_space(trial, "vit_num_heads", section.num_heads))
     dim = int(suggest_space(trial, "vit_embed_dim", section.embed_dim))
     # Heads must divide the width: round the width up to the next multiple (documented in the
@@ -188,7 +188,7 @@ def _int_values(space: Space) -> list[int]:
     return list(range(int(space.low), int(space.high) + 1, int(space.step or 1)))  # type: ignore[arg-type]
 
 
-def preflight_vit(section: ViTSpaceConfig, resolutions: Sequence[int]) -> None:
+def preflight_vit(section: ViTConfig, resolutions: Sequence[int]) -> None:
     """Every resolution a ViT trial can be proposed must have a patch size for every
     ``patches_per_side`` choice; otherwise trials would be wasted on invalid students."""
     for res in resolutions:
@@ -233,7 +233,7 @@ def vit_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
 register_family(
     StudentFamily(
         name="vit",
-        section=ViTSpaceConfig,
+        section=ViTConfig,
         arch=ViTArch,
         build=build_vit,
         params=vit_params,

@@ -1,4 +1,5 @@
-"""Paper-style pivot tables from storage (the paper's Tables I-III, and any other pivot).
+"""Paper-style pivot tables from storage for ``kdsearch table`` (the paper's Tables I-III, and any
+other pivot). The per-trial table of ``kdsearch trials`` is :mod:`kdsearch.report.trials_table`.
 
 A key (row, column) is looked up on each COMPLETE trial in this order: the trial's params, its
 user attrs, then its StudentSpec fields (``depth``, ``width``, ``family``, ``resolution`` ...).
@@ -20,6 +21,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsearch import trial_record as tr
 from kdsearch.errors import ConfigError
 from kdsearch.metrics import format_metric, metric_unit
 
@@ -52,7 +54,7 @@ def trial_key(trial: FrozenTrial, key: str) -> Any:
         return trial.params[key]
     if key in trial.user_attrs:
         return trial.user_attrs[key]
-    spec = trial.user_attrs.get("spec") or {}
+    spec = trial.user_attrs.get(tr.SPEC) or {}
     return spec.get(key)
 
 
@@ -60,7 +62,7 @@ def _known_keys(trials: Sequence[FrozenTrial]) -> list[str]:
     keys: set[str] = set()
     for t in trials:
         keys |= set(t.params) | {k for k, v in t.user_attrs.items() if not isinstance(v, (dict, list))}
-        keys |= set((t.user_attrs.get("spec") or {}).keys())
+        keys |= set((t.user_attrs.get(tr.SPEC) or {}).keys())
     return sorted(keys)
 
 
