@@ -533,7 +533,7 @@ def _drive(leg: Leg, s: Settings, proc: subprocess.Popen[bytes], log: LegLog, co
             continue
         if now - t0 > s.leg_timeout_s:
             log.timed_out = True
-            _kill_group(proc)
+            _interrupt(proc)
             continue
         if plan and n_done >= plan[0][0] and not stopped:
             at, kind = plan.pop(0)
@@ -544,6 +544,19 @@ def _drive(leg: Leg, s: Settings, proc: subprocess.Popen[bytes], log: LegLog, co
                 stopped[rec["pid"]] = time.monotonic()
             if kind == "supervisor-kill" and rec.get("pid"):
                 kill_requested = True
+
+
+def _interrupt(proc: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C twice (running trials stored FAIL ``interrupted``), as a user ends a run; SIGKILL
+    only if it has not ended 60 s later."""
+    for _ in range(2):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=55)
+    _kill_group(proc)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
