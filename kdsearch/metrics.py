@@ -23,8 +23,18 @@ counts and MACs in millions with four significant digits and a spaced ``M`` (``"
 everything else with four significant digits, a space and its unit (``"1.95 ms"``). A missing or
 non-finite value is ``"—"``.
 
+Which names a study will actually store depends on its settings, not only on this registry:
+a ``_cpu``/``_cuda``/``_ort`` latency needs that entry in ``measure.latency.devices`` (the plain
+name needs ``auto``), a batch-size figure needs its batch in ``measure.latency.batch_sizes``, an
+energy figure ``measure.energy.enabled``, a fine-tune figure ``finetune.enabled``.
+:func:`why_not_produced` is that one rule (the study file's validation refuses an objective or
+constraint it would never store) and :func:`produced_metrics` lists every name for given
+:class:`MetricSettings`; the measurement suite takes its device suffixes from
+:data:`LATENCY_DEVICE_SUFFIXES`, so the two cannot drift apart.
+
 To add a metric: add one :class:`Metric` to :data:`FIXED_METRICS` (or a pattern to
-:data:`PATTERN_METRICS`) and store it under that name from the code that measures it.
+:data:`PATTERN_METRICS`) and store it under that name from the code that measures it; if a
+setting turns it off, say so with a flag that :func:`why_not_produced` reads.
 """
 
 from __future__ import annotations
@@ -38,8 +48,11 @@ from typing import Any, Literal
 __all__ = [
     "Direction",
     "FIXED_METRICS",
+    "LATENCY_DEVICE_SUFFIXES",
     "MISSING_TEXT",
     "Metric",
+    "MetricSettings",
+    "NotProduced",
     "PATTERN_METRICS",
     "PatternMetric",
     "Split",
@@ -51,7 +64,9 @@ __all__ = [
     "metric_examples",
     "metric_info",
     "metric_unit",
+    "produced_metrics",
     "val_counterpart",
+    "why_not_produced",
 ]
 
 Direction = Literal["maximize", "minimize"]
@@ -72,7 +87,8 @@ class Metric:
     ``direction`` is the usual better way (a hint for reports; the study file decides).
     ``split`` is the data split it is computed on, or None for architecture/device figures.
     ``description`` says in one line exactly what the figure includes.
-    ``needs_cuda``: only a CUDA device measures it; ``needs_nvml``: it also needs NVML energy.
+    ``needs_cuda``: only a CUDA device measures it; ``needs_nvml``: it also needs NVML energy
+    (and ``measure.energy.enabled``). ``needs_finetune``: stored only with ``finetune.enabled``.
     """
 
     name: str
@@ -82,6 +98,7 @@ class Metric:
     description: str
     needs_cuda: bool = False
     needs_nvml: bool = False
+    needs_finetune: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,17 +179,22 @@ FIXED_METRICS: dict[str, Metric] = _fixed(
            "NVML board energy of an inference loop at the largest latency batch size, per image; the "
            "same figure as infer_energy_mj_per_image_b<largest> (CUDA only)", needs_cuda=True, needs_nvml=True),
     Metric("pre_ft_val_accuracy", "fraction", "maximize", "val",
-           "top-1 validation accuracy of the distilled student before head fine-tuning (selection)"),
+           "top-1 validation accuracy of the distilled student before head fine-tuning (selection)",
+           needs_finetune=True),
     Metric("post_ft_val_accuracy", "fraction", "maximize", "val",
-           "top-1 validation accuracy after training the head on the finetune split (selection)"),
+           "top-1 validation accuracy after training the head on the finetune split (selection)",
+           needs_finetune=True),
     Metric("ft_gain_val", "fraction", "maximize", "val",
-           "post_ft_val_accuracy - pre_ft_val_accuracy, on the validation split (selection)"),
+           "post_ft_val_accuracy - pre_ft_val_accuracy, on the validation split (selection)",
+           needs_finetune=True),
     Metric("pre_ft_accuracy", "fraction", "maximize", "test",
-           "top-1 test accuracy of the distilled student before head fine-tuning; reported only"),
+           "top-1 test accuracy of the distilled student before head fine-tuning; reported only",
+           needs_finetune=True),
     Metric("post_ft_accuracy", "fraction", "maximize", "test",
-           "top-1 test accuracy after training the head on the finetune split; reported only"),
+           "top-1 test accuracy after training the head on the finetune split; reported only",
+           needs_finetune=True),
     Metric("ft_gain", "fraction", "maximize", "test",
-           "post_ft_accuracy - pre_ft_accuracy, on the test split; reported only"),
+           "post_ft_accuracy - pre_ft_accuracy, on the test split; reported only", needs_finetune=True),
 )
 
 PATTERN_METRICS: tuple[PatternMetric, ...] = (
@@ -251,6 +273,91 @@ _VAL_COUNTERPARTS = {
 def val_counterpart(name: str) -> str | None:
     """The validation-split metric to select on instead of the test-split metric ``name``."""
     return _VAL_COUNTERPARTS.get(name)
+
+
+LATENCY_DEVICE_SUFFIXES: dict[str, str] = {"auto": "", "cpu": "_cpu", "cuda": "_cuda", "ort-cpu": "_ort"}
+"""``measure.latency.devices`` entry -> the suffix of the latency names it gives
+(``latency_ms_b{N}{suffix}``, ``latency_p90_ms_b{N}{suffix}``); the measurement suite measures
+exactly these."""
+
+
+@dataclass(frozen=True)
+class MetricSettings:
+    """The study settings that decide which metric names a trial stores (the machine is another
+    matter: a CUDA or NVML figure on a machine without them is the preflight's refusal).
+
+    ``batch_sizes`` and ``latency_devices`` are ``measure.latency.batch_sizes`` / ``.devices``,
+    ``energy_enabled`` is ``measure.energy.enabled``, ``finetune_enabled`` ``finetune.enabled``.
+    The KD box (one or searched) changes no name: ``kd_time_s`` is stored with any.
+    """
+
+    batch_sizes: tuple[int, ...] = (1, 64)
+    latency_devices: tuple[str, ...] = ("auto",)
+    energy_enabled: bool = True
+    finetune_enabled: bool = False
+
+
+@dataclass(frozen=True)
+class NotProduced:
+    """Why a known metric name is never stored under some settings: the rule it breaks and the
+    setting that would produce it."""
+
+    rule: str
+    fix: str
+
+
+def _yaml_list(values: Sequence[Any]) -> str:
+    return "[" + ", ".join(str(v) for v in values) + "]"
+
+
+def why_not_produced(name: str, settings: MetricSettings) -> NotProduced | None:
+    """None when a trial under ``settings`` stores ``name`` (a value, or missing with the
+    machine's reason), else the rule and the setting to add. Unknown names are None: they are
+    :func:`is_known_metric`'s refusal."""
+    info = metric_info(name)
+    if info is None:
+        return None
+    for pat in PATTERN_METRICS:
+        m = pat.pattern.fullmatch(name)
+        if m is None:
+            continue
+        batch = int(m.group("batch"))
+        if batch not in settings.batch_sizes:
+            return NotProduced(
+                f"is measured only at the batch sizes measure.latency.batch_sizes lists "
+                f"({_yaml_list(settings.batch_sizes)})",
+                f"add {batch} to measure.latency.batch_sizes, e.g. {_yaml_list(sorted({*settings.batch_sizes, batch}))}",
+            )
+        if "device" in pat.pattern.groupindex:
+            suffix = m.group("device") or ""
+            device = next(d for d, s in LATENCY_DEVICE_SUFFIXES.items() if s == suffix)
+            if device not in settings.latency_devices:
+                return NotProduced(
+                    f"is measured only when measure.latency.devices lists {device} "
+                    f"(it lists {_yaml_list(settings.latency_devices)})",
+                    f"add {device} to measure.latency.devices, e.g. {_yaml_list([*settings.latency_devices, device])}",
+                )
+        break
+    if info.needs_nvml and not settings.energy_enabled:
+        return NotProduced("is an energy figure, and measure.energy.enabled is false",
+                           "set measure.energy.enabled: true, or drop the metric")
+    if info.needs_finetune and not settings.finetune_enabled:
+        return NotProduced("needs finetune.enabled: true",
+                           "set finetune.enabled: true (with data.finetune_fraction > 0), or drop the metric")
+    return None
+
+
+def produced_metrics(settings: MetricSettings) -> list[str]:
+    """Every metric name a trial under ``settings`` stores (a value, or missing with a reason
+    where the machine cannot measure it), fixed names first, then per batch size."""
+    names = [n for n in FIXED_METRICS if why_not_produced(n, settings) is None]
+    for b in sorted(settings.batch_sizes):
+        for device in settings.latency_devices:
+            suffix = LATENCY_DEVICE_SUFFIXES[device]
+            names += [f"latency_ms_b{b}{suffix}", f"latency_p90_ms_b{b}{suffix}"]
+        names += [n for n in (f"peak_infer_memory_mb_b{b}", f"infer_energy_mj_per_image_b{b}")
+                  if why_not_produced(n, settings) is None]
+    return list(dict.fromkeys(names))
 
 
 def metric_examples(batch_sizes: Sequence[int] | None = None) -> list[str]:

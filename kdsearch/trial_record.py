@@ -26,9 +26,10 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 __all__ = [
+    "AttrWriter",
     "FAIL_DETAIL_MAX_CHARS",
     "INFEASIBLE",
     "Verdict",
@@ -38,6 +39,7 @@ __all__ = [
     "screened_attrs",
     "stored_infeasible_reason",
     "verdict_attrs",
+    "write",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -121,6 +123,18 @@ TIME_SPENT_S = "time_spent_s"
 ENVIRONMENT = "environment"
 TEACHERS = "teachers"
 """Per teacher label: its accuracy and identity."""
+
+class AttrWriter(Protocol):
+    """What the record is written to: an ``optuna.Trial`` (or a study, for the study keys)."""
+
+    def set_user_attr(self, key: str, value: Any) -> None: ...
+
+
+def write(target: AttrWriter, attrs: Mapping[str, Any]) -> None:
+    """Set every user attr of ``attrs`` on ``target``, in order."""
+    for key, value in attrs.items():
+        target.set_user_attr(key, value)
+
 
 # ----------------------------------------------------------------------------------------------
 # Failure record

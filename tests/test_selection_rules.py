@@ -134,7 +134,10 @@ MEASURABLE = [
 def test_an_unmeasurable_objective_is_refused(section: str, metric: str, cuda: bool, nvml: str | None,
                                               fragment: str | None) -> None:
     value = "minimize" if section == "objectives" else 1.0e9
-    cfg = apply_overrides(load_config(SMOKE), [f"{section}.{metric}={value}"])
+    # A _cpu/_cuda latency must be one the study measures (else it is refused when the file loads).
+    suffix = metric.rsplit("_", 1)[-1] if metric.startswith("latency") else ""
+    devices = [f"measure.latency.devices=[auto, {suffix}]"] if suffix in ("cpu", "cuda") else []
+    cfg = apply_overrides(load_config(SMOKE), [f"{section}.{metric}={value}", *devices])
     if fragment is None:
         check_measurable(cfg, cuda_available=cuda, energy_reason=nvml)
         return

@@ -25,11 +25,12 @@ from kdsearch.config.student import StudentConfig, student_family
 from kdsearch.errors import ConfigError
 from kdsearch.metrics import (
     TEST_SPLIT_RULE,
+    MetricSettings,
     is_known_metric,
     is_selectable_metric,
     metric_examples,
-    metric_info,
     val_counterpart,
+    why_not_produced,
 )
 
 __all__ = ["StudyConfig", "config_to_dict", "DURATION_KEYS", "TOP_KEYS", "SIGNATURE_DATA_KEYS"]
@@ -68,6 +69,8 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if not self.objectives:
             raise ConfigError("objectives", "must name at least one metric", self.objectives)
+        # Each objective and constraint: a metric kdsearch stores, off the test split, and one
+        # that this study's own settings produce (metrics.why_not_produced, the one rule).
         for metric, direction in self.objectives.items():
             _check_known(f"objectives.{metric}", metric, self.measure.latency.batch_sizes, list_known=True)
             if direction not in ("maximize", "minimize"):
@@ -98,10 +101,6 @@ class StudyConfig:
                 "must be > 0 when finetune.enabled is true (fine-tuning needs its own images)",
                 self.data.finetune_fraction,
             )
-        for metric in ("pre_ft_val_accuracy", "post_ft_val_accuracy", "ft_gain_val"):
-            for section, names in (("objectives", self.objectives), ("constraints", self.constraints)):
-                if metric in names and not self.finetune.enabled:
-                    raise ConfigError(f"{section}.{metric}", "needs finetune.enabled: true", metric)
         if self.study.pruning.enabled and self.objectives.get("val_accuracy") != "maximize":
             raise ConfigError(
                 "study.pruning.enabled", "needs val_accuracy as a maximised objective (rungs rank the "
@@ -116,6 +115,13 @@ class StudyConfig:
                     raise ConfigError(
                         name, "the grid sampler needs a list or a stepped range, not a continuous range", sp.to_yaml()
                     )
+
+    @property
+    def metric_settings(self) -> MetricSettings:
+        """The settings that decide which metric names this study's trials store."""
+        lat = self.measure.latency
+        return MetricSettings(batch_sizes=tuple(lat.batch_sizes), latency_devices=tuple(lat.devices),
+                              energy_enabled=self.measure.energy.enabled, finetune_enabled=self.finetune.enabled)
 
     @property
     def teacher(self) -> TeacherConfig:
@@ -176,8 +182,9 @@ SIGNATURE_DATA_KEYS: tuple[str, ...] = (
 
 def _check_known(field_name: str, metric: str, batch_sizes: tuple[int, ...], *, list_known: bool) -> None:
     """A metric kdsearch does not measure is a one-line error suggesting the closest name (or, with
-    ``list_known``, listing the known ones when nothing is close)."""
-    if is_known_metric(metric, batch_sizes):
+    ``list_known``, listing the known ones when nothing is close). A known name at a batch size
+    the study does not measure is :func:`_check_selectable`'s refusal, which names the setting."""
+    if is_known_metric(metric):
         return
     known = metric_examples(batch_sizes)
     m = difflib.get_close_matches(metric, known, n=1)
@@ -186,16 +193,16 @@ def _check_known(field_name: str, metric: str, batch_sizes: tuple[int, ...], *, 
 
 
 def _check_selectable(field_name: str, metric: str, cfg: StudyConfig) -> None:
-    """Refuse a test-split metric, or an energy metric with energy measurement switched off."""
+    """Refuse a test-split metric, and one that this study's settings never produce (a device,
+    batch size, energy or fine-tune setting missing: :func:`kdsearch.metrics.why_not_produced`),
+    naming the setting to add. Without this every trial would train its whole box and then fail
+    ``missing_objective``."""
     if not is_selectable_metric(metric):
         alt = val_counterpart(metric)
         raise ConfigError(field_name, TEST_SPLIT_RULE, metric, f"use {alt!r} instead" if alt else None)
-    info = metric_info(metric)
-    if info is not None and info.needs_nvml and not cfg.measure.energy.enabled:
-        raise ConfigError(
-            field_name, "is an energy figure, and measure.energy.enabled is false", metric,
-            "set measure.energy.enabled: true, or drop the metric",
-        )
+    why = why_not_produced(metric, cfg.metric_settings)
+    if why is not None:
+        raise ConfigError(field_name, why.rule, metric, why.fix)
 
 
 def _check_rehearsal(cfg: StudyConfig) -> None:

@@ -53,7 +53,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -109,6 +109,25 @@ class DistillResult:
     final_eval_time_s: float = 0.0
     evaluations: int = 0  # validation passes, the final one included
 
+    def history(self) -> dict[str, Any]:
+        """The record a trial stores (user attr ``kd_history``): the validation curve (training s,
+        accuracy) and the loop's counts."""
+        return {
+            "val": [[round(t, 3), a] for t, a in self.val_history],
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "images_seen": self.images_seen,
+            "final_train_loss": self.final_train_loss,
+            "stopped_early": self.stopped_early,
+            "stop_requested_s": self.stop_requested_s,
+            "cooldown_s": self.cooldown_s,
+            "teacher_forward_count": self.teacher_forward_count,
+            "train_dtype": self.train_dtype,
+            "eval_time_s": self.eval_time_s,
+            "final_eval_time_s": self.final_eval_time_s,
+            "evaluations": self.evaluations,
+        }
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -136,6 +155,7 @@ def distill(
     meters: Sequence[TrainingMeter] = (),
     train_dtype: str | None = None,
     eval_at: Sequence[float] = (),
+    max_steps: int | None = None,
 ) -> DistillResult:
     """Distil ``teacher_source`` into ``student`` (trained in place) for ``time_box_s`` of training.
 
@@ -148,8 +168,10 @@ def distill(
     enabled; ``on_step`` sees (and may replace) each step's loss: see
     :mod:`kdsearch.distill.hooks`. ``meters`` are paused and resumed with the training clock.
     ``train_dtype`` overrides the precision :func:`~kdsearch.distill.precision.train_dtype_for`
-    picks for ``device`` and ``cfg.amp``. Raises :class:`TrialFailure` ("diverged") on a NaN/Inf
-    loss.
+    picks for ``device`` and ``cfg.amp``. ``max_steps`` ends the call after that many full
+    training steps (or the box, whichever comes first), with no evaluation: the memory probe of
+    :mod:`kdsearch.search.screening` asks for a few. Raises :class:`TrialFailure` ("diverged") on
+    a NaN/Inf loss.
     """
     from kdsearch.measure import evaluate_accuracy  # noqa: PLC0415 - measure/ sits after distill/
 
@@ -157,6 +179,8 @@ def distill(
     on_cuda = device.type == "cuda"
     if time_box_s <= 0:
         raise ValueError(f"time_box_s must be > 0 s, got {time_box_s}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     n = train.num_images
     cached = isinstance(teacher_source, TeacherCache)
     if cached and teacher_source.view_spec != view_spec:
@@ -276,6 +300,13 @@ def distill(
                         "diverged", f"loss {last_loss} at step {steps} (lr {lr:.3g}, T {T}, alpha {alpha})"
                     )
 
+            if max_steps is not None and steps >= max_steps:  # the steps asked for: end, no evaluation
+                _sync(device)
+                train_s += time.perf_counter() - seg_start
+                for meter in meters:
+                    meter.pause()
+                stop = True
+                break
             elapsed = train_s + time.perf_counter() - seg_start
             stop = elapsed >= end_s
             if stop or (stop_at_s is None and elapsed >= next_eval * time_box_s):

@@ -590,3 +590,26 @@ def energy_unavailable_reason(device: torch.device | str | int | None = 0) -> st
     reason = meter.unavailable_reason
     meter.stop()
     return reason
+
+
+def kd_energy_metrics(meter_result: Any, images_seen: int, m: Any) -> None:
+    """Set ``kd_energy_j`` (the training steps' energy), ``kd_energy_mj_per_image`` (per training
+    image seen) and ``kd_mean_power_w`` in ``m`` (a :class:`~kdsearch.measure.suite.Measurements`)
+    from the KD meter's ``result`` (None: the meter did not run); each missing with its reason."""
+    e = meter_result
+    how = e.to_dict() if e is not None else None
+    names = ("kd_energy_j", "kd_energy_mj_per_image", "kd_mean_power_w")
+    if e is None or e.joules is None:
+        reason = f"{e.method}: {e.reason}" if e is not None else "meter did not run"
+        for name in names:
+            m.set_missing(name, reason, how)
+        return
+    m.set("kd_energy_j", e.joules, how)
+    if images_seen > 0:
+        m.set("kd_energy_mj_per_image", e.joules * 1000.0 / images_seen, {**(how or {}), "images": images_seen})
+    else:
+        m.set_missing("kd_energy_mj_per_image", "no training image was seen", how)
+    if e.mean_power_w is not None:
+        m.set("kd_mean_power_w", e.mean_power_w, how)
+    else:
+        m.set_missing("kd_mean_power_w", "the window had no length", how)

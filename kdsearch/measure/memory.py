@@ -24,10 +24,13 @@ peak with the autotuner on and off.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from kdsearch.measure.suite import Measurements
 
 from kdsearch.measure._common import (
     BYTES_PER_MB,
@@ -348,6 +351,16 @@ class KDMemoryTracker:
             "workspaces": CUDNN_NOTE,
             "unit": "MB (1e6 bytes)",
         }
+
+    def store_metrics(self, m: Measurements) -> None:
+        """Set ``peak_kd_memory_mb`` (above the baseline) and ``peak_kd_memory_total_mb`` in ``m``,
+        one method record for both; missing with the reason when nothing was measured."""
+        how = self.method()
+        for name, value in (("peak_kd_memory_mb", self.value_mb), ("peak_kd_memory_total_mb", self.total_mb)):
+            if value is not None:
+                m.set(name, value, how)
+            else:
+                m.set_missing(name, str(self.reason or "no training segment was measured"), how)
 
     def __enter__(self) -> KDMemoryTracker:
         return self.start()

@@ -60,6 +60,7 @@ from kdsearch.measure.memory import (
     peak_inference_memory_mb,
 )
 from kdsearch.measure.runtime_ort import ORT_DEVICE, OrtLatency
+from kdsearch.metrics import LATENCY_DEVICE_SUFFIXES
 
 __all__ = ["Measurements", "measure_inference"]
 
@@ -262,15 +263,13 @@ def measure_inference(
             raise r
         return r
 
-    targets: list[tuple[str, str]] = []  # (suffix, device kind)
-    if "auto" in lat.devices:
-        targets.append(("", dev.type))
-    for name in ("cpu", "cuda"):
-        if name in lat.devices:
-            targets.append((f"_{name}", name))
+    # (name suffix, device kind) per listed device, the suffixes the metric registry names
+    # (kdsearch.metrics.LATENCY_DEVICE_SUFFIXES, which the study file's validation also reads).
+    targets: list[tuple[str, str]] = [
+        (LATENCY_DEVICE_SUFFIXES[d], dev.type if d == "auto" else d)
+        for d in ("auto", "cpu", "cuda", ORT_DEVICE) if d in lat.devices
+    ]
     ort = OrtLatency(model, res, chans, lat)  # exports nothing until an _ort figure is measured
-    if ORT_DEVICE in lat.devices:
-        targets.append(("_ort", ORT_DEVICE))
     # Ascending batch sizes: a small batch is cheap and its time predicts the larger ones.
     for b in sorted(lat.batch_sizes):
         for suffix, kind in targets:

@@ -124,18 +124,11 @@ def check_ort_runtime(cfg: StudyConfig) -> None:
     """Refuse an ``ort-cpu`` latency this machine cannot measure, in a second.
 
     ``ort-cpu`` in ``measure.latency.devices`` needs onnxruntime, and onnx and onnxscript to
-    export the student (the optional ``export`` extra); an objective or constraint on a
-    ``*_ort`` latency needs ``ort-cpu`` listed, or no trial would ever store it.
+    export the student (the optional ``export`` extra). (An objective or constraint on a
+    ``*_ort`` latency without ``ort-cpu`` listed is refused when the study file loads:
+    :func:`kdsearch.metrics.why_not_produced`.)
     """
     devices = cfg.measure.latency.devices
-    wanted = [("objectives", n) for n in cfg.objectives] + [("constraints", n) for n in cfg.constraints]
-    ort_metrics = [(sec, n) for sec, n in wanted if n.startswith("latency") and n.endswith("_ort")]
-    if ort_metrics and ORT_DEVICE not in devices:
-        sec, name = ort_metrics[0]
-        raise ConfigError(
-            f"{sec}.{name}", f"is measured only when measure.latency.devices lists {ORT_DEVICE}", list(devices),
-            f"add {ORT_DEVICE} to measure.latency.devices, e.g. [auto, {ORT_DEVICE}]",
-        )
     if ORT_DEVICE in devices and (missing := onnxruntime_missing()) is not None:
         raise ConfigError(
             "measure.latency.devices", f"{ORT_DEVICE} needs {missing}, which is not installed", ORT_DEVICE,

@@ -9,7 +9,9 @@ interval, and a trial whose last heartbeat is older than the grace period is sta
 times. The journal file and sqlite have no heartbeats, so kdsearch keeps its own: each running
 trial carries a ``worker`` user attr (host, pid) and a ``heartbeat_at`` user attr that a thread
 refreshes every heartbeat interval. A RUNNING trial is stale when its worker's process is gone
-(same host) or its heartbeat is older than the grace period (any host).
+(same host) or its heartbeat is older than the grace period (any host). Either heartbeat survives
+transient storage errors (:class:`TrialHeartbeat` retries a failed beat with a bounded backoff)
+and stops only when the worker has stored the trial or the trial is finished in storage.
 
 Who calls :func:`recover_stale`: the supervisor when it starts (a restart after a crash), when
 one of its workers dies, and every few seconds; every worker before it asks for a trial (what
@@ -24,6 +26,7 @@ through Optuna's public ``BaseStorage`` methods on :func:`kdsearch.storage.study
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import socket
 import threading
@@ -49,6 +52,7 @@ from kdsearch.storage import (
 
 __all__ = [
     "HEARTBEAT_EVERY_S",
+    "HEARTBEAT_RETRY_FIRST_S",
     "STALE_AFTER_S",
     "TrialHeartbeat",
     "trial_heartbeat",
@@ -65,6 +69,9 @@ __all__ = [
 
 HEARTBEAT_EVERY_S = 10.0  # journal/sqlite defaults: kdsearch's own heartbeat user attr
 STALE_AFTER_S = 60.0
+HEARTBEAT_RETRY_FIRST_S = 0.5  # a failed beat is retried this soon, then twice as long each time
+
+_log = logging.getLogger(__name__)
 
 
 def pid_alive(pid: int) -> bool:
@@ -83,14 +90,37 @@ def pid_alive(pid: int) -> bool:
 
 
 class TrialHeartbeat:
-    """Calls ``beat()`` now and then every ``every_s`` seconds from a daemon thread, until exit.
+    """Calls ``beat()`` now and then every ``every_s`` seconds from a daemon thread, until the
+    worker leaves the ``with`` block (it stored the trial) or the trial has ended in storage.
 
-    A beat that raises (the trial was finished elsewhere) ends the thread.
+    A beat that raises is not taken for the end of the trial: one transient storage error (a
+    journal ``OSError``, a PostgreSQL ``OperationalError`` while the server restarts) would
+    otherwise stop the heartbeat for good, get the live trial failed as stale and re-queued, and
+    lose its finished box when the worker's ``tell`` is refused. A failed beat is logged and
+    retried after ``retry_first_s``, then twice as long each time, never longer than ``every_s``
+    (so a retry always lands before the grace period runs out). The thread stops early only when
+    the trial has really ended: the beat raises Optuna's ``UpdateFinishedTrialError``, or, after a
+    failed beat, ``ended()`` (the trial's state, read from storage) says it is finished. An
+    ``ended()`` that raises too counts as "not known to have ended": the beats go on.
     """
 
-    def __init__(self, beat: Callable[[], None], every_s: float = HEARTBEAT_EVERY_S) -> None:
+    def __init__(
+        self,
+        beat: Callable[[], None],
+        every_s: float = HEARTBEAT_EVERY_S,
+        *,
+        ended: Callable[[], bool] | None = None,
+        retry_first_s: float = HEARTBEAT_RETRY_FIRST_S,
+        label: str = "trial",
+    ) -> None:
         self._beat_fn = beat
+        self._ended_fn = ended
         self._every_s = every_s
+        self._retry_first_s = min(retry_first_s, every_s)
+        self._label = label
+        self.failures_in_row = 0  # failed beats since the last one that got through
+        self.failures = 0  # failed beats in all
+        self.ended = False  # the thread stopped because the trial ended elsewhere
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kdsearch-heartbeat", daemon=True)
 
@@ -103,27 +133,66 @@ class TrialHeartbeat:
         self._stop.set()
         self._thread.join(timeout=5)
 
+    def _next_wait_s(self) -> float:
+        """The interval after a good beat; after failed ones the backoff, capped by the interval."""
+        if self.failures_in_row == 0:
+            return self._every_s
+        return min(self._retry_first_s * 2 ** (self.failures_in_row - 1), self._every_s)
+
+    def _trial_ended(self) -> bool:
+        if self._ended_fn is None:
+            return False
+        try:
+            return bool(self._ended_fn())
+        except Exception:  # noqa: BLE001 - storage still unreachable: not known to have ended
+            return False
+
     def _beat(self) -> None:
+        """One beat; sets ``ended`` when the trial is finished in storage."""
         try:
             self._beat_fn()
-        except Exception:  # noqa: BLE001
-            self._stop.set()
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.ended = True
+            return
+        except Exception as exc:  # noqa: BLE001 - storage errors of any backend are retried
+            if self._trial_ended():
+                self.ended = True
+                return
+            self.failures_in_row += 1
+            self.failures += 1
+            _log.warning(
+                "heartbeat of %s failed (%s: %s); %d failure(s) in a row, retrying in %.3g s",
+                self._label, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "",
+                self.failures_in_row, self._next_wait_s(),
+            )
+            return
+        if self.failures_in_row:
+            _log.warning("heartbeat of %s recovered after %d failed beat(s)", self._label, self.failures_in_row)
+        self.failures_in_row = 0
 
     def _run(self) -> None:
-        while not self._stop.wait(self._every_s):
+        while not self.ended and not self._stop.wait(self._next_wait_s()):
             self._beat()
 
 
 def trial_heartbeat(study: optuna.Study, number: int) -> TrialHeartbeat:
     """Optuna's own heartbeat for RDB storages with heartbeats (what ``study.optimize`` sends),
-    else kdsearch's ``heartbeat_at`` user attr (journal, sqlite), for trial ``number``."""
+    else kdsearch's ``heartbeat_at`` user attr (journal, sqlite), for trial ``number``. Either
+    survives transient storage errors and stops once the trial is finished in storage."""
     storage = study_storage(study)
     tid = trial_id(study, number)
+
+    def ended() -> bool:
+        return storage.get_trial(tid).state.is_finished()
+
+    label = f"trial {number}"
     interval = heartbeat_interval_s(study)
     if interval is not None:
-        return TrialHeartbeat(lambda: storage.record_heartbeat(tid), float(interval))  # type: ignore[attr-defined]
+        return TrialHeartbeat(lambda: storage.record_heartbeat(tid), float(interval),  # type: ignore[attr-defined]
+                              ended=ended, label=label)
     every, _ = heartbeat_settings(HEARTBEAT_EVERY_S, STALE_AFTER_S)
-    return TrialHeartbeat(lambda: storage.set_trial_user_attr(tid, tr.HEARTBEAT_AT, time.time()), every)
+    return TrialHeartbeat(lambda: storage.set_trial_user_attr(tid, tr.HEARTBEAT_AT, time.time()), every,
+                          ended=ended, label=label)
 
 
 def uses_optuna_heartbeat(study: optuna.Study) -> bool:

@@ -199,6 +199,7 @@ def recorded_fixed_costs(row: RecordedTrial, table: str) -> Measurements:
             m.set_missing(name, f"row {row.id} of the rehearsal table has no latency", how)
         else:
             m.set(name, row.latency_ms_b1, {**how, "device": "cpu", "note": "recorded on a loaded machine"})
+    m.set_missing("probe_peak_memory_mb", "a rehearsal trains no student (no memory probe)", {"method": "skipped"})
     return m
 
 

@@ -8,8 +8,12 @@
   that dies any other way leaves a RUNNING trial that :func:`recover_stale` fails as ``stale`` and
   re-queues once; the supervisor runs it at start (a restart after a crash), as soon as it sees a
   worker die, and every few seconds (workers on other hosts, expired RDB heartbeats). A slot
-  whose workers keep dying without storing a trial is given up after
-  :data:`MAX_DEATHS_IN_A_ROW`.
+  whose workers die :data:`MAX_DEATHS_IN_A_ROW` times in a row without finishing a trial is
+  given up.
+- The supervisor never blocks on a worker: every wait for one to end is bounded. A worker still
+  there :data:`KILL_WAIT_S` after SIGKILL (blocked in the kernel, e.g. in a GPU driver call) is
+  recorded as lost (``SearchOutcome.lost_workers``, a warning in the log), its RUNNING trial is
+  failed as ``stale`` and re-queued, and the run goes on without it.
 - Workers die with the supervisor (see :mod:`kdsearch.search.worker`), so a SIGKILL of the whole
   run leaves no orphan; the next run recovers the trials they were running.
 - Ctrl-C once: workers finish their running trial, then stop. Twice: the running trials stop now
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -48,7 +53,7 @@ from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import StudyConfig, config_to_dict
 from kdsearch.errors import KDSearchError
 from kdsearch.search.preflight import check_workers, preflight
-from kdsearch.search.recovery import mark_failed, recover_stale
+from kdsearch.search.recovery import mark_failed, recover_stale, requeue
 from kdsearch.search.rehearsal import rehearsal_wall_s
 from kdsearch.search.study import add_time_spent, create_or_resume
 from kdsearch.search.worker import EXIT_USER_ERROR, RunSpec
@@ -64,13 +69,18 @@ __all__ = [
     "tidy_worker_files",
     "KEEP_WORKER_FILES_ENV",
     "TrialBoxes",
+    "deaths_in_row",
 ]
 
 POLL_S = 0.5
 RECOVER_EVERY_S = 5.0  # also capped by the heartbeat interval (RDB)
 TIME_FLUSH_EVERY_S = 60.0  # time_spent_s is updated this often, so a killed run loses little
-MAX_DEATHS_IN_A_ROW = 5  # a slot whose workers die this often without storing a trial is given up
+MAX_DEATHS_IN_A_ROW = 5  # a slot whose workers die this often without finishing a trial is given up
+TERM_WAIT_S = 30.0  # at the end of a run: how long workers get to store their trial after SIGTERM
+KILL_WAIT_S = 10.0  # after SIGKILL: how long the supervisor waits to reap a worker before it is lost
 KEEP_WORKER_FILES_ENV = "KDSEARCH_KEEP_WORKER_FILES"  # "1": a clean run keeps every worker's files too
+
+_log = logging.getLogger(__name__)
 
 
 class StopFlag:
@@ -112,6 +122,7 @@ class SearchOutcome:
     stop_reason: str = ""
     stale_recovered: list[int] = field(default_factory=list)
     timeouts: list[int] = field(default_factory=list)
+    lost_workers: list[str] = field(default_factory=list)  # workers that outlived SIGKILL (see _kill)
     kept_logs: list[str] = field(default_factory=list)  # worker logs kept for a post-mortem
 
 
@@ -291,8 +302,9 @@ def supervise(
                 if code is None and started is not None and time.time() - started > min_box_s + grace_s \
                         and time.time() - started > trial_box_s(st.get("trial")) + grace_s:
                     # Hard limit: kill the worker (its trial cannot be trusted to stop), store FAIL
-                    # timeout, and let the code below replace the worker.
-                    _kill(s.proc)
+                    # timeout, and let the code below replace the worker. A worker that SIGKILL
+                    # does not end in time (stuck in the kernel) is recorded as lost and left behind.
+                    reaped = _kill(s.proc)
                     trial = _find_trial(study, st.get("trial"))
                     if trial is not None and mark_failed(
                         study, trial, "timeout",
@@ -300,6 +312,9 @@ def supervise(
                     ):
                         outcome.timeouts.append(trial.number)
                     code = s.proc.poll()
+                    if not reaped and code is None:
+                        _lose_worker(study, s, st, cfg.study.max_retries, outcome)
+                        code = -signal.SIGKILL
                 if code is None:
                     continue
                 if code == 0:
@@ -313,7 +328,7 @@ def supervise(
                     )
                 # Killed or crashed: its running trial is stale; recover it now and replace the worker.
                 recover()
-                s.deaths_in_row = 1 if st.get("trials_done") else s.deaths_in_row + 1
+                s.deaths_in_row = deaths_in_row(s.deaths_in_row, st)
                 if stop.requests or time.time() >= spec.deadline_epoch_s:
                     s.done, s.stop_reason = True, f"worker exited with {code}"
                 elif s.deaths_in_row >= MAX_DEATHS_IN_A_ROW:
@@ -333,15 +348,7 @@ def supervise(
                         wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_start and t.datetime_complete else 0.0
                         on_trial_end(t, wall)
     finally:
-        for s in slots:
-            if s.proc is not None and s.proc.poll() is None:
-                s.proc.send_signal(signal.SIGTERM)
-        for s in slots:
-            if s.proc is not None:
-                try:
-                    s.proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    _kill(s.proc)
+        _stop_workers(study, slots, cfg.study.max_retries, outcome)
         Path(spec.slot_lock).unlink(missing_ok=True)
         outcome.wall_s = time.monotonic() - t0
         flush_time()
@@ -356,6 +363,18 @@ def supervise(
     keep_all = os.environ.get(KEEP_WORKER_FILES_ENV, "").strip() not in ("", "0")
     outcome.kept_logs = tidy_worker_files(spec_dir, spawned, new, remove=not keep_all)
     return outcome
+
+
+def deaths_in_row(previous: int, status: dict[str, Any]) -> int:
+    """A slot's count of worker deaths in a row without a finished trial, after one more death.
+
+    ``status`` is the dead worker's last status file. A worker that finished a trial (stored it
+    and lived on: ``trials_finished``) before dying starts the count again at this death; one
+    that finished none adds to it. ``trials_done`` would not do: it also counts the trial the
+    worker died in, so a worker that crashes in every trial would reset the count each time and
+    be respawned for ever.
+    """
+    return 1 if status.get("trials_finished") else previous + 1
 
 
 def tidy_worker_files(
@@ -392,12 +411,67 @@ def tidy_worker_files(
     return kept
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
+def _kill(proc: subprocess.Popen[bytes], wait_s: float = KILL_WAIT_S) -> bool:
+    """SIGKILL a worker's process group and wait at most ``wait_s`` for it to end.
+
+    True when it ended (and was reaped). False when it is still there: a process blocked
+    uninterruptibly in the kernel (a GPU driver call after a device fault, a dead network mount)
+    dies only when that call returns, and an unbounded wait would hang the whole run on it. The
+    caller then records the worker as lost (:func:`_lose_worker`) and goes on. A worker frozen with
+    SIGSTOP is no such case: SIGKILL ends a stopped process.
+    """
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         proc.kill()
-    proc.wait()
+    try:
+        proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _lose_worker(
+    study: optuna.Study, slot: _Slot, status: dict[str, Any], max_retries: int, outcome: SearchOutcome,
+    wait_s: float = KILL_WAIT_S,
+) -> None:
+    """Record a worker that did not end after SIGKILL as lost and leave it behind.
+
+    Its trial, if it is still RUNNING, is failed the way a dead worker's is (the recovery path):
+    FAIL ``stale`` with the reason, and its parameters re-queued at most ``max_retries`` times. A
+    trial already stored (a timeout) is left as it is.
+    """
+    proc = slot.proc
+    pid = proc.pid if proc is not None else status.get("pid")
+    why = f"worker {slot.index} (pid {pid}) still there {wait_s:g}s after SIGKILL (stuck in the kernel?); left behind"
+    outcome.lost_workers.append(why)
+    _log.warning("%s", why)
+    slot.proc = None  # not waited for again; its Popen stays in the run's list (its files are kept)
+    trial = _find_trial(study, status.get("trial"))
+    if trial is not None and mark_failed(study, trial, "stale", why):
+        outcome.stale_recovered.append(trial.number)
+        requeue(study, trial, max_retries)
+
+
+def _stop_workers(
+    study: optuna.Study, slots: list[_Slot], max_retries: int, outcome: SearchOutcome,
+    term_wait_s: float = TERM_WAIT_S, kill_wait_s: float = KILL_WAIT_S,
+) -> None:
+    """End every worker still running, in bounded time: SIGTERM (each stores its running trial as
+    FAIL ``interrupted``), at most ``term_wait_s`` for all of them together, then SIGKILL and at
+    most ``kill_wait_s`` each; a worker still there after that is lost (:func:`_lose_worker`)."""
+    for s in slots:
+        if s.proc is not None and s.proc.poll() is None:
+            s.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + term_wait_s
+    for s in slots:
+        if s.proc is None:
+            continue
+        try:
+            s.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            if not _kill(s.proc, kill_wait_s):
+                _lose_worker(study, s, _read_status(s.status_path), max_retries, outcome, kill_wait_s)
 
 
 class TrialBoxes:

@@ -96,14 +96,16 @@ class _Status:
 
     Keys the supervisor relies on: ``pid``, ``phase``, ``trial`` and ``trial_started_at`` (set
     together when a trial is claimed, cleared when it is stored), ``ready`` (preparation done),
-    ``trials_done`` (trials this process has stored), ``fatal``/``crash`` on the way out.
+    ``trials_done`` (trials this process has started and left, however), ``trials_finished``
+    (trials it saw through to storage and lived on: what the supervisor's respawn rule counts),
+    ``fatal``/``crash`` on the way out.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.data: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname(), "phase": "starting",
                                      "fraction": None, "message": "", "trial": None, "trial_started_at": None,
-                                     "ready": False, "trials_done": 0}
+                                     "ready": False, "trials_done": 0, "trials_finished": 0}
         self._last = 0.0
         self.write()
 
@@ -292,6 +294,9 @@ def run_trials(ctx: WorkerContext, study: optuna.Study, spec: RunSpec, status: _
         finally:
             status.update(force=True, trial=None, trial_started_at=None, phase="idle", fraction=None, message="",
                           trials_done=int(status.data.get("trials_done", 0)) + 1)
+        # Reached only when the trial was stored and this worker lives on (an error that escaped
+        # the handlers above, e.g. storage gone while failing the trial, ends the worker first).
+        status.update(force=True, trials_finished=int(status.data.get("trials_finished", 0)) + 1)
         box = trial.user_attrs.get(tr.BOX_S, cfg.study.trial_time_s)  # set by run_trial as it starts
         overheads.append(time.monotonic() - t0 - rehearsal_wall_s(cfg, float(box)))
 

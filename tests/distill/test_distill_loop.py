@@ -325,6 +325,31 @@ def test_on_step_sees_every_step_and_its_loss(world) -> None:
     assert all(loss > 0 for _, loss in seen)
 
 
+def test_max_steps_ends_the_call_after_those_steps_without_evaluating(world) -> None:
+    """The memory probe's call: exactly ``max_steps`` full steps of a long box, no evaluation,
+    every meter paused at the end, and a result (no exception to catch)."""
+    seen: list[int] = []
+    events: list[str] = []
+
+    class Meter:
+        def pause(self) -> None:
+            events.append("pause")
+
+        def resume(self) -> None:
+            events.append("resume")
+
+    def record(step: int, loss: torch.Tensor) -> torch.Tensor:
+        seen.append(step)
+        return loss
+
+    r = _run(world, world[2], 60.0, resolution=16, on_step=record, max_steps=3, meters=(Meter(),))
+    assert seen == [1, 2, 3] and r.steps == 3 and r.images_seen == 3 * DistillConfig().batch_size
+    assert r.val_history == [] and r.final_val_accuracy is None and r.evaluations == 0
+    assert events == ["pause"] and 0 < r.kd_time_s < 60.0
+    with pytest.raises(ValueError, match="max_steps"):
+        _run(world, world[2], 1.0, resolution=16, max_steps=0)
+
+
 def test_a_cache_for_other_views_is_refused(world) -> None:
     bundle, _, cache, source = world
     with pytest.raises(ValueError, match="built for"):

@@ -230,3 +230,33 @@ def test_measure_inference_on_cuda() -> None:
     # the trial's own latency equals a direct call within noise (same method, same device)
     direct = measure_latency(net, 32, 16, "cuda", cfg.latency)
     assert abs(direct.median_ms - m.values["latency_ms_b16"]) / direct.median_ms < 0.25
+
+
+@pytest.mark.parametrize(
+    ("devices", "batch_sizes", "energy"),
+    [(("auto",), (1, 4), True), (("auto", "cpu", "cuda"), (1, 2), False), (("cpu",), (2,), True),
+     # ONNX export costs 10-20 s on a busy 2-core machine: these run with the slow tests.
+     pytest.param(("auto", "cpu", "cuda", "ort-cpu"), (1, 2), False, marks=pytest.mark.slow),
+     pytest.param(("ort-cpu",), (2,), True, marks=pytest.mark.slow)],
+    ids=["auto", "cpu-cuda-energy-off", "cpu-only", "every-device-energy-off", "ort-only"],
+)
+def test_the_suite_records_exactly_the_names_the_registry_predicts(
+    devices: tuple[str, ...], batch_sizes: tuple[int, ...], energy: bool
+) -> None:
+    """metrics.produced_metrics (what the study file's validation accepts) against what the
+    suite really records for a tiny model: every predicted fixed-cost name is recorded (a value,
+    or missing with this machine's reason), and every other recorded name is one the settings
+    switched off (missing with reason ``disabled: ...``)."""
+    from kdsearch.metrics import MetricSettings, metric_info, produced_metrics
+
+    lat = LatencyConfig(batch_sizes=batch_sizes, devices=devices, warmup=1, min_repeats=3, max_repeats=5,
+                        max_time_s=0.1)
+    m = measure_inference(small_cnn(width=4), 16, "cpu", MeasureConfig(latency=lat, energy=EnergyConfig(enabled=energy)))
+    predicted = {n for n in produced_metrics(MetricSettings(batch_sizes, devices, energy))
+                 if metric_info(n).split is None}  # type: ignore[union-attr]
+    disabled = {n for n, why in m.missing.items() if why.startswith("disabled")}
+    assert set(m.values) - disabled == predicted
+    assert disabled == (set() if energy else {n for n in m.values if n.startswith("infer_energy")})
+    # On this CPU machine the CPU, auto and ONNX Runtime latencies have values.
+    measured = [n for n in predicted if n.startswith("latency") and not n.endswith("_cuda")]
+    assert measured and all(m.values[n] is not None for n in measured), m.missing

@@ -185,7 +185,7 @@ def test_the_memory_probe_ends_a_trial_over_the_memory_limit(copy_run: Path, mon
     import torch
 
     from kdsearch.config import apply_overrides
-    from kdsearch.search import objective
+    from kdsearch.search import objective, screening
     from kdsearch.search.worker_setup import prepare_worker
     from kdsearch.storage import run_paths
 
@@ -193,7 +193,8 @@ def test_the_memory_probe_ends_a_trial_over_the_memory_limit(copy_run: Path, mon
     ctx = prepare_worker(cfg, run_paths(copy_run, "smoke"), torch.device("cpu"))
     ctx.cfg = replace(cfg, constraints={"peak_kd_memory_mb": 100.0})
     fake = _BigAllocator(5000.0)
-    monkeypatch.setattr(objective, "KDMemoryTracker", lambda device: KDMemoryTracker(device, counters=fake))
+    # The probe is the screening phase's (kdsearch.search.screening); the box is the objective's.
+    monkeypatch.setattr(screening, "KDMemoryTracker", lambda device: KDMemoryTracker(device, counters=fake))
     boxes: list[float] = []
     real_distill = objective.distill
 
@@ -202,6 +203,7 @@ def test_the_memory_probe_ends_a_trial_over_the_memory_limit(copy_run: Path, mon
         return real_distill(*args, **kwargs)
 
     monkeypatch.setattr(objective, "distill", spy)
+    monkeypatch.setattr(screening, "distill", spy)
     study = optuna.create_study(directions=["maximize", "minimize"])
     trial = study.ask()
     with pytest.raises(optuna.TrialPruned, match="probe_peak_memory_mb=5000 > peak_kd_memory_mb limit 100"):
