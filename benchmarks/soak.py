@@ -75,21 +75,27 @@ class Leg:
     storage: str  # "journal" | "postgres"
     objectives: int  # 3 or 4
     trials: int
+    faults: tuple[str, ...] | None = None  # None: --faults
 
     @classmethod
     def parse(cls, text: str) -> Leg:
         try:
-            storage, n_obj, n = text.split(":")
-            leg = cls(storage, int(n_obj), int(n))
-        except ValueError:
-            raise SystemExit(f"--leg: {text!r} is not STORAGE:OBJECTIVES:TRIALS, e.g. journal:4:3000") from None
-        if leg.storage not in ("journal", "postgres") or leg.objectives not in (3, 4) or leg.trials < 1:
-            raise SystemExit(f"--leg: {text!r}: storage journal|postgres, objectives 3|4, trials >= 1")
+            storage, n_obj, n, *rest = text.split(":")
+            faults = tuple(f for f in rest[0].split("+") if f) if rest else None
+            leg = cls(storage, int(n_obj), int(n), faults)
+        except (ValueError, IndexError):
+            raise SystemExit(f"--leg: {text!r} is not STORAGE:OBJECTIVES:TRIALS[:FAULT+FAULT], "
+                             "e.g. journal:4:3000") from None
+        if leg.storage not in ("journal", "postgres") or leg.objectives not in (3, 4) or leg.trials < 1 \
+                or len(rest) > 1 or any(f not in FAULTS for f in leg.faults or ()):
+            raise SystemExit(f"--leg: {text!r}: storage journal|postgres, objectives 3|4, trials >= 1, "
+                             f"faults among {'+'.join(FAULTS)}")
         return leg
 
     @property
     def name(self) -> str:
-        return f"soak-{self.storage}-{self.objectives}obj-{self.trials}"
+        tag = "" if self.faults is None else "-" + "-".join(self.faults or ("nofault",))
+        return f"soak-{self.storage}-{self.objectives}obj-{self.trials}{tag}"
 
 
 @dataclass
@@ -415,12 +421,13 @@ class LegLog:
     wall_s: float = 0.0
     timed_out: bool = False
     last_proc: Any = None  # the running `kdsearch optimize` (not written out)
+    unrecoverable: str | None = None  # why the leg stopped early: `kdsearch optimize` cannot resume
 
 
 def fault_plan(leg: Leg, s: Settings, pg: PgCluster | None, tmpfs: bool, log: LegLog) -> list[tuple[int, str]]:
     """(trial count, fault) pairs: ``rounds`` of each fault, interleaved, between 5% and 90% of the run."""
     kinds = []
-    for kind in s.faults:
+    for kind in (s.faults if leg.faults is None else leg.faults):
         if kind == "disk-full" and not tmpfs:
             log.skipped_faults[kind] = "the run folder is not a tmpfs (mount -t tmpfs needs root)"
             continue
@@ -467,7 +474,10 @@ def run_leg(leg: Leg, s: Settings, base: Path, pg: PgCluster | None, rng: random
             except (OSError, ValueError):
                 rec["claimed_by"] = "unreadable"
         shutil.rmtree(fault_dir, ignore_errors=True)
-        figures = analyse(leg, run_dir, url, log)
+        try:
+            figures = analyse(leg, run_dir, url, log)
+        except Exception as exc:  # noqa: BLE001 - an unreadable study is this leg's finding
+            figures = {"unreadable_study": f"{type(exc).__name__}: {str(exc)[:300]}"}
         figures["logs"] = keep_logs(run_dir / leg.name / "workers", base / f"{leg.name}-workers", out_log)
         figures["cli"] = cli_timings(leg, run_dir, url, base) if s.cli else {}
     return {"log": {k: v for k, v in asdict(log).items() if k != "last_proc"}, "figures": figures}
@@ -517,6 +527,11 @@ def _drive(leg: Leg, s: Settings, proc: subprocess.Popen[bytes], log: LegLog, co
                                         "trials_at_exit": n_done})
             if n_done >= leg.trials and counts["RUNNING"] == 0 and not kill_requested:
                 break
+            crashes = [r for r in log.supervisor_runs if r["exit_code"] != 0 and not r["killed_by_driver"]]
+            if len(crashes) >= 3 and crashes[-1]["trials_at_exit"] == crashes[-3]["trials_at_exit"]:
+                log.unrecoverable = ("kdsearch optimize exited non-zero 3 times in a row without a trial stored: "
+                                     + _last_error(out_log))
+                break
             if now - t0 > s.leg_timeout_s:
                 log.timed_out = True
                 break
@@ -544,6 +559,16 @@ def _drive(leg: Leg, s: Settings, proc: subprocess.Popen[bytes], log: LegLog, co
                 stopped[rec["pid"]] = time.monotonic()
             if kind == "supervisor-kill" and rec.get("pid"):
                 kill_requested = True
+
+
+def _last_error(log: Path) -> str:
+    """The last line of the last traceback in ``log`` (the error a resume dies of)."""
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    errors = [ln for ln in lines if ln[:1].isalpha() and ("Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0])]
+    return (errors or lines or ["(empty log)"])[-1][:300]
 
 
 def _interrupt(proc: subprocess.Popen[bytes]) -> None:
@@ -764,6 +789,8 @@ def soak(legs: list[Leg], s: Settings, base: Path, seed: int = 0) -> dict[str, A
 
 def summary_line(name: str, result: dict[str, Any]) -> str:
     f, lg = result["figures"], result["log"]
+    if "unreadable_study" in f:
+        return f"{name}: the study cannot be read after the run: {f['unreadable_study']} ({lg.get('unrecoverable')})"
     rd = f["rung_decision_s"]["last_10pct_of_trials"]
     fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")  # noqa: E731
     st = " ".join(f"{k}={v}" for k, v in sorted(f["states"].items()))
