@@ -666,7 +666,11 @@ def analyse(leg: Leg, run_dir: Path, url: str | None, log: LegLog) -> dict[str, 
     fails = [t for t in trials if t.state.name == "FAIL"]
     no_reason = [t.number for t in fails if not t.user_attrs.get("fail_reason")]
     boxes_done_fail = [t for t in fails if "kd_history" in t.user_attrs]
-    unexplained = [t.number for t in boxes_done_fail if pid(t) not in killed]
+    # A box that finished and was then stored FAIL: by the hard limit (a slow decision or store,
+    # FAIL timeout), or as stale while its worker lived on (a heartbeat that died: lost).
+    not_killed = [t for t in boxes_done_fail if pid(t) not in killed]
+    unexplained = [t.number for t in not_killed if t.user_attrs.get("fail_reason") != "timeout"]
+    box_then_timeout = [t.number for t in not_killed if t.user_attrs.get("fail_reason") == "timeout"]
     lineage: Counter[int] = Counter()
     for t in trials:
         if t.state.name in ("COMPLETE", "PRUNED"):
@@ -700,7 +704,8 @@ def analyse(leg: Leg, run_dir: Path, url: str | None, log: LegLog) -> dict[str, 
             "finished_box_stored_fail_unexplained": unexplained,
             "total": len(no_reason) + len(unexplained) + states["RUNNING"],
         },
-        "finished_box_stored_fail_after_driver_kill": len(boxes_done_fail) - len(unexplained),
+        "finished_box_stored_fail_after_driver_kill": len(boxes_done_fail) - len(not_killed),
+        "finished_box_then_timeout": box_then_timeout,
         "duplicates": duplicates,
         "fail_reasons": dict(Counter(str(t.user_attrs.get("fail_reason")) for t in fails)),
         "pruned_at_rung": dict(Counter(str(t.user_attrs.get("pruned_rung")) for t in trials
@@ -774,6 +779,7 @@ def soak(legs: list[Leg], s: Settings, base: Path, seed: int = 0) -> dict[str, A
             print(f"== {leg.name}", flush=True)
             results[leg.name] = run_leg(leg, s, base, pg, rng)
             print(summary_line(leg.name, results[leg.name]), flush=True)
+            (base / f"{leg.name}.json").write_text(json.dumps(results[leg.name], indent=1, default=str))
     finally:
         if pg is not None:
             pg.stop()
