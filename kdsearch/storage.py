@@ -22,9 +22,13 @@ Those two reaches (:func:`study_storage`, :func:`stale_trial_ids`) are here and 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.util
+import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +50,7 @@ __all__ = [
     "HEARTBEAT_GRACE_S",
     "INTERVAL_ENV",
     "GRACE_ENV",
+    "FAULT_DIR_ENV",
     "RunPaths",
     "run_paths",
     "make_folder",
@@ -69,6 +74,7 @@ HEARTBEAT_INTERVAL_S = 30  # RDB heartbeats: a RUNNING trial whose heartbeat is 
 HEARTBEAT_GRACE_S = 120  # this grace is failed as stale by the next worker that asks.
 INTERVAL_ENV = "KDSEARCH_HEARTBEAT_INTERVAL_S"  # whole seconds; override the heartbeat defaults
 GRACE_ENV = "KDSEARCH_HEARTBEAT_GRACE_S"  # (e.g. in tests)
+FAULT_DIR_ENV = "KDSEARCH_FAULT_DIR"  # test-only: a folder of journal write-fault tokens (the soak)
 
 StaleTrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 
@@ -227,7 +233,46 @@ def open_storage(
         raise StorageError(f"--storage: {str(path)!r} is a folder, not a journal file")
     make_folder(path.parent, "--run-dir/--storage")
     # The open-lock works on every POSIX file system (NFS included), unlike symlink locks.
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    lock = JournalFileOpenLock(str(path))
+    fault_dir = os.environ.get(FAULT_DIR_ENV, "").strip()
+    if fault_dir:  # test-only: the soak's transient journal write errors
+        return JournalStorage(_FaultyJournalBackend(str(path), lock_obj=lock, fault_dir=fault_dir))
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+
+
+class _FaultyJournalBackend(JournalFileBackend):
+    """A journal file whose next write fails once per token in ``fault_dir`` (:data:`FAULT_DIR_ENV`).
+
+    Test-only, for the soak (``benchmarks/soak.py``): a file named ``journal-write-*`` in that
+    folder is one transient write error. The process whose append claims it (removes it; only
+    one can: it renames it ``claimed-<name>`` and writes its pid and the failed write there) raises
+    :class:`OSError` before writing a byte, as a full or flaky disk would; a token
+    named ``journal-write-heartbeat-*`` is claimed only by a heartbeat write. Nothing else changes.
+    """
+
+    def __init__(self, file_path: str, lock_obj: Any, fault_dir: str) -> None:
+        super().__init__(file_path, lock_obj=lock_obj)
+        self._fault_dir = Path(fault_dir)
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        heartbeat = any("heartbeat_at" in (log.get("user_attr") or {}) for log in logs)
+        try:
+            names = sorted(p.name for p in self._fault_dir.iterdir() if p.name.startswith("journal-write-"))
+        except OSError:
+            names = []
+        for name in names:
+            if name.startswith("journal-write-heartbeat-") and not heartbeat:
+                continue
+            claimed = self._fault_dir / f"claimed-{name}"
+            try:
+                (self._fault_dir / name).rename(claimed)
+            except OSError:  # another process claimed it first
+                continue
+            with contextlib.suppress(OSError):  # who failed which write, for the soak's figures
+                claimed.write_text(json.dumps({"pid": os.getpid(), "argv": sys.argv[:3], "writes": [
+                    {"op_code": log.get("op_code"), "keys": sorted(log.get("user_attr") or {})} for log in logs]}))
+            raise OSError(errno.EIO, f"injected transient journal write error ({FAULT_DIR_ENV} token {name})")
+        super().append_logs(logs)
 
 
 def _driver_url(url: str) -> str:

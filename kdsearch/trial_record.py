@@ -106,6 +106,9 @@ KD_HISTORY = "kd_history"
 ARTIFACT_ID = "artifact_id"
 """The Optuna artifact holding the student's checkpoint."""
 WEIGHTS_SHA256 = "weights_sha256"
+REHEARSAL = "rehearsal"
+"""A rehearsed trial's replay (:mod:`kdsearch.search.rehearsal`): table, row, distance, speed, why it
+has no checkpoint, and the wall time of each ``on_eval`` call of its box."""
 
 # ----------------------------------------------------------------------------------------------
 # Study keys

@@ -26,6 +26,7 @@ from kdsearch.config.sections import (
     DistillConfig,
     FinetuneConfig,
     MeasureConfig,
+    RehearsalConfig,
     StudyRunConfig,
     TeacherConfig,
 )
@@ -69,6 +70,7 @@ _SECTION_TYPES: dict[str, type] = {
     "measure": MeasureConfig,
     "finetune": FinetuneConfig,
     "debug": DebugConfig,
+    "rehearsal": RehearsalConfig,
 }
 
 

@@ -643,3 +643,35 @@ class DebugConfig:
             raise ConfigError("debug.inject", "must be oom, nan, hang or error", self.inject)
 
 
+REHEARSAL_METRICS: tuple[str, ...] = (
+    "val_accuracy", "test_accuracy", "kd_time_s", "params", "macs", "model_size_mb", "latency_ms_b1",
+    "latency_ms_b1_cpu",
+)
+"""The figures a rehearsal can give a trial: what each row of a recorded table holds
+(``benchmarks/search_table/README.md``; the latency is batch 1 on the CPU), and the box."""
+
+
+@dataclass(frozen=True)
+class RehearsalConfig:
+    """``rehearsal``: rehearse the study's budget, workers, pruning and constraints on a recorded
+    table of real KD trials instead of training (:mod:`kdsearch.search.rehearsal`).
+
+    ``table`` is a JSON-lines file of recorded trials (``benchmarks/search_table/table.jsonl``);
+    ``speed`` is how many seconds of the KD box one wall second replays (100: a 10-minute box
+    in 6 s). Unset (the default), trials train for real.
+    """
+
+    table: str | None = None
+    speed: float = 100.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.table is not None
+
+    def __post_init__(self) -> None:
+        if self.table is not None and not self.table.strip():
+            raise ConfigError("rehearsal.table", "must be the path of a recorded table (JSON lines)", self.table,
+                              "e.g. benchmarks/search_table/table.jsonl")
+        if not (math.isfinite(self.speed) and self.speed > 0):
+            raise ConfigError("rehearsal.speed", "must be a number > 0 (box seconds replayed per wall second)",
+                              self.speed, "e.g. 100")

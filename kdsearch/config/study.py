@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kdsearch.config.sections import (
+    REHEARSAL_METRICS,
     DataConfig,
     DebugConfig,
     DistillConfig,
     FinetuneConfig,
     MeasureConfig,
+    RehearsalConfig,
     StudyRunConfig,
     TeacherConfig,
 )
@@ -46,7 +48,7 @@ DURATION_KEYS = {
     ("measure.energy", "poll_interval"): "poll_interval_s",
 }
 
-TOP_KEYS = ["study", "data", "teacher", "student", "distill", "objectives", "constraints", "measure", "finetune", "debug"]
+TOP_KEYS = ["study", "data", "teacher", "student", "distill", "objectives", "constraints", "measure", "finetune", "debug", "rehearsal"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class StudyConfig:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    rehearsal: RehearsalConfig = field(default_factory=RehearsalConfig)  # replay a recorded table, no training
     source: str | None = field(default=None, compare=False)  # the file it came from (not identity)
 
     def __post_init__(self) -> None:
@@ -104,6 +107,8 @@ class StudyConfig:
                 "validation accuracy at a fraction of the box)", list(self.objectives),
                 "add objectives: {val_accuracy: maximize} or set study.pruning.enabled: false",
             )
+        if self.rehearsal.enabled:
+            _check_rehearsal(self)
         if self.study.sampler == "grid":
             for name, sp in _iter_spaces(self):
                 if sp.choices is None and sp.step is None:
@@ -162,6 +167,9 @@ class StudyConfig:
             "trial_time_s": full["study"]["trial_time"],
             "sampler": self.study.sampler,
             "pruning": full["study"]["pruning"],
+            # Rehearsed trials replay a table: never mixed with trained ones (absent when off, so
+            # studies stored before rehearsals existed still resume).
+            **({"rehearsal_table": self.rehearsal.table} if self.rehearsal.enabled else {}),
         }
 
 
@@ -195,6 +203,24 @@ def _check_selectable(field_name: str, metric: str, cfg: StudyConfig) -> None:
     why = why_not_produced(metric, cfg.metric_settings)
     if why is not None:
         raise ConfigError(field_name, why.rule, metric, why.fix)
+
+
+def _check_rehearsal(cfg: StudyConfig) -> None:
+    """What a rehearsal can replay: VGG students (the table's rows), full-box curves (no plateau
+    stop, no fine-tune) and the figures a row records (:data:`REHEARSAL_METRICS`)."""
+    if cfg.student.families != ["vgg"]:
+        raise ConfigError("student.family", "must be vgg in a rehearsal (the recorded table holds VGG students)",
+                          cfg.student.family.to_yaml(), "set student.family: vgg, or drop the rehearsal section")
+    if cfg.distill.early_stop.enabled:
+        raise ConfigError("distill.early_stop.enabled", "must be false in a rehearsal (the table records "
+                          "full-box curves, with no plateau stop)", True, "set distill.early_stop.enabled: false")
+    if cfg.finetune.enabled:
+        raise ConfigError("finetune.enabled", "must be false in a rehearsal (the table records no fine-tune)", True)
+    for section, names in (("objectives", cfg.objectives), ("constraints", cfg.constraints)):
+        for metric in names:
+            if metric not in REHEARSAL_METRICS:
+                raise ConfigError(f"{section}.{metric}", "is not recorded in a rehearsal table", metric,
+                                  f"a rehearsal replays {', '.join(REHEARSAL_METRICS)}")
 
 
 def _iter_spaces(cfg: StudyConfig) -> typing.Iterator[tuple[str, Space]]:

@@ -38,6 +38,11 @@ What the figures include (see also the metric registry, :mod:`kdsearch.metrics`)
 A failure inside a trial becomes :class:`~kdsearch.errors.TrialFailure` with ``fail_reason``
 stored on the trial; a pruned or screened trial raises :class:`optuna.TrialPruned` after storing
 its record; the worker tells either.
+
+A **rehearsal** (the study's ``rehearsal`` section, :mod:`kdsearch.search.rehearsal`) replays the
+nearest recorded trial instead of training: one branch per phase below (no student is built; the
+row's fixed costs; no probe; the row's curve through the same ``on_eval`` hook; the row's
+accuracies; no checkpoint). Screening, the rung pruner, the verdict and the store are the same.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ from kdsearch.measure import (
 from kdsearch.measure.energy import kd_energy_metrics
 from kdsearch.models import build_student
 from kdsearch.search.pruning import RungPruner, pruning_record, rung_pruner, store_pruned
+from kdsearch.search.rehearsal import RecordedTrial, Rehearsal, recorded_fixed_costs, replay_box
 from kdsearch.search.screening import (
     PROBE_STEPS,
     UNTRAINED_NOTE,
@@ -93,41 +99,56 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = no
     """The objective. Returns the objective values in the study's order, or raises TrialFailure
     (stored FAIL) or :class:`optuna.TrialPruned` (screened before the box, or stopped at a rung)."""
     cfg, device = ctx.cfg, ctx.device
-    # 1. Prepare.
-    proposal = suggest(trial, cfg, ctx.bundle.num_classes)
+    # 1. Prepare (a rehearsal: the recorded row this proposal replays, and no student).
+    proposal = suggest(trial, cfg, ctx.num_classes)
     spec, hyper = proposal.spec, proposal.hyper
-    teacher = ctx.teachers[proposal.teacher.display_name]
     seed = cfg.study.seed * 100_003 + trial.number
-    student = _prepare(ctx, trial, proposal, seed)
+    teacher = ctx.teachers.get(proposal.teacher.display_name)  # None in a rehearsal
+    row = _rehearsed_row(ctx.rehearsal, trial, proposal)
+    student = _prepare(ctx, trial, proposal, seed) if row is None else None
 
-    # 2. Fixed costs, on the untrained student, then the constraints they decide.
+    # 2. Fixed costs, on the untrained student (or the row's), then the constraints they decide.
     progress("measure", 0.0, "fixed costs of the untrained student")
-    fixed = measure_fixed_costs(ctx, student, spec.resolution)
+    if row is not None:
+        fixed = recorded_fixed_costs(row, ctx.rehearsal.table.path)
+    else:
+        fixed = measure_fixed_costs(ctx, student, spec.resolution)
     if (screened := fixed_cost_screen(cfg, fixed)) is not None:
         screen_out(trial, cfg, fixed, *screened)
 
-    # 3. The fail-fast memory probe (CUDA only).
-    if (screened := memory_probe(ctx, student, spec, teacher, hyper, seed, fixed)) is not None:
-        screen_out(trial, cfg, fixed, *screened)
+    # 3. The fail-fast memory probe (CUDA only; none in a rehearsal).
+    if student is not None and teacher is not None:
+        if (screened := memory_probe(ctx, student, spec, teacher, hyper, seed, fixed)) is not None:
+            screen_out(trial, cfg, fixed, *screened)
 
-    # 4. The box, with the rung pruner when study.pruning is on.
+    # 4. The box, with the rung pruner when study.pruning is on (a rehearsal replays the row's).
     pruner = rung_pruner(trial, cfg, fixed.values, proposal.box_s)
-    m, result = _train_box(ctx, trial, proposal, teacher, student, seed, pruner, progress)
+    if row is not None:
+        m, result = _replay_box(ctx, trial, proposal, row, pruner, progress)
+    else:
+        assert student is not None and teacher is not None
+        m, result = _train_box(ctx, trial, proposal, teacher, student, seed, pruner, progress)
     if pruner is not None and pruner.pruned_at is not None:
-        del student  # the last reference: only now can the allocator's cache be freed
-        free_device_memory(device)
+        if student is not None:
+            del student  # the last reference: only now can the allocator's cache be freed
+            free_device_memory(device)
         store_pruned(trial, cfg, m, fixed, pruner)  # raises TrialPruned
 
     # 5. Final measures; latency, size, inference memory and energy were measured before KD.
-    _final_measures(ctx, student, proposal, seed, result, m, progress)
+    if row is not None:
+        Rehearsal.final_accuracy(row, m)
+    else:
+        assert student is not None
+        _final_measures(ctx, student, proposal, seed, result, m, progress)
     m.update(fixed)
 
-    # 6. Store.
+    # 6. Store (a rehearsal has no checkpoint).
     try:
         values = _store(ctx, trial, proposal, student, m, progress)
     finally:
-        del student  # the last reference, also when an objective is missing
-        free_device_memory(device)
+        if student is not None:
+            del student  # the last reference, also when an objective is missing
+            free_device_memory(device)
     progress("done", 1.0, "")
     return values
 
@@ -154,6 +175,50 @@ def _prepare(ctx: WorkerContext, trial: optuna.Trial, proposal: Proposal, seed: 
         return build_student(spec)
     except Exception as exc:  # noqa: BLE001 - a student that cannot be built is this trial's failure
         raise _fail(trial, "error", f"{type(exc).__name__}: {exc}") from None
+
+
+def _rehearsed_row(rehearsal: Rehearsal | None, trial: optuna.Trial, proposal: Proposal) -> RecordedTrial | None:
+    """In a rehearsal, the recorded row ``proposal`` replays (stored on the trial first, with
+    what the other phases of :func:`_prepare` store); else None."""
+    if rehearsal is None:
+        return None
+    row, how = rehearsal.match(proposal)
+    spec, hyper = proposal.spec, proposal.hyper
+    tr.write(trial, {
+        tr.BOX_S: proposal.box_s, tr.SPEC: spec.to_dict(), tr.STUDENT: spec.label, tr.TEMPERATURE: hyper.temperature,
+        tr.ALPHA: hyper.alpha, tr.LR: hyper.lr, tr.REHEARSAL: how,
+    })
+    return row
+
+
+def _replay_box(
+    ctx: WorkerContext, trial: optuna.Trial, proposal: Proposal, row: RecordedTrial, pruner: RungPruner | None,
+    progress: ProgressFn,
+) -> tuple[Measurements, DistillResult]:
+    """:func:`_train_box` in a rehearsal: the row's box played through the same ``on_eval`` hook
+    (the pruner) at the same evaluations, at ``rehearsal.speed``; the same records stored, and the
+    wall time of each ``on_eval`` call (the decision time at each rung) in ``rehearsal``."""
+    cfg, box_s = ctx.cfg, proposal.box_s
+    assert ctx.rehearsal is not None
+    progress("distil", 0.0, proposal.spec.label)
+    replay = replay_box(row, box_s=box_s, speed=ctx.rehearsal.speed, eval_every_fraction=cfg.distill.eval_every_fraction,
+                        eval_at=pruner.config.rungs if pruner is not None else (), on_eval=pruner,
+                        progress=lambda frac, msg: progress("distil", frac, msg))
+    result = replay.result
+    m = Measurements()
+    m.set("kd_time_s", result.kd_time_s, {
+        "method": "rehearsal: box seconds replayed", "box_s": box_s, "box_searched": cfg.study.box_searched,
+        "stopped_early": result.stopped_early, "stop_requested_s": result.stop_requested_s,
+        "evaluations": result.evaluations, "row": row.id,
+    })
+    history = result.history()
+    history["final_train_loss"] = None  # not recorded in the table
+    trial.set_user_attr(tr.KD_HISTORY, history)
+    trial.set_user_attr(tr.REHEARSAL, {**ctx.rehearsal.match(proposal)[1],
+                                       "on_eval_s": [[round(f, 5), round(t, 6)] for f, t in replay.hook_s]})
+    if pruner is not None:
+        trial.set_user_attr(tr.PRUNING, pruning_record(pruner, cfg.distill.eval_every_fraction))
+    return m, result
 
 
 def _fault(ctx: WorkerContext, trial: optuna.Trial) -> FaultInjector | None:
@@ -269,15 +334,17 @@ def _final_measures(
 
 
 def _store(
-    ctx: WorkerContext, trial: optuna.Trial, proposal: Proposal, student: torch.nn.Module, m: Measurements,
+    ctx: WorkerContext, trial: optuna.Trial, proposal: Proposal, student: torch.nn.Module | None, m: Measurements,
     progress: ProgressFn,
 ) -> list[float]:
-    """Store every figure, the constraint verdict and the checkpoint; return the objective values
-    (a missing objective fails the trial, after the rest is stored)."""
+    """Store every figure, the constraint verdict and the checkpoint (none in a rehearsal:
+    ``student`` None); return the objective values (a missing objective fails the trial, after
+    the rest is stored)."""
     cfg, spec = ctx.cfg, proposal.spec
     diff = environment_diff(ctx.environment, collect_environment(ctx.device))
     tr.write(trial, m.to_user_attrs())
-    trial.set_user_attr(tr.NORMALIZATION, {"mean": list(ctx.bundle.mean), "std": list(ctx.bundle.std)})
+    if ctx.bundle is not None:
+        trial.set_user_attr(tr.NORMALIZATION, {"mean": list(ctx.bundle.mean), "std": list(ctx.bundle.std)})
     if diff:
         trial.set_user_attr(tr.ENV_DIFF, diff)
     # Constraints: value minus limit, <= 0 is feasible. A missing constrained metric is
@@ -287,15 +354,17 @@ def _store(
         trial.set_constraint(metric, violation)
     tr.write(trial, tr.verdict_attrs(verdict))
 
-    progress("store", 0.9, "checkpoint")
-    with tempfile.TemporaryDirectory(prefix="kdsearch-ckpt-") as tmp:
-        path = Path(tmp) / f"trial-{trial.number}-{spec.label.replace('@', '_')}.safetensors"
-        sha = save_student(student, spec, path, {"teacher": proposal.teacher.display_name, "trial": str(trial.number)})
-        artifact_id = upload_artifact(
-            artifact_store=artifact_store(ctx.paths), file_path=str(path), study_or_trial=trial,
-            mimetype="application/octet-stream",
-        )
-    tr.write(trial, {tr.ARTIFACT_ID: artifact_id, tr.WEIGHTS_SHA256: sha})
+    if student is not None:
+        progress("store", 0.9, "checkpoint")
+        with tempfile.TemporaryDirectory(prefix="kdsearch-ckpt-") as tmp:
+            path = Path(tmp) / f"trial-{trial.number}-{spec.label.replace('@', '_')}.safetensors"
+            sha = save_student(student, spec, path,
+                               {"teacher": proposal.teacher.display_name, "trial": str(trial.number)})
+            artifact_id = upload_artifact(
+                artifact_store=artifact_store(ctx.paths), file_path=str(path), study_or_trial=trial,
+                mimetype="application/octet-stream",
+            )
+        tr.write(trial, {tr.ARTIFACT_ID: artifact_id, tr.WEIGHTS_SHA256: sha})
 
     out: list[float] = []
     for metric in cfg.metric_names:

@@ -30,7 +30,8 @@ __all__ = ["preflight", "check_measurable", "check_ort_runtime", "check_workers"
 
 def preflight(cfg: StudyConfig) -> int:
     """Run each listed student family's preflight check, then validate the data and teachers;
-    return the data set's class count. Storage is checked when the study is opened, which writes
+    return the data set's class count (in a rehearsal: check the table instead of the data and
+    teachers, and return the table's class count). Storage is checked when the study is opened, which writes
     nothing until the URL has opened."""
     check_measurable(cfg)
     check_ort_runtime(cfg)
@@ -38,6 +39,11 @@ def preflight(cfg: StudyConfig) -> int:
     for name in cfg.student.families:
         # e.g. a ViT needs a patch size that divides every resolution the study can propose
         get_family(name).preflight(cfg.student.section(name), resolutions)
+    if cfg.rehearsal.enabled:  # replayed trials: no data set, no teacher (kdsearch.search.rehearsal)
+        from kdsearch.search.rehearsal import TABLE_NUM_CLASSES, check_table  # noqa: PLC0415
+
+        check_table(str(cfg.rehearsal.table))
+        return TABLE_NUM_CLASSES
     bundle = load_data(cfg.data)
     check_caches_fit([t.cache for t in cfg.teachers if t.mode == "cached"], len(bundle.train), bundle.num_classes)
     for tcfg in cfg.teachers:

@@ -54,6 +54,7 @@ from kdsearch.config import StudyConfig, config_to_dict
 from kdsearch.errors import KDSearchError
 from kdsearch.search.preflight import check_workers, preflight
 from kdsearch.search.recovery import mark_failed, recover_stale, requeue
+from kdsearch.search.rehearsal import rehearsal_wall_s
 from kdsearch.search.study import add_time_spent, create_or_resume
 from kdsearch.search.worker import EXIT_USER_ERROR, RunSpec
 from kdsearch.search.worker_setup import ENV_EXPECT_CUDA, ENV_WORKERS_PER_GPU
@@ -194,7 +195,7 @@ def supervise(
     spec = RunSpec(
         config=json.loads(json.dumps(config_to_dict(cfg))),
         invocation=invocation,
-        deadline_epoch_s=time.time() + cfg.study.budget_s,
+        deadline_epoch_s=time.time() + rehearsal_wall_s(cfg, cfg.study.budget_s),  # budget / speed in a rehearsal
         n_trials=cfg.study.n_trials,
         status_path="",
         slot_lock=str(paths.root / f".slots-{invocation}.lock"),
@@ -208,7 +209,7 @@ def supervise(
     grace_s = cfg.study.grace_s
     # The hard limit is each trial's own box + grace (TrialBoxes reads a searched box from storage,
     # only once the shortest box + grace has passed).
-    min_box_s = min(cfg.study.trial_times_s)
+    min_box_s = rehearsal_wall_s(cfg, min(cfg.study.trial_times_s))
     trial_box_s = TrialBoxes(cfg, study)
 
     recover_every_s = RECOVER_EVERY_S
@@ -474,7 +475,8 @@ def _stop_workers(
 
 
 class TrialBoxes:
-    """The KD box of a running trial, for the supervisor's hard limit (box + grace).
+    """The KD box of a running trial in wall seconds (box / speed in a rehearsal), for the
+    supervisor's hard limit (box + grace).
 
     With one ``study.trial_time`` that is the box. With a searched one (a list) it is the trial's
     own: user attr ``box_s``, which :func:`~kdsearch.search.objective.run_trial` stores as the
@@ -488,7 +490,7 @@ class TrialBoxes:
         self._known: dict[int, float] = {}
 
     def __call__(self, number: Any) -> float:
-        longest = self.cfg.study.trial_time_s
+        longest = rehearsal_wall_s(self.cfg, self.cfg.study.trial_time_s)
         if not self.cfg.study.box_searched or not isinstance(number, int):
             return longest
         if number not in self._known:
@@ -496,7 +498,7 @@ class TrialBoxes:
             box = trial.user_attrs.get(tr.BOX_S) if trial is not None else None
             if not isinstance(box, (int, float)):
                 return longest
-            self._known[number] = float(box)
+            self._known[number] = rehearsal_wall_s(self.cfg, float(box))
         return self._known[number]
 
 

@@ -44,6 +44,7 @@ from kdsearch.config import StudyConfig, config_from_dict
 from kdsearch.errors import KDSearchError, TrialFailure
 from kdsearch.search.objective import run_trial
 from kdsearch.search.recovery import recover_stale, trial_heartbeat
+from kdsearch.search.rehearsal import rehearsal_wall_s
 from kdsearch.search.study import create_or_resume, make_sampler
 from kdsearch.search.worker_setup import WorkerContext, prepare_worker, teacher_summary
 from kdsearch.storage import run_paths
@@ -83,8 +84,8 @@ class RunSpec:
 def estimate_trial_s(cfg: StudyConfig, overheads_s: list[float]) -> float:
     """Expected wall time (s) of the next trial: the longest box it may draw plus the largest
     overhead (wall time beyond a trial's own box) seen so far; before any trial has finished, 25%
-    of that box plus 5 s."""
-    box = cfg.study.trial_time_s
+    of that box plus 5 s. In a rehearsal the box is its replay's wall time (box / speed)."""
+    box = rehearsal_wall_s(cfg, cfg.study.trial_time_s)
     if not overheads_s:
         return box * 1.25 + 5.0
     return box + max(0.0, max(overheads_s))
@@ -297,7 +298,7 @@ def run_trials(ctx: WorkerContext, study: optuna.Study, spec: RunSpec, status: _
         # the handlers above, e.g. storage gone while failing the trial, ends the worker first).
         status.update(force=True, trials_finished=int(status.data.get("trials_finished", 0)) + 1)
         box = trial.user_attrs.get(tr.BOX_S, cfg.study.trial_time_s)  # set by run_trial as it starts
-        overheads.append(time.monotonic() - t0 - float(box))
+        overheads.append(time.monotonic() - t0 - rehearsal_wall_s(cfg, float(box)))
 
 
 def _log_failure(number: int) -> None:

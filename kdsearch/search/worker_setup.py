@@ -33,6 +33,7 @@ from kdsearch.errors import KDSearchError
 from kdsearch.measure import collect_environment, evaluate_accuracy
 from kdsearch.models import LoadedTeacher, create_teacher, teacher_needs_fit
 from kdsearch.models.teacher import weak_teacher_warning
+from kdsearch.search.rehearsal import TABLE_NUM_CLASSES, Rehearsal
 from kdsearch.storage import RunPaths
 
 __all__ = [
@@ -75,18 +76,25 @@ class PreparedTeacher:
 
 @dataclass
 class WorkerContext:
-    """What one worker process holds for all its trials."""
+    """What one worker process holds for all its trials. In a rehearsal (``rehearsal`` section)
+    there is no data and no teacher (``bundle``, ``train_source``, ``view_spec`` None, ``teachers``
+    empty): ``rehearsal`` replays recorded trials instead (:mod:`kdsearch.search.rehearsal`)."""
 
     cfg: StudyConfig
     paths: RunPaths
     device: torch.device
-    bundle: DataBundle
-    train_source: BatchSource
-    view_spec: ViewSpec
+    bundle: DataBundle | None
+    train_source: BatchSource | None
+    view_spec: ViewSpec | None
     teachers: dict[str, PreparedTeacher]
     environment: dict[str, Any]
     train_dtype: str = "fp32"  # "bf16" | "fp16" | "fp32": kdsearch.distill.precision
     gpu_sharing: dict[str, Any] = field(default_factory=dict)
+    rehearsal: Rehearsal | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return TABLE_NUM_CLASSES if self.bundle is None else self.bundle.num_classes
 
 
 def pick_device(expect_cuda: bool | None = None) -> torch.device:
@@ -119,7 +127,8 @@ def _needs_cuda(cfg: StudyConfig) -> list[str]:
 def prepare_worker(
     cfg: StudyConfig, paths: RunPaths, device: torch.device | None = None, progress: ProgressFn = no_progress
 ) -> WorkerContext:
-    """Load the data (resident on the device when it fits) and prepare every teacher once.
+    """Load the data (resident on the device when it fits) and prepare every teacher once (in a
+    rehearsal: load the table instead; :mod:`kdsearch.search.rehearsal`).
 
     The teachers are fitted, evaluated and cached on ``device``, then (cached mode) moved off it:
     no trial uses them, and what stays resident is the baseline of every trial's memory figure.
@@ -133,6 +142,12 @@ def prepare_worker(
         )
     train_dtype = train_dtype_for(device, cfg.distill.amp)
     paths.ensure()
+    if cfg.rehearsal.enabled:  # no data set, no teacher: trials replay the table
+        progress("data", None, f"loading the rehearsal table {cfg.rehearsal.table}")
+        env = {**collect_environment(device), "train_dtype": train_dtype,
+               "rehearsal": {"table": cfg.rehearsal.table, "speed": cfg.rehearsal.speed}}
+        return WorkerContext(cfg, paths, device, None, None, None, {}, env, train_dtype, {},
+                             Rehearsal.from_config(cfg.rehearsal))
     progress("data", None, f"loading {cfg.data.dataset}")
     bundle = load_data(cfg.data)
     resident = should_be_resident(bundle, device, cfg.data.device_resident)
