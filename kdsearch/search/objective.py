@@ -73,7 +73,7 @@ from kdsearch.measure import (
 from kdsearch.measure.energy import kd_energy_metrics
 from kdsearch.models import build_student
 from kdsearch.search.pruning import RungPruner, pruning_record, rung_pruner, store_pruned
-from kdsearch.search.rehearsal import RecordedTrial, Rehearsal, recorded_fixed_costs, replay_box
+from kdsearch.search.rehearsal import Rehearsal, recorded_fixed_costs, rehearsed_row, replay_trial_box
 from kdsearch.search.screening import (
     PROBE_STEPS,
     UNTRAINED_NOTE,
@@ -104,7 +104,7 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = no
     spec, hyper = proposal.spec, proposal.hyper
     seed = cfg.study.seed * 100_003 + trial.number
     teacher = ctx.teachers.get(proposal.teacher.display_name)  # None in a rehearsal
-    row = _rehearsed_row(ctx.rehearsal, trial, proposal)
+    row = rehearsed_row(ctx.rehearsal, trial, proposal)
     student = _prepare(ctx, trial, proposal, seed) if row is None else None
 
     # 2. Fixed costs, on the untrained student (or the row's), then the constraints they decide.
@@ -123,8 +123,10 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = no
 
     # 4. The box, with the rung pruner when study.pruning is on (a rehearsal replays the row's).
     pruner = rung_pruner(trial, cfg, fixed.values, proposal.box_s)
-    if row is not None:
-        m, result = _replay_box(ctx, trial, proposal, row, pruner, progress)
+    if row is not None and ctx.rehearsal is not None:
+        m, result = replay_trial_box(ctx.rehearsal, cfg, trial, proposal, row, pruner, progress)
+        if pruner is not None:
+            trial.set_user_attr(tr.PRUNING, pruning_record(pruner, cfg.distill.eval_every_fraction))
     else:
         assert student is not None and teacher is not None
         m, result = _train_box(ctx, trial, proposal, teacher, student, seed, pruner, progress)
@@ -175,50 +177,6 @@ def _prepare(ctx: WorkerContext, trial: optuna.Trial, proposal: Proposal, seed: 
         return build_student(spec)
     except Exception as exc:  # noqa: BLE001 - a student that cannot be built is this trial's failure
         raise _fail(trial, "error", f"{type(exc).__name__}: {exc}") from None
-
-
-def _rehearsed_row(rehearsal: Rehearsal | None, trial: optuna.Trial, proposal: Proposal) -> RecordedTrial | None:
-    """In a rehearsal, the recorded row ``proposal`` replays (stored on the trial first, with
-    what the other phases of :func:`_prepare` store); else None."""
-    if rehearsal is None:
-        return None
-    row, how = rehearsal.match(proposal)
-    spec, hyper = proposal.spec, proposal.hyper
-    tr.write(trial, {
-        tr.BOX_S: proposal.box_s, tr.SPEC: spec.to_dict(), tr.STUDENT: spec.label, tr.TEMPERATURE: hyper.temperature,
-        tr.ALPHA: hyper.alpha, tr.LR: hyper.lr, tr.REHEARSAL: how,
-    })
-    return row
-
-
-def _replay_box(
-    ctx: WorkerContext, trial: optuna.Trial, proposal: Proposal, row: RecordedTrial, pruner: RungPruner | None,
-    progress: ProgressFn,
-) -> tuple[Measurements, DistillResult]:
-    """:func:`_train_box` in a rehearsal: the row's box played through the same ``on_eval`` hook
-    (the pruner) at the same evaluations, at ``rehearsal.speed``; the same records stored, and the
-    wall time of each ``on_eval`` call (the decision time at each rung) in ``rehearsal``."""
-    cfg, box_s = ctx.cfg, proposal.box_s
-    assert ctx.rehearsal is not None
-    progress("distil", 0.0, proposal.spec.label)
-    replay = replay_box(row, box_s=box_s, speed=ctx.rehearsal.speed, eval_every_fraction=cfg.distill.eval_every_fraction,
-                        eval_at=pruner.config.rungs if pruner is not None else (), on_eval=pruner,
-                        progress=lambda frac, msg: progress("distil", frac, msg))
-    result = replay.result
-    m = Measurements()
-    m.set("kd_time_s", result.kd_time_s, {
-        "method": "rehearsal: box seconds replayed", "box_s": box_s, "box_searched": cfg.study.box_searched,
-        "stopped_early": result.stopped_early, "stop_requested_s": result.stop_requested_s,
-        "evaluations": result.evaluations, "row": row.id,
-    })
-    history = result.history()
-    history["final_train_loss"] = None  # not recorded in the table
-    trial.set_user_attr(tr.KD_HISTORY, history)
-    trial.set_user_attr(tr.REHEARSAL, {**ctx.rehearsal.match(proposal)[1],
-                                       "on_eval_s": [[round(f, 5), round(t, 6)] for f, t in replay.hook_s]})
-    if pruner is not None:
-        trial.set_user_attr(tr.PRUNING, pruning_record(pruner, cfg.distill.eval_every_fraction))
-    return m, result
 
 
 def _fault(ctx: WorkerContext, trial: optuna.Trial) -> FaultInjector | None:

@@ -48,14 +48,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kdsearch import trial_record as tr
 from kdsearch.distill import DistillResult
 from kdsearch.distill.hooks import EvalHook, never_stop
 from kdsearch.errors import ConfigError
 from kdsearch.measure import Measurements
 
 if TYPE_CHECKING:
+    import optuna
+
     from kdsearch.config import RehearsalConfig, StudyConfig
+    from kdsearch.search.pruning import RungPruner
     from kdsearch.search.space import Proposal
+    from kdsearch.search.worker_setup import ProgressFn
 
 __all__ = [
     "TABLE_AXES",
@@ -320,3 +325,45 @@ class Rehearsal:
         how = {"method": "rehearsal", "row": row.id, "measured_on": RECORDED_NOTE}
         m.set("val_accuracy", row.val_accuracy, {**how, "split": "val"})
         m.set("test_accuracy", row.test_accuracy, {**how, "split": "test", "use": "reporting only"})
+
+
+def rehearsed_row(rehearsal: Rehearsal | None, trial: optuna.Trial, proposal: Proposal) -> RecordedTrial | None:
+    """In a rehearsal, the recorded row ``proposal`` replays (stored on the trial first, with
+    what a trained trial's preparation stores); else None."""
+    if rehearsal is None:
+        return None
+    row, how = rehearsal.match(proposal)
+    spec, hyper = proposal.spec, proposal.hyper
+    tr.write(trial, {
+        tr.BOX_S: proposal.box_s, tr.SPEC: spec.to_dict(), tr.STUDENT: spec.label, tr.TEMPERATURE: hyper.temperature,
+        tr.ALPHA: hyper.alpha, tr.LR: hyper.lr, tr.REHEARSAL: how,
+    })
+    return row
+
+
+def replay_trial_box(
+    rehearsal: Rehearsal, cfg: StudyConfig, trial: optuna.Trial, proposal: Proposal, row: RecordedTrial, pruner: RungPruner | None,
+    progress: ProgressFn,
+) -> tuple[Measurements, DistillResult]:
+    """:func:`kdsearch.search.objective.run_trial`'s box in a rehearsal: the row's box played through the same ``on_eval`` hook
+    (the pruner) at the same evaluations, at ``rehearsal.speed``; the same records stored (the
+    caller stores the pruning record), and the
+    wall time of each ``on_eval`` call (the decision time at each rung) in ``rehearsal``."""
+    box_s = proposal.box_s
+    progress("distil", 0.0, proposal.spec.label)
+    replay = replay_box(row, box_s=box_s, speed=rehearsal.speed, eval_every_fraction=cfg.distill.eval_every_fraction,
+                        eval_at=pruner.config.rungs if pruner is not None else (), on_eval=pruner,
+                        progress=lambda frac, msg: progress("distil", frac, msg))
+    result = replay.result
+    m = Measurements()
+    m.set("kd_time_s", result.kd_time_s, {
+        "method": "rehearsal: box seconds replayed", "box_s": box_s, "box_searched": cfg.study.box_searched,
+        "stopped_early": result.stopped_early, "stop_requested_s": result.stop_requested_s,
+        "evaluations": result.evaluations, "row": row.id,
+    })
+    history = result.history()
+    history["final_train_loss"] = None  # not recorded in the table
+    trial.set_user_attr(tr.KD_HISTORY, history)
+    trial.set_user_attr(tr.REHEARSAL, {**rehearsal.match(proposal)[1],
+                                       "on_eval_s": [[round(f, 5), round(t, 6)] for f, t in replay.hook_s]})
+    return m, result
