@@ -256,10 +256,11 @@ def test_at_a_glance_opens_the_page_with_teacher_best_students_and_the_default_e
     assert page.index("<section id='glance'>") < page.index("<dl class='meta' id='summary'>") < page.index("<h2>Pareto")
     section = _glance(page)
     rows = _rows(section)
-    # role, #, student, val_accuracy, macs, vs teacher, model card
+    # role, #, student, val_accuracy, macs, vs teacher (test), model card
     assert rows[0] == ["teacher", "—", "deit_tiny (test 90.00%)", "91.00%", "—", "—", "—"]
     assert [r[:2] for r in rows[1:]] == [["best val_accuracy (max)", "7"], ["best macs (min)", "0"], ["default export", "7"]]
-    assert rows[1][3:6] == ["74.00%", "2.5 M", "-17.00 pts"] and rows[2][3:6] == ["41.00%", "0.1 M", "-50.00 pts"]
+    # vs teacher on test (the fixture stores test = val - 1.25 points; the teacher's test is 90%)
+    assert rows[1][3:6] == ["74.00%", "2.5 M", "-17.25 pts"] and rows[2][3:6] == ["41.00%", "0.1 M", "-50.25 pts"]
     # The default export is what `kdsearch export --pick` selects with the default rule.
     assert pick_trial(fixture_study.open(), DEFAULT_PICK_RULE).number == 7
     assert rows[3][-1] == "not exported"
