@@ -18,7 +18,7 @@ def test_an_unmeetable_constraint_leaves_no_feasible_trial(
     run_dir = tmp_path / "run"
     code = run_cli(
         "optimize", "--config", SMOKE, "--n-trials", "2", "--run-dir", run_dir, "--plain",
-        "--cache-dir", smoke_run / "smoke" / "cache",  # reuse the teacher cache of the session run
+        "--cache-dir", smoke_run / "_cache" / "logits",  # reuse the teacher cache of the session run
         "--set", "constraints.params=1",  # no student has a single parameter
         # Loose, but missing: a 10 ms measurement budget cannot time batch 16. (A GPU-only figure
         # such as kd_energy_j is refused on the CPU before the study starts.)

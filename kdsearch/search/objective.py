@@ -94,7 +94,7 @@ from kdsearch.measure import (
 )
 from kdsearch.metrics import is_fixed_cost, metric_unit
 from kdsearch.models import LoadedTeacher, build_student, create_teacher, teacher_needs_fit
-from kdsearch.models.teacher import weak_teacher_warning
+from kdsearch.models.teacher import val_leak_check, weak_teacher_warning
 from kdsearch.search.pruning import OptunaRungStore, PruningConfig, RungEntry, RungPruner
 from kdsearch.search.screening import screen_fixed_costs
 from kdsearch.search.space import Proposal, suggest
@@ -271,6 +271,7 @@ def _prepare_teacher(
             device,
             progress=lambda done, total: progress("cache", done / max(total, 1), f"teacher cache {label}"),
             dtype=train_dtype,
+            used_by=paths.root.name,
         )
         # No trial runs the teacher in cached mode: off the device, so the baseline of every
         # trial's memory figure is the data and the cache, not a ViT nobody uses.
@@ -769,6 +770,9 @@ def teacher_summary(ctx: WorkerContext) -> dict[str, Any]:
             "pretrained": t.loaded.pretrained,
             "mode": "cached" if isinstance(t.source, TeacherCache) else "online",
             "fit": t.fit_info,
+            # Issue 22: a teacher trained on val (the rule: kdsearch.models.teacher.val_leak_check).
+            "val_leak": val_leak_check(label, t.val_accuracy, t.test_accuracy, len(ctx.bundle.val), len(ctx.bundle.test)),
+            "cache": t.source.describe() if isinstance(t.source, TeacherCache) else None,
         }
         for label, t in ctx.teachers.items()
     }
