@@ -76,6 +76,7 @@ __all__ = [
 
 DEFAULT_RUN_DIR = "runs"  # run folder of the commands when --run-dir is not given
 SHARED_CACHE_DIR = "_cache"  # <run_dir>/_cache: the caches every study of the run folder shares
+FITTED_TEACHERS_DIR = "_teachers"  # <cache_dir>/_teachers with --cache-dir (a key folder is hex, never "_...")
 HEARTBEAT_INTERVAL_S = 30  # RDB heartbeats: a RUNNING trial whose heartbeat is older than
 HEARTBEAT_GRACE_S = 120  # this grace is failed as stale by the next worker that asks.
 INTERVAL_ENV = "KDSEARCH_HEARTBEAT_INTERVAL_S"  # whole seconds; override the heartbeat defaults
@@ -105,7 +106,8 @@ class RunPaths:
         """Create every folder; one that cannot be created is a one-line ConfigError."""
         shared = self.root.parent / SHARED_CACHE_DIR / "logits"
         for p in (self.root, self.artifacts, self.cache, self.teachers, self.workers):
-            make_folder(p, "teacher.cache.dir" if p == self.cache and p != shared else "study.run_dir")
+            moved = self.cache != shared and p in (self.cache, self.teachers)  # teacher.cache.dir set
+            make_folder(p, "teacher.cache.dir" if moved else "study.run_dir")
 
 
 def make_folder(folder: Path, field: str) -> None:
@@ -127,15 +129,18 @@ def shared_cache_paths(run_dir: str | Path) -> tuple[Path, Path]:
 
 
 def run_paths(run_dir: str | Path, study_name: str, cache_dir: str | None = None) -> RunPaths:
-    """The run folder layout of ``study_name`` under ``run_dir`` (``cache_dir`` moves the logit
-    caches out of the run folder's shared ``_cache/logits``)."""
+    """The run folder layout of ``study_name`` under ``run_dir``. ``cache_dir`` moves the logit
+    caches out of the run folder's shared ``_cache/logits``, and the fitted teachers with them
+    (``<cache_dir>/_teachers``): a fitted teacher's weights are part of its caches' key."""
     root = Path(run_dir) / study_name
     logits, teachers = shared_cache_paths(run_dir)
+    if cache_dir:  # one cache folder for several run folders: the fitted teachers go with it
+        logits, teachers = Path(cache_dir), Path(cache_dir) / FITTED_TEACHERS_DIR
     return RunPaths(
         root=root,
         journal=root / "journal.log",
         artifacts=root / "artifacts",
-        cache=Path(cache_dir) if cache_dir else logits,
+        cache=logits,
         teachers=teachers,
         workers=root / "workers",
     )
@@ -193,7 +198,7 @@ def list_caches(cache_dir: str | Path) -> list[CacheEntry]:
     if not root.is_dir():
         return []
     out: list[CacheEntry] = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
         manifest = _read_json(folder / CACHE_MANIFEST_FILE)
         usage = _read_json(folder / CACHE_USAGE_FILE)
         studies = usage.get("studies") if isinstance(usage.get("studies"), dict) else {}

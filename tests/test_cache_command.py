@@ -18,7 +18,11 @@ def test_the_caches_of_a_run_folder_are_shared_by_its_studies(tmp_path: Path) ->
     assert a.cache == b.cache == tmp_path / SHARED_CACHE_DIR / "logits"
     assert a.teachers == b.teachers == tmp_path / SHARED_CACHE_DIR / "teachers"  # fitted teachers too
     assert a.journal != b.journal and a.artifacts != b.artifacts
-    assert run_paths(tmp_path, "a", "/elsewhere").cache == Path("/elsewhere")  # --cache-dir
+    moved = run_paths(tmp_path, "a", "/elsewhere")  # --cache-dir: the fitted teachers go with the caches
+    assert (moved.cache, moved.teachers) == (Path("/elsewhere"), Path("/elsewhere/_teachers"))
+    moved_teachers = tmp_path / "elsewhere" / "_teachers"
+    moved_teachers.mkdir(parents=True)
+    assert list_caches(tmp_path / "elsewhere") == []  # not a cache
 
 
 def test_cache_lists_the_session_runs_cache(smoke_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

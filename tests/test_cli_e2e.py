@@ -251,16 +251,18 @@ def test_a_clean_run_leaves_no_worker_files(smoke_run: Path) -> None:
 
 
 def test_a_failed_trial_keeps_its_workers_log(copy_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A study of its own in the smoke run folder (it shares the smoke study's fitted teacher and
+    # cache) with a box long enough that the injected error (at step 3) fires on a loaded machine.
     code = run_cli("optimize", "--config", SMOKE, "--n-trials", "1", "--run-dir", copy_run, "--plain",
-                   "--set", "debug.inject=error")
+                   "--study-name", "failing", "--trial-time", "60s", "--set", "debug.inject=error")
     captured = capsys.readouterr()
     out = captured.out
     # Issue 22: every trial of this run failed (none COMPLETE or PRUNED): a script must see it.
-    assert code == EXIT_ALL_FAILED == 3
+    assert code == EXIT_ALL_FAILED == 3, out[-3000:] + captured.err[-2000:]
     assert "every trial of this run failed (1)" in captured.err
-    trial = _study(copy_run).trials[-1]
+    trial = load_study(default_storage_url(copy_run, "failing"), "failing").trials[-1]
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "error"
-    logs = list((copy_run / "smoke" / "workers").glob("kdsearch-run-*/worker*.log"))
+    logs = list((copy_run / "failing" / "workers").glob("kdsearch-run-*/worker*.log"))
     assert len(logs) == 1, logs
     assert f"logs of workers with failed trials (kept): {logs[0]}" in out
     text = logs[0].read_text()
