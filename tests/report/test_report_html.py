@@ -303,3 +303,21 @@ def test_at_a_glance_says_how_the_teacher_was_fitted_and_copes_without_a_front(t
     assert "No feasible COMPLETE trial yet" in section
     # No metric names stored: objective_0, objective_1, then val_accuracy for the teacher's figure.
     assert _rows(_glance(page)) == [["teacher", "—", "ViT-tiny (test 94.00%)", "—", "—", "95.50%", "—", "—"]]
+
+
+def test_at_a_glance_names_a_teacher_that_trained_on_val(tmp_path: Path) -> None:
+    """Issue 22: the stored verdict of kdsearch.models.teacher.val_leak_check is shown as a warning."""
+    from kdsearch.models.teacher import val_leak_check
+
+    url = _tiny_study(tmp_path, [])
+    study = optuna.load_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(url.removeprefix("journal:"))))
+    leak = val_leak_check("ViT", 0.786, 0.6965, 5000, 10000)
+    study.set_user_attr("teachers", {"ViT": {"val_accuracy": 0.786, "test_accuracy": 0.6965, "val_leak": leak}})
+    section = _glance(build_report(url, "tiny", tmp_path / "r.html").read_text())
+    warn = re.search(r"<p class='note warn teacher-leak'>(.*?)</p>", section)
+    assert warn and htmllib.unescape(warn.group(1)) == leak["message"]
+    assert "vs teacher (test) = the student's test accuracy minus its teacher's" in htmllib.unescape(section)
+    # A teacher within the noise gets no warning.
+    study.set_user_attr("teachers", {"ViT": {"val_accuracy": 0.70, "test_accuracy": 0.69,
+                                             "val_leak": val_leak_check("ViT", 0.70, 0.69, 5000, 10000)}})
+    assert "teacher-leak" not in _glance(build_report(url, "tiny", tmp_path / "r2.html").read_text())
