@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from kdsearch._version import __version__
 from kdsearch.commands import (
+    cache,
     dashboard,
     env,
     export,
@@ -30,7 +31,7 @@ from kdsearch.errors import ConfigError, KDSearchError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
-COMMANDS = (optimize, studies, trials, export, report, dashboard, finetune, table, env, worker)
+COMMANDS = (optimize, studies, trials, export, report, dashboard, finetune, table, cache, env, worker)
 """The command modules, in the order ``kdsearch --help`` lists them."""
 
 

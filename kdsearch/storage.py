@@ -13,7 +13,10 @@ Storage URLs:
   engine that workers on any number of hosts join.
 
 The run folder of a study (:func:`run_paths`) holds the journal, the artifact store (student
-checkpoints), the teacher-logit caches, fitted teachers and the workers' status files.
+checkpoints) and the workers' status files. The teacher-logit caches and the fitted teachers are
+found by their content key, so they live beside the studies, in ``<run_dir>/_cache/`` (a name no
+study can take: study names start with a letter or digit), shared by every study of the run
+folder: a second study with the same teacher, data and views loads the first one's cache.
 
 Optuna internals: Optuna has no public accessor for a study's storage, and no public way to list
 the trials whose RDB heartbeat expired without also failing them before kdsearch can store why.
@@ -28,6 +31,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Callable
@@ -46,6 +50,11 @@ from kdsearch.errors import ConfigError, StorageError
 
 __all__ = [
     "DEFAULT_RUN_DIR",
+    "SHARED_CACHE_DIR",
+    "shared_cache_paths",
+    "CacheEntry",
+    "list_caches",
+    "remove_cache",
     "HEARTBEAT_INTERVAL_S",
     "HEARTBEAT_GRACE_S",
     "INTERVAL_ENV",
@@ -70,6 +79,8 @@ __all__ = [
 ]
 
 DEFAULT_RUN_DIR = "runs"  # run folder of the commands when --run-dir is not given
+SHARED_CACHE_DIR = "_cache"  # <run_dir>/_cache: the caches every study of the run folder shares
+FITTED_TEACHERS_DIR = "_teachers"  # <cache_dir>/_teachers with --cache-dir (a key folder is hex, never "_...")
 HEARTBEAT_INTERVAL_S = 30  # RDB heartbeats: a RUNNING trial whose heartbeat is older than
 HEARTBEAT_GRACE_S = 120  # this grace is failed as stale by the next worker that asks.
 INTERVAL_ENV = "KDSEARCH_HEARTBEAT_INTERVAL_S"  # whole seconds; override the heartbeat defaults
@@ -85,7 +96,9 @@ StaleTrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 @dataclass(frozen=True)
 class RunPaths:
-    """The folders of one study's run: storage file, artifacts, caches, fitted teachers."""
+    """The folders of one study's run: storage file, artifacts, workers' files, and the caches
+    it uses (``cache``: teacher logits, ``teachers``: fitted teachers; shared by the run folder's
+    studies unless ``teacher.cache.dir`` moves the logit caches elsewhere)."""
 
     root: Path
     journal: Path
@@ -96,8 +109,10 @@ class RunPaths:
 
     def ensure(self) -> None:
         """Create every folder; one that cannot be created is a one-line ConfigError."""
+        shared = self.root.parent / SHARED_CACHE_DIR / "logits"
         for p in (self.root, self.artifacts, self.cache, self.teachers, self.workers):
-            make_folder(p, "teacher.cache.dir" if p == self.cache and p.parent != self.root else "study.run_dir")
+            moved = self.cache != shared and p in (self.cache, self.teachers)  # teacher.cache.dir set
+            make_folder(p, "teacher.cache.dir" if moved else "study.run_dir")
 
 
 def make_folder(folder: Path, field: str) -> None:
@@ -112,17 +127,104 @@ def make_folder(folder: Path, field: str) -> None:
         ) from None
 
 
+def shared_cache_paths(run_dir: str | Path) -> tuple[Path, Path]:
+    """(teacher-logit caches, fitted teachers) shared by every study of ``run_dir``."""
+    base = Path(run_dir) / SHARED_CACHE_DIR
+    return base / "logits", base / "teachers"
+
+
 def run_paths(run_dir: str | Path, study_name: str, cache_dir: str | None = None) -> RunPaths:
-    """The run folder layout of ``study_name`` under ``run_dir`` (``cache_dir`` moves the caches)."""
+    """The run folder layout of ``study_name`` under ``run_dir``. ``cache_dir`` moves the logit
+    caches out of the run folder's shared ``_cache/logits``, and the fitted teachers with them
+    (``<cache_dir>/_teachers``): a fitted teacher's weights are part of its caches' key."""
     root = Path(run_dir) / study_name
+    logits, teachers = shared_cache_paths(run_dir)
+    if cache_dir:  # one cache folder for several run folders: the fitted teachers go with it
+        logits, teachers = Path(cache_dir), Path(cache_dir) / FITTED_TEACHERS_DIR
     return RunPaths(
         root=root,
         journal=root / "journal.log",
         artifacts=root / "artifacts",
-        cache=Path(cache_dir) if cache_dir else root / "cache",
-        teachers=root / "teachers",
+        cache=logits,
+        teachers=teachers,
         workers=root / "workers",
     )
+
+
+# The files of a teacher-logit cache folder (written by kdsearch.distill.teacher_cache, which
+# this floor cannot import; a test keeps the names equal).
+CACHE_MANIFEST_FILE = "manifest.json"
+CACHE_USAGE_FILE = "used_by.json"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One teacher-logit cache folder, as ``kdsearch cache`` lists it (read from its manifest)."""
+
+    key: str  # the full content key (sha256 hex)
+    folder: Path
+    nbytes: int  # bytes on disk, every file of the folder
+    manifest: dict[str, Any]  # empty when the folder holds no finished build
+    studies: list[str]  # the studies that built or loaded it (used_by.json)
+
+    @property
+    def complete(self) -> bool:
+        """A finished build (its manifest is written last)."""
+        return bool(self.manifest)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready: key, folder, size, what the key is made of, when and how fast it was built."""
+        m = self.manifest
+        teacher = m.get("teacher") if isinstance(m.get("teacher"), dict) else {}
+        return {
+            "key": self.key,
+            "folder": str(self.folder),
+            "nbytes": self.nbytes,
+            "complete": self.complete,
+            "teacher": teacher.get("label") or teacher.get("name"),
+            "teacher_name": teacher.get("name"),
+            "weights_sha256": teacher.get("weights_sha256"),
+            "dataset": m.get("dataset"),
+            "dataset_fingerprint": m.get("dataset_fingerprint"),
+            "num_images": m.get("num_images"),
+            "views": m.get("views"),
+            "topk": m.get("topk"),
+            "build_dtype": m.get("build_dtype"),
+            "created": m.get("created"),
+            "build_time_s": m.get("build_time_s"),
+            "studies": list(self.studies),
+        }
+
+
+def list_caches(cache_dir: str | Path) -> list[CacheEntry]:
+    """The teacher-logit caches under ``cache_dir``, oldest first (an unfinished build is listed
+    with an empty manifest, under its folder name, so it can be removed too)."""
+    root = Path(cache_dir)
+    if not root.is_dir():
+        return []
+    out: list[CacheEntry] = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        manifest = _read_json(folder / CACHE_MANIFEST_FILE)
+        usage = _read_json(folder / CACHE_USAGE_FILE)
+        studies = usage.get("studies") if isinstance(usage.get("studies"), dict) else {}
+        nbytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        key = str(manifest.get("key") or folder.name)
+        out.append(CacheEntry(key, folder, nbytes, manifest, sorted(studies)))
+    return sorted(out, key=lambda e: (float(e.manifest.get("created_unix") or 0.0), e.folder.name))
+
+
+def remove_cache(entry: CacheEntry) -> None:
+    """Delete one cache folder and its lock file. A study that needs it again rebuilds it."""
+    shutil.rmtree(entry.folder)
+    Path(str(entry.folder) + ".lock").unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def check_study_name(name: str | None, flag: str = "--study-name") -> None:

@@ -13,6 +13,7 @@ import torch
 from optuna.trial import TrialState
 
 import kdsearch
+from kdsearch.commands.optimize import EXIT_ALL_FAILED
 from kdsearch.config import apply_overrides, load_config
 from kdsearch.storage import default_storage_url, load_study, run_paths
 
@@ -77,6 +78,22 @@ def test_export_round_trips_exactly(smoke_run: Path, tmp_path: Path) -> None:
     x = torch.randn(4, 3, spec.resolution, spec.resolution, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(x), original(x))
+
+
+def test_export_without_trial_or_pick_uses_the_reports_default_pick(
+    smoke_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kdsearch.report.pareto import default_pick_rule, pick_trial
+
+    study = _study(smoke_run)
+    rule = default_pick_rule(study)
+    want = pick_trial(study, rule).number
+    out_dir = tmp_path / "default"
+    assert run_cli("export", "--study-name", "smoke", "--run-dir", smoke_run, "--out", out_dir) == 0
+    out = capsys.readouterr().out
+    assert f"no --trial or --pick: the report's default pick, --pick {rule!r}" in out
+    assert f"exported trial {want} (picked by --pick {rule!r})" in out
+    assert json.loads((out_dir / "card.json").read_text())["trial_number"] == want
 
 
 def test_resume_adds_trials_without_duplicates(copy_run: Path) -> None:
@@ -234,13 +251,18 @@ def test_a_clean_run_leaves_no_worker_files(smoke_run: Path) -> None:
 
 
 def test_a_failed_trial_keeps_its_workers_log(copy_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A study of its own in the smoke run folder (it shares the smoke study's fitted teacher and
+    # cache) with a box long enough that the injected error (at step 3) fires on a loaded machine.
     code = run_cli("optimize", "--config", SMOKE, "--n-trials", "1", "--run-dir", copy_run, "--plain",
-                   "--set", "debug.inject=error")
-    out = capsys.readouterr().out
-    assert code == 0
-    trial = _study(copy_run).trials[-1]
+                   "--study-name", "failing", "--trial-time", "60s", "--set", "debug.inject=error")
+    captured = capsys.readouterr()
+    out = captured.out
+    # Issue 22: every trial of this run failed (none COMPLETE or PRUNED): a script must see it.
+    assert code == EXIT_ALL_FAILED == 3, out[-3000:] + captured.err[-2000:]
+    assert "every trial of this run failed (1)" in captured.err
+    trial = load_study(default_storage_url(copy_run, "failing"), "failing").trials[-1]
     assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "error"
-    logs = list((copy_run / "smoke" / "workers").glob("kdsearch-run-*/worker*.log"))
+    logs = list((copy_run / "failing" / "workers").glob("kdsearch-run-*/worker*.log"))
     assert len(logs) == 1, logs
     assert f"logs of workers with failed trials (kept): {logs[0]}" in out
     text = logs[0].read_text()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from kdsearch.storage import default_storage_url, load_study
+from kdsearch.storage import SHARED_CACHE_DIR, default_storage_url, load_study
 
 from cli_helpers import SMOKE, run_cli
 
@@ -16,9 +17,10 @@ def test_an_unmeetable_constraint_leaves_no_feasible_trial(
     smoke_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = tmp_path / "run"
+    # The session run's fitted teacher and teacher cache, which every study of a run folder shares.
+    shutil.copytree(smoke_run / SHARED_CACHE_DIR, run_dir / SHARED_CACHE_DIR)
     code = run_cli(
         "optimize", "--config", SMOKE, "--n-trials", "2", "--run-dir", run_dir, "--plain",
-        "--cache-dir", smoke_run / "smoke" / "cache",  # reuse the teacher cache of the session run
         "--set", "constraints.params=1",  # no student has a single parameter
         # Loose, but missing: a 10 ms measurement budget cannot time batch 16. (A GPU-only figure
         # such as kd_energy_j is refused on the CPU before the study starts.)

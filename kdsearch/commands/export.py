@@ -39,8 +39,9 @@ def fraction(flag: str) -> Callable[[str], float]:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     e = subparsers.add_parser("export", help="export a trial's student (safetensors, torchscript, onnx, onnx int8)")
     add_storage_args(e)
-    e.add_argument("--trial", type=integer("--trial"), help="trial number")
-    e.add_argument("--pick", help='selection rule, e.g. "max val_accuracy where latency_ms_b1 <= 2"')
+    e.add_argument("--trial", type=integer("--trial"), help="trial number (default: the report's default pick)")
+    e.add_argument("--pick", help='selection rule, e.g. "max val_accuracy where latency_ms_b1 <= 2" '
+                   "(default: the report's default pick)")
     e.add_argument("--format", choices=FORMAT_CHOICES, default="safetensors")
     e.add_argument("--out", required=True, help="output folder")
     q = e.add_argument_group("int8 (with --format onnx)")
@@ -79,14 +80,23 @@ def run(args: argparse.Namespace) -> int:
     from kdsearch.storage import check_study_name
 
     check_study_name(args.study_name)
-    if (args.trial is None) == (args.pick is None):
-        raise ConfigError("--trial/--pick", "give exactly one of --trial K or --pick RULE", None)
+    if args.trial is not None and args.pick is not None:
+        raise ConfigError("--trial/--pick", "give exactly one of --trial K or --pick RULE, or neither for the report's default pick", None)
+    console = stdout_console()
+    pick = args.pick
+    if args.trial is None and pick is None:
+        # The student the report's "At a glance" names as the default export.
+        from kdsearch.report.pareto import default_pick_rule
+        from kdsearch.storage import load_study
+
+        pick = default_pick_rule(load_study(storage_url(args), args.study_name))
+        console.print(f"no --trial or --pick: the report's default pick, --pick {pick!r}", highlight=False)
     settings = QuantizeSettings(args.calibration_method, args.calibration_images, args.max_int8_drop)
     result = export_trial(
         storage_url=storage_url(args),
         study_name=args.study_name,
         trial_number=args.trial,
-        pick=args.pick,
+        pick=pick,
         out_dir=Path(args.out),
         fmt=args.format,
         artifact_dir=artifact_dir(args),
@@ -94,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
         quantize_settings=settings,
         data_root=args.data_root,
     )
-    console = stdout_console()
     what = args.format + (f" + {args.quantize}" if args.quantize else "")
-    console.print(f"exported trial {result.trial_number} as {what} to {result.out_dir}", highlight=False)
+    how = f" (picked by --pick {pick!r})" if pick is not None else ""
+    console.print(f"exported trial {result.trial_number}{how} as {what} to {result.out_dir}", highlight=False)
     for name, sha in result.files.items():
         console.print(f"  {name}  sha256 {sha}", highlight=False)
     if result.max_abs_diff is not None:

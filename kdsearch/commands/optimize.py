@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from kdsearch import trial_record as tr
 from kdsearch.commands.arguments import integer, positive_int
 
-__all__ = ["add_parser", "run", "run_supervised"]
+__all__ = ["EXIT_ALL_FAILED", "add_parser", "run", "run_supervised"]
+
+EXIT_ALL_FAILED = 3
+"""Exit code of a run that ended with no COMPLETE and no PRUNED trial and at least one FAIL (the
+search ran, but gave nothing to use: a script or a scheduler must not read it as a good run).
+2 stays bad input (nothing ran) and 130 an interrupt (which wins over this code)."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -70,13 +76,29 @@ def _fit_words(fit: Any) -> str:
     return f"; fitted: {why} after {float(fit.get('epochs', 0.0)):.1f} epochs ({float(fit['fit_time_s']):.0f} s{cached})"
 
 
+def _cache_words(label: str, cache: Any) -> str:
+    """``"teacher cache ViT: reused <key> (built by study a in 12 s), loaded in 0.4 s"`` or
+    ``"... built <key> in 12 s"`` from :meth:`kdsearch.distill.TeacherCache.describe`."""
+    if not isinstance(cache, dict) or not cache.get("key"):
+        return ""
+    key = str(cache["key"])[:16]
+    size = f"{float(cache.get('nbytes') or 0) / 1e6:.1f} MB"
+    if cache.get("built"):
+        return f"teacher cache {label}: built {key} ({size}) in {float(cache.get('build_time_s') or 0):.1f} s"
+    by = f" by study {cache['built_by']}" if cache.get("built_by") else ""
+    return (f"teacher cache {label}: reused {key} ({size}, built{by} in {float(cache.get('build_time_s') or 0):.1f} s), "
+            f"loaded in {float(cache.get('elapsed_s') or 0):.1f} s")
+
+
 def run_supervised(cfg: Any, *, plain: bool, create: bool) -> int:
     """Run ``cfg``'s study under the supervisor with the live display; print the outcome and the
-    front. Returns 130 when interrupted, else 0. ``create=False`` only joins an existing study."""
+    front. Returns 130 when interrupted, :data:`EXIT_ALL_FAILED` when this run's trials all
+    failed (none COMPLETE or PRUNED, at least one FAIL), else 0. ``create=False`` only joins an
+    existing study."""
     from kdsearch.commands.output import stdout_console
     from kdsearch.config import format_duration
     from kdsearch.progress import SearchDisplay
-    from kdsearch.report.trials_table import PARETO_FOOTNOTE, trials_table
+    from kdsearch.report.trials_table import PARETO_FOOTNOTE, leak_warnings, trials_table
     from kdsearch.search.supervisor import StopFlag, supervise
 
     console = stdout_console()
@@ -105,6 +127,12 @@ def run_supervised(cfg: Any, *, plain: bool, create: bool) -> int:
                 + (f", {t['interpolation']}, mean {t['mean']} std {t['std']} from {t['norm_source']}" if "mean" in t else "")
                 + _fit_words(t.get("fit"))
             )
+            cache_line = _cache_words(label, t.get("cache"))
+            if cache_line:
+                display.note(cache_line)
+            leak = t.get("val_leak")
+            if isinstance(leak, dict) and leak.get("suspected") and leak.get("message"):
+                display.note(f"warning: {leak['message']}")
 
     try:
         with display:
@@ -125,4 +153,15 @@ def run_supervised(cfg: Any, *, plain: bool, create: bool) -> int:
                       highlight=False, markup=False)
     console.print(trials_table(outcome.study, pareto=True))
     console.print(PARETO_FOOTNOTE)
-    return 130 if outcome.stop_reason.startswith("interrupted") else 0
+    for warning in leak_warnings(outcome.study):
+        console.print(f"warning: {warning}", highlight=False, markup=False)
+    if outcome.stop_reason.startswith("interrupted"):
+        return 130
+    if outcome.trials_failed > 0 and outcome.trials_complete == 0 and outcome.trials_pruned == 0:
+        print(
+            f"error: every trial of this run failed ({outcome.trials_failed}), none complete or pruned; "
+            f"exit code {EXIT_ALL_FAILED}. `kdsearch trials --study-name {cfg.study.name}` shows why.",
+            file=sys.stderr, flush=True,
+        )
+        return EXIT_ALL_FAILED
+    return 0

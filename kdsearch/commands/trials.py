@@ -31,7 +31,7 @@ def _json_default(obj: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     from kdsearch.commands.arguments import storage_url
     from kdsearch.commands.output import stdout_console
-    from kdsearch.report.trials_table import PARETO_FOOTNOTE, trial_records, trials_table
+    from kdsearch.report.trials_table import PARETO_FOOTNOTE, leak_warnings, trial_records, trials_table
     from kdsearch.storage import load_study
 
     study = load_study(storage_url(args), args.study_name)
@@ -43,4 +43,6 @@ def run(args: argparse.Namespace) -> int:
     console.print(trials_table(study, args.pareto))
     if args.pareto:
         console.print(PARETO_FOOTNOTE)
+    for warning in leak_warnings(study):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     return 0

@@ -254,7 +254,7 @@ class TeacherCacheConfig:
 
     views: int = 32
     topk: Any = "auto"  # "auto" | int >= 1 | None (all logits)
-    dir: str | None = None  # shared cache folder; default <run_dir>/<study>/cache
+    dir: str | None = None  # teacher-logit cache folder; default <run_dir>/_cache/logits (shared by the run folder)
     batch_size: int = 256  # teacher batch size while building
     crop_padding: int = 4  # pixels of padding around the stored image for random crops
     flip: bool = True

@@ -14,6 +14,14 @@ On disk (``<cache_dir>/<key[:16]>/``):
   ``rest_logit`` fp32 ``[K, N]`` (top-k format, see :mod:`kdsearch.distill.loss`).
 * ``manifest.json``: the full key, what went into it, shapes and dtypes, the data file's sha256,
   the build id, host, pid and creation time. Written last, so its presence marks a finished build.
+* ``used_by.json``: the studies that built or loaded it (``{"studies": {name: {"first_used",
+  "last_used", "built"}}}``), written under the lock; ``kdsearch cache`` lists it.
+
+Where: ``<run_dir>/_cache/logits`` by default (:func:`kdsearch.storage.run_paths`), one folder
+shared by every study of the run folder, so a second study with the same key (same teacher and
+weights, data fingerprint, views, normalisation, precision, top-k) loads the first one's cache
+and says so (:meth:`TeacherCache.describe`: ``built`` false, ``built_by``); ``teacher.cache.dir``
+(``--cache-dir``) moves it, e.g. to one folder for a whole machine.
 
 Size and place: :mod:`kdsearch.distill.cache_size` estimates the cache before anything runs (the
 preflight refuses one whose build cannot fit in host memory) and resolves ``topk: auto`` (top 20
@@ -58,13 +66,14 @@ if TYPE_CHECKING:
     from kdsearch.data import DataBundle
     from kdsearch.models import LoadedTeacher
 
-__all__ = ["TeacherCache", "build_or_load_cache", "cache_key", "CACHE_FORMAT_VERSION"]
+__all__ = ["TeacherCache", "build_or_load_cache", "cache_key", "CACHE_FORMAT_VERSION", "USAGE_FILE"]
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 DATA_FILE = "logits.safetensors"
 MANIFEST_FILE = "manifest.json"
+USAGE_FILE = "used_by.json"  # kdsearch.storage.list_caches reads it (same name there)
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -104,6 +113,8 @@ class TeacherCache:
         self.placement = "host"  # where the logits live: "device" or "host" (see place())
         self.placement_reason = "not placed yet"
         self.pinned = False  # host logits in pinned memory (gathered per batch, copied asynchronously)
+        self.elapsed_s: float | None = None  # wall time of build_or_load_cache (build, or load and check)
+        self.used_by: dict[str, Any] = {}  # the usage record (used_by.json) after this call
 
     # -- description ---------------------------------------------------------------------------
     @property
@@ -183,6 +194,23 @@ class TeacherCache:
         self.placement, self.placement_reason = where, why
         log.info("teacher cache %s: logits on the %s (%s)", self.path, where, why)
         return self
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready: key, folder, size, whether this call built it, how long the call took, the
+        build's own time, and the studies that used it (``built_by``: the one that built it)."""
+        studies = self.used_by.get("studies", {}) if isinstance(self.used_by, dict) else {}
+        built_by = next((n for n, u in studies.items() if isinstance(u, dict) and u.get("built")), None)
+        return {
+            "key": self.key,
+            "folder": str(self.path),
+            "nbytes": self.nbytes(),
+            "built": self.built,
+            "rebuild_reason": self.rebuild_reason,
+            "elapsed_s": None if self.elapsed_s is None else round(self.elapsed_s, 3),
+            "build_time_s": self.manifest.get("build_time_s"),
+            "built_by": built_by,
+            "used_by": sorted(studies),
+        }
 
     # -- look-ups ------------------------------------------------------------------------------
     def _rows(self, t: torch.Tensor, vi: torch.Tensor, ii: torch.Tensor, out: torch.device) -> torch.Tensor:
@@ -274,6 +302,7 @@ def build_or_load_cache(
     device: torch.device | str,
     progress: ProgressCallback | None = None,
     dtype: str | None = None,
+    used_by: str | None = None,
 ) -> TeacherCache:
     """Load the cache for (teacher, train split, view spec, K, top-k, dtype) or build it; return it
     placed for training on ``device`` (:meth:`TeacherCache.place`: the logits stay on the host,
@@ -282,7 +311,10 @@ def build_or_load_cache(
     ``progress(done, total)`` is called while building, in teacher-view evaluations (K * N).
     ``dtype`` (``"bf16"`` | ``"fp16"`` | ``"fp32"``) is the teacher's precision while building, and
     part of the key; ``None``: bf16 autocast on CUDA, fp32 on the CPU, keyed as before.
+    ``used_by`` (a study name) is added to the cache's ``used_by.json``; a load says which study
+    built the cache it reuses (logged, and :meth:`TeacherCache.describe`).
     """
+    t0 = time.perf_counter()
     device = torch.device(device)
     if teacher.num_classes != bundle.num_classes:
         raise ValueError(
@@ -303,7 +335,36 @@ def build_or_load_cache(
                 log.info("teacher cache %s: building", folder)
             cache = _build(teacher, bundle, cfg, view_spec, key, folder, device, progress, dtype)
             cache.rebuild_reason = None if reason == "absent" else reason
+        cache.used_by = _record_use(folder, used_by, cache.built)
+    cache.elapsed_s = time.perf_counter() - t0
+    if not cache.built:
+        by = cache.describe()["built_by"]
+        log.info("teacher cache %s: reused (key %s..., built%s in %s s), loaded in %.1f s", folder, key[:16],
+                 f" by study {by}" if by else "", cache.manifest.get("build_time_s"), cache.elapsed_s)
     return cache.place(device)
+
+
+def _record_use(folder: Path, study: str | None, built: bool) -> dict[str, Any]:
+    """Add ``study`` to ``<folder>/used_by.json`` (under the cache's lock) and return the record.
+    A missing or unreadable record starts afresh: it describes the cache, it does not guard it."""
+    path = folder / USAGE_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict) or not isinstance(record.get("studies"), dict):
+            record = {"studies": {}}
+    except (OSError, ValueError):
+        record = {"studies": {}}
+    if built:  # a (re)build makes a new cache: who used the old one no longer matters
+        record = {"studies": {}}
+    if study is not None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        entry = record["studies"].get(study) or {"first_used": now, "built": False}
+        entry["last_used"] = now
+        entry["built"] = bool(entry.get("built")) or built
+        record["studies"][study] = entry
+    if study is not None or built:
+        atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True))
+    return record
 
 
 def _try_load(

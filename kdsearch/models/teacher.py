@@ -34,6 +34,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ __all__ = [
     "state_dict_sha256",
     "load_checkpoint_state_dict",
     "weak_teacher_warning",
+    "val_leak_check",
+    "LEAK_MIN_GAP",
+    "LEAK_Z",
     "CHANCE_FACTOR",
     "EXPECTED_SHORTFALL",
 ]
@@ -64,6 +68,8 @@ log = logging.getLogger(__name__)
 
 CHANCE_FACTOR = 1.5  # val accuracy <= this / num_classes counts as near chance
 EXPECTED_SHORTFALL = 0.10  # val accuracy this far (absolute) below teacher.expected_accuracy warns
+LEAK_MIN_GAP = 0.03  # val minus test accuracy above this (3 points) ...
+LEAK_Z = 3.0  # ... and above this many standard errors of the difference: the teacher saw val
 
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "model_state_dict")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -486,3 +492,45 @@ def weak_teacher_warning(
     )
     log.warning(msg)
     return msg
+
+
+def val_leak_check(
+    label: str, val_accuracy: float, test_accuracy: float, val_images: int, test_images: int
+) -> dict[str, Any]:
+    """Whether the teacher has probably trained on the validation images (the study's ``val``).
+
+    kdsearch carves val out of the data set's training split, and almost every pretrained
+    teacher was trained on the whole of it, so its val accuracy is inflated while its test
+    accuracy is not. The rule: val minus test accuracy is more than :data:`LEAK_MIN_GAP`
+    (3 points) **and** more than :data:`LEAK_Z` (3) standard errors of that difference under
+    binomial noise, ``sqrt(pv (1 - pv) / n_val + pt (1 - pt) / n_test)`` (two independent splits
+    of ``n_val`` and ``n_test`` images), so a small val split's noise never raises it.
+
+    Returns a JSON-ready record (stored with the study's ``teachers``): ``gap_points``,
+    ``noise_points`` (3 standard errors, points), ``suspected`` and ``message`` (one plain
+    sentence, None when not suspected); the message is also logged as a warning.
+    """
+    pv, pt = float(val_accuracy), float(test_accuracy)
+    se = math.sqrt(pv * (1.0 - pv) / max(int(val_images), 1) + pt * (1.0 - pt) / max(int(test_images), 1))
+    gap = pv - pt
+    suspected = gap > LEAK_MIN_GAP and gap > LEAK_Z * se
+    message = None
+    if suspected:
+        message = (
+            f"teacher {label}: val accuracy {100 * pv:.2f}% is {100 * gap:.2f} points above its test accuracy "
+            f"{100 * pt:.2f}% (more than {100 * LEAK_MIN_GAP:.0f} points and more than {LEAK_Z:.0f} standard "
+            f"errors of the two splits, {100 * LEAK_Z * se:.2f} points): it has probably trained on the validation "
+            "images (kdsearch carves val out of the training split, which pretrained teachers were usually trained "
+            "on). Its val accuracy is inflated, so every 'vs teacher' figure compares test accuracies (the student's "
+            "against the teacher's, reporting only); students are still selected on val"
+        )
+        log.warning(message)
+    return {
+        "rule": f"val - test > {LEAK_MIN_GAP:g} and > {LEAK_Z:g} binomial standard errors",
+        "gap_points": round(100 * gap, 4),
+        "noise_points": round(100 * LEAK_Z * se, 4),
+        "val_images": int(val_images),
+        "test_images": int(test_images),
+        "suspected": bool(suspected),
+        "message": message,
+    }

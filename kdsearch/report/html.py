@@ -2,7 +2,8 @@
 
 The page opens with what a user asks first ("At a glance", :func:`glance_html`): each
 teacher's accuracy, the student of the feasible Pareto front with the best value of each
-objective (with its distance to the teacher's val accuracy), and the student the default export
+objective (with its distance to the teacher's test accuracy: a split the teacher did
+not train on, where its val accuracy may be inflated; a warning when it is), and the student the default export
 picks (:data:`~kdsearch.export.pick.DEFAULT_PICK_RULE`, selected by the same
 :func:`~kdsearch.export.pick.pick_trial` as ``kdsearch export --pick``), with a link to its
 model card when an export of it sits beside the report, else the command that writes one. Then
@@ -50,6 +51,7 @@ from kdsearch.report.pareto import (
     teacher_accuracies,
     trial_rows,
 )
+from kdsearch.report.trials_table import VS_TEACHER, leak_warnings
 from kdsearch.storage import default_storage_url, load_study, redact_url
 
 __all__ = ["EXPORT_CARD_KIND", "build_report", "find_export", "glance_html", "render_report", "write_pngs"]
@@ -241,8 +243,9 @@ def _export_command(study: optuna.Study, rule: str, run_dir: Path | None, storag
 
 
 def _delta_points(trial: FrozenTrial, names: list[str], teachers: dict[str, float]) -> tuple[str, str]:
-    """(text, css class) of the trial's val accuracy minus its teacher's, in percentage points."""
-    acc = metric_value(trial, "val_accuracy", names)
+    """(text, css class) of the trial's test accuracy minus its teacher's (``teachers``: test
+    accuracies), in percentage points: on a split the teacher did not train on (issue 22)."""
+    acc = metric_value(trial, "test_accuracy", names)
     label = str(trial.user_attrs.get(tr.TEACHER, ""))
     ref = teachers.get(label)
     if ref is None and len(teachers) == 1:
@@ -296,7 +299,7 @@ def glance_html(
     dirs = ["max" if d == optuna.study.StudyDirection.MAXIMIZE else "min" for d in study.directions]
     cols = names + ([] if "val_accuracy" in names else ["val_accuracy"])
     val_t, test_t = teacher_accuracies(study, "val"), teacher_accuracies(study, "test")
-    head = ["", "#", "student"] + cols + ["vs teacher (val)", "model card"]
+    head = ["", "#", "student"] + cols + [VS_TEACHER, "model card"]
     ths = "".join(
         f"<th>{_e(h)}" + (f"<br><span class='unit'>[{_e(metric_unit(h))}]</span>" if h in cols and metric_unit(h) else "")
         + "</th>"
@@ -346,7 +349,7 @@ def glance_html(
             bold = role.startswith("best ") and c == role.split(" ")[1]
             txt = _e(format_metric(c, v)) if v is not None else "—"
             cells.append(f"<td>{'<b>' + txt + '</b>' if bold else txt}</td>")
-        delta, cls = _delta_points(t, names, val_t)
+        delta, cls = _delta_points(t, names, test_t)
         link = card_link if role == "default export" else "—"
         rows.append(
             f"<tr data-trial='{t.number}' data-role='{_e(role)}'><td class='role'>{_e(role)}</td><td>{t.number}</td>"
@@ -369,11 +372,14 @@ def glance_html(
             f"<code>kdsearch export --pick</code>). {where}Write or refresh it with "
             f"<code id='glance-export-command'>{_e(cmd)}</code></p>"
         )
-    note_html = "".join(f"<p class='note teacher-fit'>{_e(n)}</p>" for n in info_notes)
+    note_html = "".join(f"<p class='note warn teacher-leak'>{_e(n)}</p>" for n in leak_warnings(study))
+    note_html += "".join(f"<p class='note teacher-fit'>{_e(n)}</p>" for n in info_notes)
     note_html += "".join(f"<p class='note warn'>{_e(n)}</p>" for n in notes)
     return (f"<section id='glance'><h2>At a glance</h2>{table}{export_txt}{note_html}"
             "<p class='note'>Best = the front student with the best value of that objective (bold). "
-            "vs teacher = the student's val accuracy minus its teacher's, in percentage points.</p></section>")
+            "vs teacher (test) = the student's test accuracy minus its teacher's, in percentage points: test is a "
+            "split the teacher did not train on (a pretrained teacher has usually seen the val images, carved from "
+            "the training split); it only reports, students are selected on val.</p></section>")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,8 +4,11 @@ or as JSON-ready records.
 ``pareto=True`` keeps the feasible Pareto front plus the COMPLETE trials that break a constraint
 (marked INFEASIBLE, so a user sees why a good-looking trial is not on the front), front first,
 each group sorted best first by the first objective. The table opens with one row per teacher
-(its val accuracy in the ``val_accuracy`` column) and gives every student's val accuracy minus its
-teacher's (``vs teacher``, percentage points), so the students are read against the teacher.
+(its val accuracy in the ``val_accuracy`` column) and gives every student's **test** accuracy minus
+its teacher's (``vs teacher (test)``, percentage points), so the students are read against the
+teacher on images neither has trained on: a pretrained teacher has usually trained on the whole
+training split, which val is carved from (issue 22), so its val accuracy can be inflated. The test
+figures only report; selection stays on val.
 """
 
 from __future__ import annotations
@@ -19,12 +22,28 @@ from kdsearch.config.durations import format_duration
 from kdsearch.metrics import format_metric
 from kdsearch.report.pareto import feasible, front_sorted, metric_value, pareto_front, teacher_accuracies
 
-__all__ = ["PARETO_FOOTNOTE", "pruned_label", "table_trials", "trials_table", "trial_records"]
+__all__ = ["PARETO_FOOTNOTE", "VS_TEACHER", "leak_warnings", "pruned_label", "table_trials", "trials_table",
+           "trial_records"]
 
+VS_TEACHER = "vs teacher (test)"
 PARETO_FOOTNOTE = (
     "* = on the feasible Pareto front; INFEASIBLE rows break a constraint and are not on it. "
-    "Sorted by the first objective, best first; vs teacher = val accuracy minus the teacher's, in points."
+    "Sorted by the first objective, best first; vs teacher (test) = the student's test accuracy minus the "
+    "teacher's, in points (test: a split the teacher did not train on; reporting only, selection is on val)."
 )
+
+
+def leak_warnings(study: optuna.Study) -> list[str]:
+    """The stored "teacher trained on val" warnings of the study's teachers (issue 22; the rule is
+    :func:`kdsearch.models.teacher.val_leak_check`), one line each."""
+    stored = study.user_attrs.get(tr.TEACHERS)
+    out: list[str] = []
+    if isinstance(stored, dict):
+        for info in stored.values():
+            leak = info.get("val_leak") if isinstance(info, dict) else None
+            if isinstance(leak, dict) and leak.get("suspected") and leak.get("message"):
+                out.append(str(leak["message"]))
+    return out
 
 
 def table_trials(study: optuna.Study, pareto: bool) -> tuple[list[FrozenTrial], set[int]]:
@@ -55,7 +74,8 @@ def pruned_label(user_attrs: dict[str, object]) -> str:
 
 
 def _vs_teacher(trial: FrozenTrial, names: list[str], teachers: dict[str, float]) -> str:
-    acc = metric_value(trial, "val_accuracy", names)
+    """The student's test accuracy minus its teacher's (``teachers``: test accuracies)."""
+    acc = metric_value(trial, "test_accuracy", names)
     ref = teachers.get(str(trial.user_attrs.get(tr.TEACHER, "")))
     if ref is None and len(teachers) == 1:
         ref = next(iter(teachers.values()))
@@ -64,19 +84,23 @@ def _vs_teacher(trial: FrozenTrial, names: list[str], teachers: dict[str, float]
 
 def trials_table(study: optuna.Study, pareto: bool) -> Table:
     """Teacher rows, then one row per trial: number, state, student, teacher, each objective,
-    val accuracy (when not an objective), KD time, vs teacher, front mark."""
+    val accuracy (when not an objective), KD time, vs teacher (test), front mark. The teacher rows
+    give the teacher's test accuracy in the vs-teacher column."""
     trials, front = table_trials(study, pareto)
     names = list(study.metric_names or [f"value{i}" for i in range(len(study.directions))])
     teachers = teacher_accuracies(study)
+    teachers_test = teacher_accuracies(study, "test")
     table = Table(title=f"{study.study_name}: {'Pareto front (feasible)' if pareto else 'all trials'}")
     extra = [m for m in ("val_accuracy", "kd_time_s") if m not in names]
     # A searched box (study.trial_time a list): each trial's own box beside its KD time.
     box_col = ["box"] if any("trial_time_s" in t.params for t in trials) else []
-    for col in ["#", "state", "student", "teacher", *box_col, *names, *extra, "vs teacher", "front"]:
+    for col in ["#", "state", "student", "teacher", *box_col, *names, *extra, VS_TEACHER, "front"]:
         table.add_column(col, justify="right" if col not in ("state", "student", "teacher") else "left")
     for label, acc in teachers.items():
         cells = [format_metric(m, acc) if m == "val_accuracy" else "—" for m in [*names, *extra]]
-        table.add_row("T", "teacher", "—", label, *["—"] * len(box_col), *cells, "—", "", style="bold")
+        test = teachers_test.get(label)
+        test_cell = f"test {format_metric('test_accuracy', test)}" if test is not None else "—"
+        table.add_row("T", "teacher", "—", label, *["—"] * len(box_col), *cells, test_cell, "", style="bold")
     for t in trials:
         ua = t.user_attrs
         vals = [format_metric(m, v) for m, v in zip(names, t.values, strict=True)] if t.values else ["—"] * len(names)
@@ -92,7 +116,7 @@ def trials_table(study: optuna.Study, pareto: bool) -> Table:
         box = [] if not box_col else \
             [format_duration(float(t.params["trial_time_s"])) if "trial_time_s" in t.params else "—"]
         table.add_row(str(t.number), state, str(ua.get(tr.STUDENT, "")), str(ua.get(tr.TEACHER, "")), *box, *vals,
-                      *more, _vs_teacher(t, names, teachers), mark)
+                      *more, _vs_teacher(t, names, teachers_test), mark)
     return table
 
 

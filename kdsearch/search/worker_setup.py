@@ -32,7 +32,7 @@ from kdsearch.distill.precision import train_dtype_for
 from kdsearch.errors import KDSearchError
 from kdsearch.measure import collect_environment, evaluate_accuracy
 from kdsearch.models import LoadedTeacher, create_teacher, teacher_needs_fit
-from kdsearch.models.teacher import weak_teacher_warning
+from kdsearch.models.teacher import val_leak_check, weak_teacher_warning
 from kdsearch.search.rehearsal import TABLE_NUM_CLASSES, Rehearsal
 from kdsearch.storage import RunPaths
 
@@ -218,6 +218,7 @@ def _prepare_teacher(
             device,
             progress=lambda done, total: progress("cache", done / max(total, 1), f"teacher cache {label}"),
             dtype=train_dtype,
+            used_by=paths.root.name,
         )
         # No trial runs the teacher in cached mode: off the device, so the baseline of every
         # trial's memory figure is the data and the cache, not a ViT nobody uses.
@@ -250,6 +251,9 @@ def teacher_summary(ctx: WorkerContext) -> dict[str, Any]:
             "pretrained": t.loaded.pretrained,
             "mode": "cached" if isinstance(t.source, TeacherCache) else "online",
             "fit": t.fit_info,
+            # A teacher trained on val (the rule: kdsearch.models.teacher.val_leak_check).
+            "val_leak": val_leak_check(label, t.val_accuracy, t.test_accuracy, len(ctx.bundle.val), len(ctx.bundle.test)),
+            "cache": t.source.describe() if isinstance(t.source, TeacherCache) else None,
         }
         for label, t in ctx.teachers.items()
     }

@@ -294,3 +294,28 @@ def test_host_pinned_cache_serves_the_same_targets_as_a_device_one(tmp_path: Pat
         ]
         for x, y in pairs:
             assert x.device == y.device == idx.device and x.dtype == y.dtype and torch.equal(x, y)
+
+
+def test_a_second_study_reuses_the_cache_and_says_so(tmp_path: Path, bundle, teacher, caplog) -> None:
+    """Issue 22: one cache per content key, whichever study asks; the usage record names both."""
+    from kdsearch.distill.teacher_cache import USAGE_FILE
+    from kdsearch.storage import CACHE_MANIFEST_FILE, CACHE_USAGE_FILE, list_caches
+
+    assert (CACHE_MANIFEST_FILE, CACHE_USAGE_FILE) == (MANIFEST_FILE, USAGE_FILE)  # storage reads what we write
+    first = build_or_load_cache(teacher, bundle, CFG, tmp_path, "cpu", used_by="study-a")
+    assert first.built and first.describe()["built_by"] == "study-a"
+    with caplog.at_level(logging.INFO, logger="kdsearch.distill.teacher_cache"):
+        second = build_or_load_cache(teacher, bundle, CFG, tmp_path, "cpu", used_by="study-b")
+    d = second.describe()
+    assert not second.built and second.build_forward_count == 0 and second.build_id == first.build_id
+    assert d["built_by"] == "study-a" and d["used_by"] == ["study-a", "study-b"] and d["elapsed_s"] >= 0
+    assert any("reused" in r.getMessage() and "by study study-a" in r.getMessage() for r in caplog.records)
+    # kdsearch cache lists it once, with its key, size and both studies.
+    (entry,) = list_caches(tmp_path)
+    assert entry.key == first.key and entry.studies == ["study-a", "study-b"]
+    assert entry.nbytes >= (tmp_path / first.key[:16] / DATA_FILE).stat().st_size
+    assert entry.describe()["build_time_s"] == first.manifest["build_time_s"]
+    # A rebuild (another key: more views) is another cache; the first keeps its record.
+    other = build_or_load_cache(teacher, bundle, dataclasses.replace(CFG, views=2), tmp_path, "cpu", used_by="study-c")
+    assert other.built and other.key != first.key
+    assert sorted(e.studies for e in list_caches(tmp_path)) == [["study-a", "study-b"], ["study-c"]]

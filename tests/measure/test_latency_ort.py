@@ -177,7 +177,9 @@ def test_ort_latency_on_smoke_trials_and_as_a_constraint(
     from kdsearch.storage import default_storage_url, load_study
 
     cache = tmp_path / "cache"
-    shutil.copytree(smoke_run / "smoke" / "cache", cache)  # the session run's teacher cache
+    # The session run's teacher cache, and its fitted teacher where --cache-dir looks for it.
+    shutil.copytree(smoke_run / "_cache" / "logits", cache)
+    shutil.copytree(smoke_run / "_cache" / "teachers", cache / "_teachers")
     # A limit every student meets: feasible, the figure and its method stored on every trial.
     loose = tmp_path / "loose"
     _optimize(loose, cache, 2, "constraints.latency_ms_b1_ort=1000")

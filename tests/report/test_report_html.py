@@ -256,10 +256,11 @@ def test_at_a_glance_opens_the_page_with_teacher_best_students_and_the_default_e
     assert page.index("<section id='glance'>") < page.index("<dl class='meta' id='summary'>") < page.index("<h2>Pareto")
     section = _glance(page)
     rows = _rows(section)
-    # role, #, student, val_accuracy, macs, vs teacher, model card
+    # role, #, student, val_accuracy, macs, vs teacher (test), model card
     assert rows[0] == ["teacher", "—", "deit_tiny (test 90.00%)", "91.00%", "—", "—", "—"]
     assert [r[:2] for r in rows[1:]] == [["best val_accuracy (max)", "7"], ["best macs (min)", "0"], ["default export", "7"]]
-    assert rows[1][3:6] == ["74.00%", "2.5 M", "-17.00 pts"] and rows[2][3:6] == ["41.00%", "0.1 M", "-50.00 pts"]
+    # vs teacher on test (the fixture stores test = val - 1.25 points; the teacher's test is 90%)
+    assert rows[1][3:6] == ["74.00%", "2.5 M", "-17.25 pts"] and rows[2][3:6] == ["41.00%", "0.1 M", "-50.25 pts"]
     # The default export is what `kdsearch export --pick` selects with the default rule.
     assert pick_trial(fixture_study.open(), DEFAULT_PICK_RULE).number == 7
     assert rows[3][-1] == "not exported"
@@ -302,3 +303,21 @@ def test_at_a_glance_says_how_the_teacher_was_fitted_and_copes_without_a_front(t
     assert "No feasible COMPLETE trial yet" in section
     # No metric names stored: objective_0, objective_1, then val_accuracy for the teacher's figure.
     assert _rows(_glance(page)) == [["teacher", "—", "ViT-tiny (test 94.00%)", "—", "—", "95.50%", "—", "—"]]
+
+
+def test_at_a_glance_names_a_teacher_that_trained_on_val(tmp_path: Path) -> None:
+    """Issue 22: the stored verdict of kdsearch.models.teacher.val_leak_check is shown as a warning."""
+    from kdsearch.models.teacher import val_leak_check
+
+    url = _tiny_study(tmp_path, [])
+    study = optuna.load_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(url.removeprefix("journal:"))))
+    leak = val_leak_check("ViT", 0.786, 0.6965, 5000, 10000)
+    study.set_user_attr("teachers", {"ViT": {"val_accuracy": 0.786, "test_accuracy": 0.6965, "val_leak": leak}})
+    section = _glance(build_report(url, "tiny", tmp_path / "r.html").read_text())
+    warn = re.search(r"<p class='note warn teacher-leak'>(.*?)</p>", section)
+    assert warn and htmllib.unescape(warn.group(1)) == leak["message"]
+    assert "vs teacher (test) = the student's test accuracy minus its teacher's" in htmllib.unescape(section)
+    # A teacher within the noise gets no warning.
+    study.set_user_attr("teachers", {"ViT": {"val_accuracy": 0.70, "test_accuracy": 0.69,
+                                             "val_leak": val_leak_check("ViT", 0.70, 0.69, 5000, 10000)}})
+    assert "teacher-leak" not in _glance(build_report(url, "tiny", tmp_path / "r2.html").read_text())

@@ -23,11 +23,12 @@ def _text(table: object) -> list[list[str]]:
 def test_front_table_starts_with_the_teacher_and_is_sorted_by_the_first_objective(fixture_study: FixtureStudy) -> None:
     study = fixture_study.open()
     rows = _text(trials_table(study, pareto=True))
-    # #, state, student, teacher, val_accuracy, macs, kd_time_s, vs teacher, front
-    assert rows[0] == ["T", "teacher", "—", "deit_tiny", "91.00%", "—", "—", "—", ""]
+    # #, state, student, teacher, val_accuracy, macs, kd_time_s, vs teacher (test), front
+    assert rows[0] == ["T", "teacher", "—", "deit_tiny", "91.00%", "—", "—", "test 90.00%", ""]
     assert [r[0] for r in rows[1:]] == ["7", "4", "1", "0", "3", "5"]  # front by accuracy, then the infeasible
     assert [r[1] for r in rows[1:]] == ["COMPLETE"] * 4 + ["INFEASIBLE"] * 2
-    assert rows[1][4:] == ["74.00%", "2.5 M", "44 s", "-17.00 pts", "*"]
+    # vs teacher on test: trial 7's test accuracy 72.75% minus the teacher's 90.00%
+    assert rows[1][4:] == ["74.00%", "2.5 M", "44 s", "-17.25 pts", "*"]
     assert "Sorted by the first objective" in PARETO_FOOTNOTE
     # Every trial, in number order, when not --pareto; the JSON records stay in number order.
     assert [r[0] for r in _text(trials_table(study, pareto=False))[1:]] == [str(n) for n in range(10)]

@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from kdsearch.checkpoint import sha256_file
-from kdsearch.storage import default_storage_url, load_study
+from kdsearch.storage import SHARED_CACHE_DIR, default_storage_url, load_study
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "studies" / "smoke.yaml"
@@ -30,12 +30,10 @@ T = TypeVar("T")
 
 
 def seed_study_folder(smoke_run: Path, run_dir: Path, study: str) -> None:
-    """Give ``run_dir/study`` the smoke run's fitted teacher and logit cache."""
-    src = smoke_run / "smoke"
-    dst = run_dir / study
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("teachers", "cache"):
-        shutil.copytree(src / name, dst / name, dirs_exist_ok=True)
+    """Give ``run_dir`` (so its study ``study``) the smoke run's fitted teacher and logit cache,
+    which every study of a run folder shares (``<run_dir>/_cache``)."""
+    (run_dir / study).mkdir(parents=True, exist_ok=True)
+    shutil.copytree(smoke_run / SHARED_CACHE_DIR, run_dir / SHARED_CACHE_DIR, dirs_exist_ok=True)
 
 
 def optimize_args(run_dir: Path, study: str, *extra: str) -> list[str]:
