@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     pick = args.pick
     if args.trial is None and pick is None:
         # The student the report's "At a glance" names as the default export.
-        from kdsearch.report.pareto import default_pick_rule
+        from kdsearch.export.pick import default_pick_rule
         from kdsearch.storage import load_study
 
         pick = default_pick_rule(load_study(storage_url(args), args.study_name))
