@@ -226,22 +226,25 @@ def test_a_cpu_worker_refuses_a_gpu_only_objective(tmp_path: Path) -> None:
 
 # -- training precision -------------------------------------------------------------------------
 
-# (device type, bf16 supported, distill.amp, train dtype)
+# (device type, compute capability, native bf16, distill.amp, train dtype); the table over GPU
+# generations is tests/distill/test_precision.py
 DTYPES = [
-    ("cuda", True, True, "bf16"),  # Ampere, Hopper
-    ("cuda", False, True, "fp16"),  # Turing, Pascal: fp16 autocast + GradScaler
-    ("cuda", True, False, "fp32"),
-    ("cuda", False, False, "fp32"),
-    ("cpu", True, True, "fp32"),  # the CPU always trains in fp32
-    ("cpu", False, True, "fp32"),
-    ("cpu", False, False, "fp32"),
-    ("mps", True, True, "fp32"),
+    ("cuda", (9, 0), True, True, "bf16"),  # Ampere, Hopper
+    ("cuda", (7, 5), False, True, "fp16"),  # Turing, Volta: fp16 autocast + GradScaler
+    ("cuda", (9, 0), True, False, "fp32"),
+    ("cuda", (7, 5), False, False, "fp32"),
+    ("cpu", None, True, True, "fp32"),  # the CPU always trains in fp32
+    ("cpu", None, False, True, "fp32"),
+    ("cpu", None, False, False, "fp32"),
+    ("mps", None, True, True, "fp32"),
 ]
 
 
-@pytest.mark.parametrize(("device", "bf16", "amp", "expected"), DTYPES)
-def test_train_dtype_selection(device: str, bf16: bool, amp: bool, expected: str) -> None:
-    assert select_train_dtype(device, bf16, amp) == expected
+@pytest.mark.parametrize(("device", "capability", "bf16", "amp", "expected"), DTYPES)
+def test_train_dtype_selection(
+    device: str, capability: tuple[int, int] | None, bf16: bool, amp: bool, expected: str
+) -> None:
+    assert select_train_dtype(device, capability, bf16, amp) == expected
     assert autocast_dtype(expected) == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[expected]
 
 
