@@ -72,6 +72,7 @@ from optuna.artifacts import upload_artifact
 from kdsearch.checkpoint import save_student
 from kdsearch.config import StudyConfig, TeacherConfig
 from kdsearch.data import BatchSource, DataBundle, ViewSpec, load_data, make_batch_source, should_be_resident
+from kdsearch.device_record import DEVICE_INFO_ATTR
 from kdsearch.distill import (
     DistillResult,
     FaultInjector,
@@ -92,6 +93,7 @@ from kdsearch.measure import (
     evaluate_accuracy,
     measure_inference,
 )
+from kdsearch.measure.device import collect_cuda_facts, diagnose_no_cuda
 from kdsearch.metrics import is_fixed_cost, metric_unit
 from kdsearch.models import LoadedTeacher, build_student, create_teacher, teacher_needs_fit
 from kdsearch.models.teacher import weak_teacher_warning
@@ -156,6 +158,7 @@ class WorkerContext:
     environment: dict[str, Any]
     train_dtype: str = "fp32"  # "bf16" | "fp16" | "fp32": kdsearch.distill.precision
     gpu_sharing: dict[str, Any] = field(default_factory=dict)
+    device_info: dict[str, Any] = field(default_factory=dict)  # kdsearch.measure.device.describe_worker_device
 
 
 def pick_device(expect_cuda: bool | None = None) -> torch.device:
@@ -170,9 +173,10 @@ def pick_device(expect_cuda: bool | None = None) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", 0)
     if expect_cuda:
+        why = diagnose_no_cuda(collect_cuda_facts()) or "torch sees no CUDA device"
         raise KDSearchError(
-            f"worker: pinned to GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')!r} but torch sees no CUDA device; "
-            "check the driver and CUDA_VISIBLE_DEVICES (it would otherwise run on the CPU and measure the wrong device)"
+            f"worker: pinned to GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')!r} but {why} "
+            "(it would otherwise run on the CPU and measure the wrong device)"
         )
     return torch.device("cpu")
 
@@ -314,6 +318,8 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     trial.set_user_attr("lr", hyper.lr)
     trial.set_user_attr("dataset", cfg.data.dataset)
     trial.set_user_attr("device", str(device))
+    if ctx.device_info:
+        trial.set_user_attr(DEVICE_INFO_ATTR, ctx.device_info)
     trial.set_user_attr("train_dtype", ctx.train_dtype)
     trial.set_user_attr("gpu_sharing", ctx.gpu_sharing)
     inject = cfg.debug.inject
@@ -405,6 +411,9 @@ def run_trial(ctx: WorkerContext, trial: optuna.Trial, progress: ProgressFn = _n
     _store_kd_memory(m, kd_memory)
     _store_kd_energy(m, kd_energy, result)
     trial.set_user_attr("kd_history", _kd_history(result))
+    if result.compile is not None:  # compiled (bool), compile_reason, compile_time_s (outside the box)
+        for key, value in result.compile.to_attrs().items():
+            trial.set_user_attr(key, value)
     if pruner is not None:
         trial.set_user_attr("pruning", _pruning_record(pruner, cfg.distill.eval_every_fraction))
     if pruner is not None and pruner.pruned_at is not None:
