@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTEST  ?= $(BIN)/python -m pytest
 RUN     ?= runs
 
-.PHONY: install test test-all demo lint bench gpu-check gpu-carry clean
+.PHONY: install test test-all test-floors demo lint bench gpu-check gpu-carry clean
 
 $(BIN)/kdsearch: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,25 @@ test: install
 # Everything, including the slow paper-study smoke runs.
 test-all: install
 	$(PYTEST) -q tests
+
+# The oldest torch, torchvision, timm and optuna kdsearch supports: the floors of pyproject.toml
+# (">=" read as "=="), installed in a second venv, and the end-to-end part of the suite on them
+# (a smoke study, trials, export incl. ONNX, the report, the study/sampler code, precision and
+# device decisions). See benchmarks/RESULTS.md for its time.
+FLOORS_VENV ?= .venv-floors
+FLOORS_PINS = $(shell $(PY) -c 'import re, tomllib; d = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(" ".join(r.replace(">=", "==") for r in d if re.split("[<>=]", r)[0] in ("torch", "torchvision", "timm", "optuna")))')
+FLOORS_TESTS ?= tests/test_cli_e2e.py tests/report/test_report_html.py tests/test_export.py tests/search/test_study.py \
+	tests/distill/test_precision.py tests/distill/test_compile.py tests/measure/test_device.py tests/measure/test_latency_ort.py
+
+$(FLOORS_VENV)/bin/kdsearch: pyproject.toml
+	$(PY) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/pip install -q --upgrade pip
+	$(FLOORS_VENV)/bin/pip install -q $(FLOORS_PINS) -e '.[dev]'
+	@touch $@
+
+test-floors: $(FLOORS_VENV)/bin/kdsearch
+	$(FLOORS_VENV)/bin/python -c 'import torch, torchvision, timm, optuna; print("floors:", torch.__version__, torchvision.__version__, timm.__version__, optuna.__version__)'
+	$(FLOORS_VENV)/bin/python -m pytest -q -m "not slow" $(FLOORS_TESTS)
 
 # A real short study, offline, on the CPU: digits + a ViT teacher fitted on the spot.
 demo: install
@@ -51,4 +70,4 @@ gpu-carry:
 	bash benchmarks/gpu_carry.sh
 
 clean:
-	rm -rf $(VENV) $(RUN) .pytest_cache gpu-check-out
+	rm -rf $(VENV) $(FLOORS_VENV) $(RUN) .pytest_cache gpu-check-out

@@ -45,6 +45,10 @@ def test_smoke_study_stores_complete_trials(smoke_run: Path) -> None:
         assert ua["kd_energy_j"] is None and ua["missing_metrics"]["kd_energy_j"]
         assert ua["peak_kd_memory_mb"] is None and "CUDA" in ua["missing_metrics"]["peak_kd_memory_mb"]
         assert ua["kd_history"]["teacher_forward_count"] == 0  # the cache paid the teacher once
+        # The device it trained on is stored with it (here the CPU: fp32, no energy method).
+        dev = ua["device_info"]
+        assert dev["device"] == "cpu" and dev["precision"] == "fp32" and dev["torch"] == torch.__version__
+        assert dev["energy"].startswith("none (")
     attrs = study.user_attrs
     assert attrs["config"]["study"]["name"] == "smoke"
     assert "ViT-tiny" in attrs["teachers"]
@@ -60,6 +64,8 @@ def test_trials_json_and_pareto(smoke_run: Path, capsys: pytest.CaptureFixture[s
     assert run_cli("trials", "--study-name", "smoke", "--run-dir", smoke_run, "--json", "--pareto") == 0
     front = json.loads(capsys.readouterr().out)
     assert front and all(r["pareto"] for r in front)
+    assert run_cli("trials", "--study-name", "smoke", "--run-dir", smoke_run) == 0
+    assert "trained on cpu fp32" in " ".join(capsys.readouterr().out.split())  # the device, in the title
 
 
 def test_export_round_trips_exactly(smoke_run: Path, tmp_path: Path) -> None:
@@ -138,11 +144,27 @@ def test_env_prints_what_a_bug_report_needs(capsys: pytest.CaptureFixture[str]) 
     assert run_cli("env", "--json") == 0
     env = json.loads(capsys.readouterr().out)
     assert env["torch"] == torch.__version__
+    # Why torch has no usable GPU, the diagnosis optimize gives (None where one is usable).
+    assert env["cuda_usable"] == (env["cuda_diagnosis"] is None and torch.cuda.device_count() > 0)
+    if not env["cuda_usable"]:
+        assert env["cuda_diagnosis"]
     text = json.dumps(env)
     for key in ("optuna", "timm", "ptflops", "nvml"):
         assert key in text, key
     assert run_cli("env") == 0
     assert "environment" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without a usable GPU")
+def test_a_gpu_study_is_refused_at_once_without_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """study.device: cuda (the bundled GPU studies) on a machine without a usable GPU: one line that
+    says why and what to do, exit 2, and nothing written; --set study.device=cpu is the way out."""
+    run_dir = tmp_path / "runs"
+    code = run_cli("optimize", "--config", "cifar10-deit", "--run-dir", run_dir, "--plain")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert "study.device: cuda needs a usable CUDA GPU" in err and "--set study.device=cpu" in err
+    assert not run_dir.exists()  # refused before any storage or folder was made
 
 
 def test_help_loads_no_heavy_library() -> None:

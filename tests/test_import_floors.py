@@ -41,6 +41,7 @@ FLOORS: dict[str, int] = {
     "kdsearch.search": 5,
     "kdsearch.storage": 4,
     "kdsearch.measure": 3,
+    "kdsearch.measure.device": 3,
     "kdsearch.distill": 3,
     "kdsearch.models": 2,
     "kdsearch.data": 2,
@@ -56,6 +57,7 @@ FLOORS: dict[str, int] = {
     "kdsearch.metrics": 0,
     "kdsearch.trial_record": 0,
     "kdsearch.pareto": 0,
+    "kdsearch.device_record": 0,
 }
 
 

@@ -204,6 +204,8 @@ def test_optimize_refuses_two_workers_on_one_gpu(
     import kdsearch.search.supervisor as supervisor
 
     monkeypatch.setattr(supervisor, "_visible_gpus", lambda: ["0"])
+    # One usable GPU, as the device decision would find it (it refuses before any worker starts).
+    monkeypatch.setattr(supervisor, "resolve_study_device", lambda setting, facts: ("cuda", "device: cuda (faked)"))
     run_dir = tmp_path / "run"
     code = run_cli("optimize", "--config", SMOKE, "--run-dir", run_dir, "--plain", "--workers", "2")
     err = capsys.readouterr().err.strip()
@@ -229,22 +231,25 @@ def test_a_cpu_worker_refuses_a_gpu_only_objective(tmp_path: Path) -> None:
 
 # -- training precision -------------------------------------------------------------------------
 
-# (device type, bf16 supported, distill.amp, train dtype)
+# (device type, compute capability, native bf16, distill.amp, train dtype); the table over GPU
+# generations is tests/distill/test_precision.py
 DTYPES = [
-    ("cuda", True, True, "bf16"),  # Ampere, Hopper
-    ("cuda", False, True, "fp16"),  # Turing, Pascal: fp16 autocast + GradScaler
-    ("cuda", True, False, "fp32"),
-    ("cuda", False, False, "fp32"),
-    ("cpu", True, True, "fp32"),  # the CPU always trains in fp32
-    ("cpu", False, True, "fp32"),
-    ("cpu", False, False, "fp32"),
-    ("mps", True, True, "fp32"),
+    ("cuda", (9, 0), True, True, "bf16"),  # Ampere, Hopper
+    ("cuda", (7, 5), False, True, "fp16"),  # Turing, Volta: fp16 autocast + GradScaler
+    ("cuda", (9, 0), True, False, "fp32"),
+    ("cuda", (7, 5), False, False, "fp32"),
+    ("cpu", None, True, True, "fp32"),  # the CPU always trains in fp32
+    ("cpu", None, False, True, "fp32"),
+    ("cpu", None, False, False, "fp32"),
+    ("mps", None, True, True, "fp32"),
 ]
 
 
-@pytest.mark.parametrize(("device", "bf16", "amp", "expected"), DTYPES)
-def test_train_dtype_selection(device: str, bf16: bool, amp: bool, expected: str) -> None:
-    assert select_train_dtype(device, bf16, amp) == expected
+@pytest.mark.parametrize(("device", "capability", "bf16", "amp", "expected"), DTYPES)
+def test_train_dtype_selection(
+    device: str, capability: tuple[int, int] | None, bf16: bool, amp: bool, expected: str
+) -> None:
+    assert select_train_dtype(device, capability, bf16, amp) == expected
     assert autocast_dtype(expected) == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[expected]
 
 

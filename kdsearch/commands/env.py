@@ -1,4 +1,5 @@
-"""``kdsearch env``: versions, devices and NVML status, for bug reports."""
+"""``kdsearch env``: versions, devices and NVML status, and why torch has no usable GPU when it
+has none (:func:`kdsearch.measure.device.diagnose_no_cuda`), for bug reports."""
 
 from __future__ import annotations
 
@@ -36,9 +37,18 @@ def run(args: argparse.Namespace) -> int:
     from kdsearch._version import __version__
     from kdsearch.commands.output import stdout_console
     from kdsearch.measure import collect_environment
+    from kdsearch.measure.device import collect_cuda_facts, cuda_usable, diagnose_no_cuda
 
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    facts = collect_cuda_facts()
+    usable = cuda_usable(facts)
+    device = torch.device("cuda", 0) if usable else torch.device("cpu")
     env = collect_environment(device)
+    # Why torch has no usable GPU (the same diagnosis `optimize` gives), with what it is based on.
+    env["cuda_usable"] = usable
+    env["cuda_diagnosis"] = diagnose_no_cuda(facts)
+    env["torch_arch_list"] = " ".join(facts.arch_list) or None
+    env["driver_cuda"] = f"{facts.driver_cuda[0]}.{facts.driver_cuda[1]}" if facts.driver_cuda else None
+    env["nvml_devices"] = [f"{name} ({cap[0]}.{cap[1]})" for name, cap in facts.devices]
     if args.json:
         sys.stdout.write(json.dumps(env, indent=1, default=str) + "\n")
         return 0
@@ -47,5 +57,8 @@ def run(args: argparse.Namespace) -> int:
     table.add_column("value")
     for key, value in flatten(env):
         table.add_row(key, str(value))
-    stdout_console().print(table)
+    console = stdout_console()
+    console.print(table)
+    if env["cuda_diagnosis"]:
+        console.print(f"no usable GPU: {env['cuda_diagnosis']}", highlight=False, markup=False)
     return 0

@@ -137,7 +137,7 @@ def run_supervised(cfg: Any, *, plain: bool, create: bool) -> int:
     try:
         with display:
             outcome = supervise(cfg, stop=stop, progress=display.progress, on_ready=ready,
-                                on_trial_end=display.trial_end, create=create)
+                                on_trial_end=display.trial_end, create=create, on_note=display.note)
     finally:
         restore()
     total = outcome.study.user_attrs.get(tr.TIME_SPENT_S, 0.0)

@@ -31,6 +31,7 @@ from kdsearch.config.loader import (
 from kdsearch.config.sections import (
     DATASETS,
     SAMPLERS,
+    STUDY_DEVICES,
     DataConfig,
     DebugConfig,
     DistillConfig,
@@ -81,4 +82,5 @@ __all__ = [
     "validate_storage_url",
     "DATASETS",
     "SAMPLERS",
+    "STUDY_DEVICES",
 ]

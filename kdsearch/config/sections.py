@@ -18,6 +18,8 @@ from kdsearch.errors import ConfigError
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "imagefolder", "imagenet", "digits", "synthetic")
 SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "nsga3", "random", "grid", "gp")
+STUDY_DEVICES: tuple[str, ...] = ("auto", "cuda", "cpu")
+"""The values of ``study.device``."""
 
 
 
@@ -96,6 +98,10 @@ class StudyRunConfig:
     max_retries: int = 1  # how often a stale trial's params are re-queued
     workers: int | None = None  # None: one per visible GPU, else 1
     share_gpu: bool = False  # allow more workers than visible GPUs (their GPU figures then interfere)
+    # What the workers train on: "cuda" is refused before anything is written when torch has no
+    # usable GPU (kdsearch.measure.device says why); "auto" takes the GPU when usable, else the
+    # CPU, announced; "cpu" hides the GPUs from the workers.
+    device: str = "auto"
     n_startup_trials: int = 10  # random trials before TPE/GP model the space
     population_size: int = 20  # NSGA-II/III population
     pruning: PruningConfig = field(default_factory=PruningConfig)  # early stopping at rungs
@@ -133,6 +139,9 @@ class StudyRunConfig:
             )
         if self.n_trials is not None and self.n_trials < 1:
             raise ConfigError("study.n_trials", "must be >= 1", self.n_trials)
+        if self.device not in STUDY_DEVICES:
+            raise ConfigError("study.device", f"must be one of {list(STUDY_DEVICES)}", self.device,
+                              "auto takes a usable GPU, else the CPU (announced)")
         if not self.trial_times_s:
             raise ConfigError("study.trial_time", "must be a duration or a non-empty list of durations", [])
         if len(set(self.trial_times_s)) != len(self.trial_times_s):

@@ -147,7 +147,7 @@ class StudyConfig:
         (data set, split fractions and seed, stored size, sample caps), the whole ``measure``
         section plus the measurement budget it resolves to, the ``finetune`` section, the time
         box, the sampler and ``study.pruning`` (a pruned trial has no final figures). Left out (they may change between runs): budget, trial count,
-        workers and GPU sharing, storage, grace (except through the measurement budget), the data
+        workers, GPU sharing and ``study.device`` (each trial stores the device it trained on), storage, grace (except through the measurement budget), the data
         folder, loader workers and residency, and the test-only ``debug`` section.
         """
         full = config_to_dict(self)

@@ -65,6 +65,7 @@ from torch import nn
 
 from kdsearch.config import DistillConfig
 from kdsearch.data import ViewSpec, apply_views, sample_views, stratified_subset
+from kdsearch.distill.compile import CompileInfo, compile_for_training
 from kdsearch.distill.hooks import EvalHook, PlateauStop, StepHook, TrainingMeter, any_stop, plain_step
 from kdsearch.distill.loss import TopKTargets, kd_loss, kd_loss_topk
 from kdsearch.distill.online import OnlineTeacher
@@ -113,6 +114,7 @@ class DistillResult:
     eval_time_s: float = 0.0
     final_eval_time_s: float = 0.0
     evaluations: int = 0  # validation passes, the final one included
+    compile: CompileInfo | None = None  # distill.compile: compiled or why not, and the compile time
 
     def history(self) -> dict[str, Any]:
         """The record a trial stores (user attr ``kd_history``): the validation curve (training s,
@@ -216,7 +218,10 @@ def distill(
         opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hyper.lr, momentum=0.9, nesterov=True)
     else:
         opt = torch.optim.AdamW(groups, lr=hyper.lr)
-    train_model = torch.compile(model) if cfg.compile else model
+    # distill.compile: compiled here, before the clock (set-up, inside the grace), or it says why not.
+    train_model, compile_info = compile_for_training(
+        model, (min(cfg.batch_size, n), 3, resolution, resolution), device, enabled=cfg.compile,
+        amp_dtype=amp_dtype, channels_last=channels_last)
     batch_size = min(cfg.batch_size, n)  # drop_last with batch > N would yield nothing
     T, alpha, ls = float(hyper.temperature), float(hyper.alpha), float(cfg.label_smoothing)
     mean, std = bundle.mean, bundle.std
@@ -393,4 +398,5 @@ def distill(
         eval_time_s=eval_s,
         final_eval_time_s=final_eval_s if final_val_acc is not None else 0.0,
         evaluations=len(val_history),
+        compile=compile_info,
     )

@@ -60,13 +60,13 @@ from kdsearch.config import TeacherCacheConfig
 from kdsearch.data import ViewSpec, apply_views, make_batch_source, sample_views
 from kdsearch.distill.cache_size import choose_placement, resolve_topk
 from kdsearch.distill.loss import TopKTargets
-from kdsearch.distill.precision import autocast_dtype
+from kdsearch.distill.precision import autocast_dtype, train_dtype_for
 
 if TYPE_CHECKING:
     from kdsearch.data import DataBundle
     from kdsearch.models import LoadedTeacher
 
-__all__ = ["TeacherCache", "build_or_load_cache", "cache_key", "CACHE_FORMAT_VERSION", "USAGE_FILE"]
+__all__ = ["TeacherCache", "build_or_load_cache", "build_dtype", "cache_key", "CACHE_FORMAT_VERSION", "USAGE_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +294,17 @@ def cache_key(
 # Build or load
 
 
+def build_dtype(device: torch.device, dtype: str | None) -> str | None:
+    """The precision a cache is built in on ``device``: ``dtype`` when given, else the device's own
+    choice (:func:`~kdsearch.distill.precision.train_dtype_for`, the student's and the teacher
+    fit's: fp16 below compute capability 8.0, never an emulated bf16). A bf16 or CPU default stays
+    ``None``, the key such caches always had."""
+    if dtype is not None or torch.device(device).type != "cuda":
+        return dtype
+    resolved = train_dtype_for(device, amp=True)
+    return None if resolved == "bf16" else resolved
+
+
 def build_or_load_cache(
     teacher: LoadedTeacher,
     bundle: DataBundle,
@@ -310,7 +321,7 @@ def build_or_load_cache(
 
     ``progress(done, total)`` is called while building, in teacher-view evaluations (K * N).
     ``dtype`` (``"bf16"`` | ``"fp16"`` | ``"fp32"``) is the teacher's precision while building, and
-    part of the key; ``None``: bf16 autocast on CUDA, fp32 on the CPU, keyed as before.
+    part of the key; ``None``: the device's own choice (:func:`build_dtype`).
     ``used_by`` (a study name) is added to the cache's ``used_by.json``; a load says which study
     built the cache it reuses (logged, and :meth:`TeacherCache.describe`).
     """
@@ -321,6 +332,7 @@ def build_or_load_cache(
             f"teacher {teacher.label!r} has {teacher.num_classes} classes but the data set has "
             f"{bundle.num_classes}; fit the teacher to the data set first"
         )
+    dtype = build_dtype(device, dtype)
     view_spec = ViewSpec(image_size=bundle.image_size, padding=cfg.crop_padding, flip=cfg.flip)
     key = cache_key(teacher, bundle, cfg, view_spec, dtype=dtype)
     folder = Path(cache_dir) / key[:16]

@@ -36,6 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch import trial_record as tr
 from kdsearch._version import __version__
 from kdsearch.config import format_duration
+from kdsearch.device_record import DEVICE_INFO_ATTR, format_device_banner
 from kdsearch.errors import ConfigError
 from kdsearch.export.pick import default_pick_rule, pick_trial
 from kdsearch.metrics import format_metric, metric_unit
@@ -195,6 +196,7 @@ def _header(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str:
         ("Teacher(s)", _teachers(study, trials)),
         ("Dataset", _dataset(study, trials)),
         ("Time spent", f"{spent_txt} (all runs, wall clock)"),
+        ("Device", _devices(trials)),
         ("Environment", env_short),
         ("kdsearch", f"stored by {study.user_attrs.get(tr.KDSEARCH_VERSION, '?')}, report by {__version__}"),
         ("Generated", _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %z")),
@@ -204,6 +206,13 @@ def _header(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str:
         f"<details><summary>Full environment</summary><dl class='meta'>{env_full}</dl></details>" if env_full else ""
     )
     return f"<h1>kdsearch report: {_e(study.study_name)}</h1><dl class='meta' id='summary'>{meta}</dl>{details}"
+
+
+def _devices(trials: list[optuna.trial.FrozenTrial]) -> str:
+    """What the trials trained on: each distinct device banner with its trial count."""
+    banners = Counter(format_device_banner(info) for t in trials
+                      if isinstance(info := t.user_attrs.get(DEVICE_INFO_ATTR), dict))
+    return "; ".join(f"{b} ({n} trial{'s' if n != 1 else ''})" for b, n in banners.most_common()) or "not recorded"
 
 
 # ----------------------------------------------------------------------------------------------

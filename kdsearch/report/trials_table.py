@@ -19,6 +19,7 @@ from rich.table import Table
 
 from kdsearch import trial_record as tr
 from kdsearch.config.durations import format_duration
+from kdsearch.device_record import DEVICE_INFO_ATTR, short_device_label
 from kdsearch.metrics import format_metric
 from kdsearch.report.pareto import feasible, front_sorted, metric_value, pareto_front, teacher_accuracies
 
@@ -84,23 +85,30 @@ def _vs_teacher(trial: FrozenTrial, names: list[str], teachers: dict[str, float]
 
 def trials_table(study: optuna.Study, pareto: bool) -> Table:
     """Teacher rows, then one row per trial: number, state, student, teacher, each objective,
-    val accuracy (when not an objective), KD time, vs teacher (test), front mark. The teacher rows
-    give the teacher's test accuracy in the vs-teacher column."""
+    val accuracy (when not an objective), KD time, vs teacher (test), device (when the trials ran
+    on more than one; one device is named in the title), front mark. The teacher rows give the
+    teacher's test accuracy in the vs-teacher column."""
     trials, front = table_trials(study, pareto)
     names = list(study.metric_names or [f"value{i}" for i in range(len(study.directions))])
     teachers = teacher_accuracies(study)
     teachers_test = teacher_accuracies(study, "test")
-    table = Table(title=f"{study.study_name}: {'Pareto front (feasible)' if pareto else 'all trials'}")
+    # The device each trial trained on: in the title when they all share one, else a column.
+    devices = {t.number: short_device_label(t.user_attrs.get(DEVICE_INFO_ATTR)) for t in trials}
+    distinct = sorted({d for d in devices.values() if d})
+    on = f", trained on {distinct[0]}" if len(distinct) == 1 else ""
+    table = Table(title=f"{study.study_name}: {'Pareto front (feasible)' if pareto else 'all trials'}{on}")
     extra = [m for m in ("val_accuracy", "kd_time_s") if m not in names]
     # A searched box (study.trial_time a list): each trial's own box beside its KD time.
     box_col = ["box"] if any("trial_time_s" in t.params for t in trials) else []
-    for col in ["#", "state", "student", "teacher", *box_col, *names, *extra, VS_TEACHER, "front"]:
-        table.add_column(col, justify="right" if col not in ("state", "student", "teacher") else "left")
+    dev_col = ["device"] if len(distinct) > 1 else []
+    for col in ["#", "state", "student", "teacher", *box_col, *names, *extra, VS_TEACHER, *dev_col, "front"]:
+        table.add_column(col, justify="right" if col not in ("state", "student", "teacher", "device") else "left")
     for label, acc in teachers.items():
         cells = [format_metric(m, acc) if m == "val_accuracy" else "—" for m in [*names, *extra]]
         test = teachers_test.get(label)
         test_cell = f"test {format_metric('test_accuracy', test)}" if test is not None else "—"
-        table.add_row("T", "teacher", "—", label, *["—"] * len(box_col), *cells, test_cell, "", style="bold")
+        table.add_row("T", "teacher", "—", label, *["—"] * len(box_col), *cells, test_cell, *["—"] * len(dev_col), "",
+                      style="bold")
     for t in trials:
         ua = t.user_attrs
         vals = [format_metric(m, v) for m, v in zip(names, t.values, strict=True)] if t.values else ["—"] * len(names)
@@ -115,8 +123,9 @@ def trials_table(study: optuna.Study, pareto: bool) -> Table:
         more = [format_metric(m, ua.get(m)) for m in extra]
         box = [] if not box_col else \
             [format_duration(float(t.params["trial_time_s"])) if "trial_time_s" in t.params else "—"]
+        dev = [devices[t.number] or "—"] if dev_col else []
         table.add_row(str(t.number), state, str(ua.get(tr.STUDENT, "")), str(ua.get(tr.TEACHER, "")), *box, *vals,
-                      *more, _vs_teacher(t, names, teachers_test), mark)
+                      *more, _vs_teacher(t, names, teachers_test), *dev, mark)
     return table
 
 

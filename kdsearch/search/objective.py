@@ -172,6 +172,8 @@ def _prepare(ctx: WorkerContext, trial: optuna.Trial, proposal: Proposal, seed: 
         tr.LR: hyper.lr, tr.DATASET: ctx.cfg.data.dataset, tr.DEVICE: str(ctx.device),
         tr.TRAIN_DTYPE: ctx.train_dtype, tr.GPU_SHARING: ctx.gpu_sharing,
     })
+    if ctx.device_info:
+        trial.set_user_attr(tr.DEVICE_INFO, ctx.device_info)
     torch.manual_seed(seed)
     try:
         return build_student(spec)
@@ -233,6 +235,8 @@ def _train_box(
     kd_memory.store_metrics(m)
     kd_energy_metrics(kd_energy.result, result.images_seen, m)
     trial.set_user_attr(tr.KD_HISTORY, result.history())
+    if result.compile is not None:  # compiled (bool), compile_reason, compile_time_s (outside the box)
+        tr.write(trial, result.compile.to_attrs())
     if pruner is not None:
         trial.set_user_attr(tr.PRUNING, pruning_record(pruner, cfg.distill.eval_every_fraction))
     return m, result

@@ -28,12 +28,13 @@ from kdsearch.models import create_teacher, get_family
 __all__ = ["preflight", "check_measurable", "check_ort_runtime", "check_workers"]
 
 
-def preflight(cfg: StudyConfig) -> int:
+def preflight(cfg: StudyConfig, *, cuda_available: bool | None = None) -> int:
     """Run each listed student family's preflight check, then validate the data and teachers;
     return the data set's class count (in a rehearsal: check the table instead of the data and
     teachers, and return the table's class count). Storage is checked when the study is opened, which writes
-    nothing until the URL has opened."""
-    check_measurable(cfg)
+    nothing until the URL has opened. ``cuda_available``: whether the workers get a GPU (the
+    resolved ``study.device``; default: whether torch sees one)."""
+    check_measurable(cfg, cuda_available=cuda_available)
     check_ort_runtime(cfg)
     resolutions = _int_values(cfg.student.resolution)
     for name in cfg.student.families:

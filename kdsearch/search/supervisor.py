@@ -51,7 +51,9 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch import trial_record as tr
 from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import StudyConfig, config_to_dict
+from kdsearch.device_record import format_device_banner
 from kdsearch.errors import KDSearchError
+from kdsearch.measure.device import collect_cuda_facts, resolve_study_device
 from kdsearch.search.preflight import check_workers, preflight
 from kdsearch.search.recovery import mark_failed, recover_stale, requeue
 from kdsearch.search.rehearsal import rehearsal_wall_s
@@ -174,16 +176,25 @@ def supervise(
     on_ready: Callable[[SearchOutcome, dict[str, Any]], None] | None = None,
     on_trial_end: Callable[[FrozenTrial, float], None] | None = None,
     create: bool = True,
+    on_note: Callable[[str], None] | None = None,
 ) -> SearchOutcome:
-    """Run or resume ``cfg``'s study with worker processes until budget, cap, Ctrl-C or grid end."""
+    """Run or resume ``cfg``'s study with worker processes until budget, cap, Ctrl-C or grid end.
+
+    ``on_note`` gets the device lines: the study's device (``study.device`` resolved; a CPU run
+    says so and why) before anything else, then each worker's device banner as it starts."""
     t0 = time.monotonic()
     stop = stop or StopFlag()
     progress = progress or (lambda phase, frac, msg: None)
+    note = on_note or (lambda line: None)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    # First, in milliseconds and before anything is written: study.device: cuda without a usable
+    # GPU is refused with the reason; auto on such a machine runs on the CPU and says so.
+    device_type, device_line = resolve_study_device(cfg.study.device, collect_cuda_facts())
+    note(device_line)
     progress("checks", None, "data, teachers, storage")
-    preflight(cfg)
+    preflight(cfg, cuda_available=device_type == "cuda")
     n_workers = n_workers or cfg.study.workers or default_workers()
-    gpus = _visible_gpus()
+    gpus = _visible_gpus() if device_type == "cuda" else []
     check_workers(cfg, n_workers, len(gpus))  # more workers than GPUs only with study.share_gpu
     paths = run_paths(cfg.study.run_dir, cfg.study.name, cfg.teacher.cache.dir)
     paths.ensure()  # before the study exists: a folder that cannot be made leaves nothing behind
@@ -205,6 +216,7 @@ def supervise(
     slots = [_Slot(i, gpus[i % len(gpus)] if gpus else None) for i in range(n_workers)]
     seen_finished = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     ready_announced = False
+    devices_announced: set[int] = set()
     stop_level_sent = 0
     grace_s = cfg.study.grace_s
     # The hard limit is each trial's own box + grace (TrialBoxes reads a searched box from storage,
@@ -235,6 +247,8 @@ def supervise(
         # A worker pinned to a GPU must find it (no silent CPU fall-back) and records how many
         # workers share it.
         env = worker_env(slot.gpu, cpu_workers=len(slots))
+        if device_type == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # study.device cpu, or auto without a usable GPU
         if slot.gpu is not None:
             env[ENV_EXPECT_CUDA] = "1"
             env[ENV_WORKERS_PER_GPU] = str(sum(s.gpu == slot.gpu for s in slots))
@@ -284,6 +298,10 @@ def supervise(
                 progress("stopping", None, "finishing the running trial (Ctrl-C again to stop now)"
                          if stop.requests == 1 else "interrupting the running trial")
             statuses = {s.index: _read_status(s.status_path) for s in slots}
+            for index, st in statuses.items():
+                if st.get("device") and index not in devices_announced:
+                    devices_announced.add(index)
+                    note(f"worker {index}: {format_device_banner(st['device'])}")
             if not ready_announced and any(st.get("ready") for st in statuses.values()):
                 ready_announced = True
                 if on_ready is not None:

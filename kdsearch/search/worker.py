@@ -42,11 +42,12 @@ from kdsearch import trial_record as tr
 from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import StudyConfig, config_from_dict
 from kdsearch.errors import KDSearchError, TrialFailure
+from kdsearch.measure.device import describe_worker_device
 from kdsearch.search.objective import run_trial
 from kdsearch.search.recovery import recover_stale, trial_heartbeat
 from kdsearch.search.rehearsal import rehearsal_wall_s
 from kdsearch.search.study import create_or_resume, make_sampler
-from kdsearch.search.worker_setup import WorkerContext, prepare_worker, teacher_summary
+from kdsearch.search.worker_setup import WorkerContext, pick_device, prepare_worker, teacher_summary
 from kdsearch.storage import run_paths
 
 __all__ = ["RunSpec", "estimate_trial_s", "worker_main", "align_objectives", "EXIT_USER_ERROR", "EXIT_CRASH"]
@@ -320,7 +321,12 @@ def worker_main(spec_path: str) -> int:
         if spec.sampler_seed is not None:
             study.sampler = make_sampler(replace(cfg, study=replace(cfg.study, seed=spec.sampler_seed)))
         paths = run_paths(cfg.study.run_dir, cfg.study.name, cfg.teacher.cache.dir)
-        ctx = prepare_worker(cfg, paths, progress=status.progress)
+        # The device first, so the supervisor announces it while the data and teachers load.
+        device = pick_device()
+        device_info = _json_safe(describe_worker_device(device, amp=cfg.distill.amp))
+        status.update(force=True, device=device_info)
+        ctx = prepare_worker(cfg, paths, device=device, progress=status.progress)
+        ctx.device_info = device_info
         study.set_user_attr(tr.TEACHERS, _json_safe(teacher_summary(ctx)))
         if tr.ENVIRONMENT not in study.user_attrs:
             study.set_user_attr(tr.ENVIRONMENT, ctx.environment)

@@ -31,6 +31,7 @@ from kdsearch.distill import OnlineTeacher, TeacherCache, build_or_load_cache, f
 from kdsearch.distill.precision import train_dtype_for
 from kdsearch.errors import KDSearchError
 from kdsearch.measure import collect_environment, evaluate_accuracy
+from kdsearch.measure.device import collect_cuda_facts, diagnose_no_cuda
 from kdsearch.models import LoadedTeacher, create_teacher, teacher_needs_fit
 from kdsearch.models.teacher import val_leak_check, weak_teacher_warning
 from kdsearch.search.rehearsal import TABLE_NUM_CLASSES, Rehearsal
@@ -91,6 +92,7 @@ class WorkerContext:
     train_dtype: str = "fp32"  # "bf16" | "fp16" | "fp32": kdsearch.distill.precision
     gpu_sharing: dict[str, Any] = field(default_factory=dict)
     rehearsal: Rehearsal | None = None
+    device_info: dict[str, Any] = field(default_factory=dict)  # kdsearch.measure.device.describe_worker_device
 
     @property
     def num_classes(self) -> int:
@@ -109,9 +111,10 @@ def pick_device(expect_cuda: bool | None = None) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", 0)
     if expect_cuda:
+        why = diagnose_no_cuda(collect_cuda_facts()) or "torch sees no CUDA device"
         raise KDSearchError(
-            f"worker: pinned to GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')!r} but torch sees no CUDA device; "
-            "check the driver and CUDA_VISIBLE_DEVICES (it would otherwise run on the CPU and measure the wrong device)"
+            f"worker: pinned to GPU {os.environ.get('CUDA_VISIBLE_DEVICES', '?')!r} but {why} "
+            "(it would otherwise run on the CPU and measure the wrong device)"
         )
     return torch.device("cpu")
 
