@@ -41,7 +41,6 @@ from kdsearch.config import StudyConfig, validate_storage_url
 from kdsearch.errors import ConfigError, StorageError
 
 __all__ = [
-    "DEFAULT_RUN_DIR",
     "HEARTBEAT_INTERVAL_S",
     "HEARTBEAT_GRACE_S",
     "INTERVAL_ENV",
@@ -64,7 +63,6 @@ __all__ = [
     "stale_trial_ids",
 ]
 
-DEFAULT_RUN_DIR = "runs"  # run folder of the commands when --run-dir is not given
 HEARTBEAT_INTERVAL_S = 30  # RDB heartbeats: a RUNNING trial whose heartbeat is older than
 HEARTBEAT_GRACE_S = 120  # this grace is failed as stale by the next worker that asks.
 INTERVAL_ENV = "KDSEARCH_HEARTBEAT_INTERVAL_S"  # whole seconds; override the heartbeat defaults

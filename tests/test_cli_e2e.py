@@ -153,10 +153,16 @@ def test_help_loads_no_heavy_library() -> None:
 
 
 def test_export_format_choices_are_the_export_formats() -> None:
-    from kdsearch.commands.export import FORMAT_CHOICES
-    from kdsearch.export import FORMATS
+    """``--format`` offers exactly the formats the export writes (one tuple in kdsearch.constants)."""
+    import argparse
 
-    assert FORMAT_CHOICES == list(FORMATS)
+    from kdsearch.commands import export as export_command
+    from kdsearch.export import FORMATS, MODEL_FILES
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    parser = export_command.add_parser(sub)
+    assert "--format {" + ",".join(FORMATS) + "}" in parser.format_help()
+    assert list(FORMATS) == list(MODEL_FILES)  # a writer for each
 
 
 # -- issue 13: bundled studies, a CLI that answers at once, tidy run folders ------------------------
@@ -262,9 +268,13 @@ def test_the_progress_line_says_when_the_teacher_accuracy_is_measured(copy_run: 
 
 
 def test_the_cli_default_run_dir_is_the_study_files() -> None:
-    """``commands.arguments`` spells the default out (importing the study-file package would
-    double ``--help``); it must stay the study file's default."""
-    from kdsearch.commands.arguments import DEFAULT_RUN_DIR
+    """``--run-dir`` defaults to the study file's ``study.run_dir`` (one value in kdsearch.constants,
+    which ``--help`` reads without loading the study-file package)."""
+    import argparse
+
+    from kdsearch.commands.arguments import add_storage_args
     from kdsearch.config import StudyRunConfig
 
-    assert DEFAULT_RUN_DIR == StudyRunConfig.run_dir
+    parser = argparse.ArgumentParser()
+    add_storage_args(parser)
+    assert parser.parse_args(["--study-name", "s"]).run_dir == StudyRunConfig().run_dir == "runs"

@@ -54,6 +54,7 @@ FLOORS: dict[str, int] = {
     "kdsearch.errors": 0,
     "kdsearch._version": 0,
     "kdsearch.metrics": 0,
+    "kdsearch.constants": 0,
 }
 
 

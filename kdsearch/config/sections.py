@@ -14,6 +14,7 @@ from typing import Any
 
 from kdsearch.config.durations import format_duration
 from kdsearch.config.space import Space, space_field
+from kdsearch.constants import DEFAULT_RUN_DIR
 from kdsearch.errors import ConfigError
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "imagefolder", "imagenet", "digits", "synthetic")
@@ -66,7 +67,7 @@ class StudyRunConfig:
     :class:`~kdsearch.config.StudyConfig`)."""
 
     name: str = "kdsearch"
-    run_dir: str = "runs"
+    run_dir: str = DEFAULT_RUN_DIR
     storage: str | None = None  # default: journal file <run_dir>/<name>/journal.log
     sampler: str = "tpe"
     seed: int = 0
