@@ -10,7 +10,7 @@ The card is ``card.json`` (the machine-readable record; its ``files`` table hold
 every model file, which :func:`kdsearch.checkpoint.load_student` checks) and ``README.md`` (the
 same for humans, with the sha256 of every file in the folder). :func:`render_readme` knows the
 two kinds of card: :data:`~kdsearch.constants.EXPORT_CARD_KIND` (a trial's student) and :data:`~kdsearch.constants.FINETUNE_CARD_KIND` (a student
-fine-tuned by facet 4).
+fine-tuned: its head trained on new data after distillation, features frozen).
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ def _finetune_lines(card: dict[str, Any]) -> list[str]:
     src = card["source"]
     chans, side = _input_shape(card)
     return [
-        f"# kdsearch student `{card['student']}`, fine-tuned (facet 4)",
+        f"# kdsearch student `{card['student']}`, fine-tuned (head trained after distillation, features frozen)",
         "",
         f"Fine-tuned by kdsearch {card['kdsearch_version']} from checkpoint sha256 `{src['sha256']}`"
         + (f" (study `{src.get('study')}`, trial {src.get('trial_number')})" if src.get("study") else "")

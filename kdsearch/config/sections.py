@@ -600,7 +600,7 @@ class MeasureConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Facet 4 per trial: freeze features, train the head at a low LR."""
+    """Fine-tuning after distillation, per trial: freeze the features, train the head at a low LR."""
 
     enabled: bool = False
     epochs: int = 15
