@@ -137,7 +137,7 @@ def test_help_loads_no_heavy_library() -> None:
 
     from kdsearch.cli import COMMANDS
 
-    names = [c.__name__.rsplit(".", 1)[1] for c in COMMANDS]
+    names = list(COMMANDS)
     code = (
         "import sys\n"
         "from kdsearch.cli import main\n"
@@ -150,6 +150,50 @@ def test_help_loads_no_heavy_library() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     for name in names:
         assert name in out.stdout
+
+
+def test_top_level_help_imports_no_command_module_and_lists_every_command() -> None:
+    """``kdsearch --help`` reads the static command table (names and one-line helps) and imports
+    no command module; the table names exactly the command modules, and each module's subparser
+    carries the table's help."""
+    import argparse
+    import importlib
+    import pkgutil
+    import subprocess
+    import sys
+
+    import kdsearch.commands
+    from kdsearch.cli import build_parser
+    from kdsearch.commands import COMMAND_HELP
+
+    shared = {"arguments", "output"}  # helpers of the commands, not commands
+    modules = {m.name for m in pkgutil.iter_modules(kdsearch.commands.__path__)} - shared
+    assert set(COMMAND_HELP) == modules
+    class Recorder:  # the subparsers object a command module adds itself to, remembering its help
+        def __init__(self) -> None:
+            self.sub, self.helps = argparse.ArgumentParser().add_subparsers(), []
+
+        def add_parser(self, name: str, **kwargs):
+            self.helps.append((name, kwargs.get("help")))
+            return self.sub.add_parser(name, **kwargs)
+
+    for name, help_text in COMMAND_HELP.items():
+        rec = Recorder()
+        importlib.import_module(f"kdsearch.commands.{name}").add_parser(rec)
+        assert rec.helps == [(name, help_text)]
+    code = (
+        "import sys\n"
+        "from kdsearch.cli import main\n"
+        "assert main(['--help']) == 0\n"
+        "print(sorted(m for m in sys.modules if m.startswith('kdsearch.commands.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    listing = " ".join(out.stdout.split())
+    for name, help_text in COMMAND_HELP.items():
+        assert f"{name} {help_text}" in listing
+    assert build_parser().format_help() == build_parser([]).format_help()  # full or bare: the same listing
 
 
 def test_export_format_choices_are_the_export_formats() -> None:

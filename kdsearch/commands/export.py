@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kdsearch.commands import COMMAND_HELP
 from kdsearch.commands.arguments import add_storage_args, integer, positive_int
 from kdsearch.constants import (
     CALIBRATION_METHODS,
@@ -38,7 +39,7 @@ def fraction(flag: str) -> Callable[[str], float]:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    e = subparsers.add_parser("export", help="export a trial's student (safetensors, torchscript, onnx, onnx int8)")
+    e = subparsers.add_parser("export", help=COMMAND_HELP["export"])
     add_storage_args(e)
     e.add_argument("--trial", type=integer("--trial"), help="trial number")
     e.add_argument("--pick", help='selection rule, e.g. "max val_accuracy where latency_ms_b1 <= 2"')

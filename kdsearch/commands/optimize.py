@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kdsearch.commands import COMMAND_HELP
 from kdsearch.commands.arguments import integer, positive_int
 
 __all__ = ["add_parser", "run", "run_supervised"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    o = subparsers.add_parser("optimize", help="run or resume a study")
+    o = subparsers.add_parser("optimize", help=COMMAND_HELP["optimize"])
     o.add_argument("--config", required=True, help="study file (YAML) or a bundled study's name (kdsearch studies lists them), e.g. cifar10-deit")
     o.add_argument("--budget", help="wall-clock budget of this run: 90s, 30m, 24h")
     o.add_argument("--trial-time", help="KD time box per trial: 60s, 5m; a comma list is searched per trial: 2m,5m,10m")
