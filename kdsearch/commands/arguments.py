@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 
 from kdsearch.constants import DEFAULT_RUN_DIR
 from kdsearch.errors import ConfigError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (a third of a --help)
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["integer", "positive_int", "add_storage_args", "storage_url", "artifact_dir"]
 

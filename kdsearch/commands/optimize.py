@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from kdsearch.commands import COMMAND_HELP
 from kdsearch.commands.arguments import integer, positive_int
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (a third of a --help)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["add_parser", "run", "run_supervised"]
 

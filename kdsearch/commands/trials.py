@@ -6,10 +6,13 @@ import argparse
 import json
 import math
 import sys
-from typing import Any
 
 from kdsearch.commands import COMMAND_HELP
 from kdsearch.commands.arguments import add_storage_args
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (a third of a --help)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["add_parser", "run"]
 
