@@ -22,7 +22,7 @@ from kdsearch.measure import (
 )
 from kdsearch.measure.energy import energy_unavailable_reason
 
-from .nets import small_cnn
+from .measure_helpers import small_cnn
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -13,7 +13,7 @@ from kdsearch.measure import Measurements, measure_inference, measure_latency
 from kdsearch.metrics import FIXED_METRICS, metric_unit
 from kdsearch.models.spec import StudentSpec
 
-from .nets import small_cnn
+from .measure_helpers import small_cnn
 
 
 class SlowStudent(nn.Module):

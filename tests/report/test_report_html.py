@@ -22,7 +22,7 @@ from kdsearch.metrics import metric_unit
 from kdsearch.report import build_report
 from kdsearch.report.figures import all_figures, reference_point
 
-from helpers_study import FIXTURE_ROWS, LATENCY_LIMIT_MS, FixtureStudy
+from study_helpers import FIXTURE_ROWS, LATENCY_LIMIT_MS, FixtureStudy
 
 
 def _plot_json(page: str, div_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -15,13 +15,6 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 from rich.console import Console
-from search_run_helpers import (
-    artifact_sha,
-    assert_no_storage_errors,
-    open_study,
-    optimize_args,
-    seed_study_folder,
-)
 
 from kdsearch.config import load_config
 from kdsearch.measure import KDMemoryTracker
@@ -31,6 +24,13 @@ from kdsearch.report.trials_table import trials_table
 from kdsearch.search.pruning import RUNG_ATTR_PREFIX, PruningConfig, RungDecision, RungEntry, decide_at_rung
 
 from cli_helpers import SMOKE, run_cli
+from search_helpers import (
+    artifact_sha,
+    assert_no_storage_errors,
+    open_study,
+    optimize_args,
+    seed_study_folder,
+)
 
 N_TRIALS = 12
 
