@@ -29,7 +29,7 @@ test-all: install
 # device decisions). See benchmarks/RESULTS.md for its time.
 FLOORS_VENV ?= .venv-floors
 FLOORS_PINS = $(shell $(PY) -c 'import re, tomllib; d = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print(" ".join(r.replace(">=", "==") for r in d if re.split("[<>=]", r)[0] in ("torch", "torchvision", "timm", "optuna")))')
-FLOORS_TESTS ?= tests/test_cli_e2e.py tests/report/test_report_html.py tests/test_export.py tests/search/test_study.py \
+FLOORS_TESTS ?= tests/test_cli_e2e.py tests/report/test_report_html.py tests/export/test_export.py tests/search/test_study.py \
 	tests/distill/test_precision.py tests/distill/test_compile.py tests/measure/test_device.py tests/measure/test_latency_ort.py
 
 $(FLOORS_VENV)/bin/kdsearch: pyproject.toml

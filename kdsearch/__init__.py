@@ -2,21 +2,19 @@
 
 See README.md and docs/ARCHITECTURE.md. ``load_student(DIR)`` rebuilds an exported student.
 
-This module imports only :mod:`kdsearch._version` when it loads, so ``import kdsearch`` (and
+This module imports only :mod:`kdsearch._version` when it loads (not even ``typing``), so ``import kdsearch`` (and
 ``kdsearch --help``) does not pull in torch. ``load_student`` comes from
 :mod:`kdsearch.checkpoint` on first use; no kdsearch module imports this one back.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from kdsearch._version import __version__
 
 __all__ = ["__version__", "load_student"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     # PEP 562: the checkpoint format (and torch with it) loads only when load_student is asked for.
     if name == "load_student":
         from kdsearch.checkpoint import load_student

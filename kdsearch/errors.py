@@ -4,13 +4,14 @@ Every :class:`KDSearchError` renders as one line that names the field, the rule,
 where one exists, a fix. The CLI prints that line and exits with code 2; a traceback appears only
 with ``--debug``. Internal failures of a single trial (OOM, NaN, timeout) are *not* user errors:
 they are :class:`TrialFailure` and are stored on the trial as data.
+
+``kdsearch --help`` imports this module, so it imports nothing that Python has not loaded already
+(no ``typing``; ``difflib`` on first use).
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
-from typing import Any
 
 __all__ = [
     "KDSearchError",
@@ -43,7 +44,7 @@ class ConfigError(KDSearchError):
     The message reads ``<field>: <rule> (got <value>)[; <fix>]``.
     """
 
-    def __init__(self, field: str, rule: str, value: Any = None, fix: str | None = None) -> None:
+    def __init__(self, field: str, rule: str, value: object = None, fix: str | None = None) -> None:
         self.field = field
         self.rule = rule
         self.value = value
@@ -58,6 +59,8 @@ class ConfigError(KDSearchError):
 
 def unknown_key_error(section: str, key: str, known: Sequence[str]) -> ConfigError:
     """The one error for a key that a section does not have, suggesting the closest known key."""
+    import difflib  # on first use: the CLI imports this module for --help
+
     m = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
     where = f" in {section}" if section else ""
     hint = f"did you mean {m[0]!r}?" if m else f"known keys: {', '.join(known)}"
@@ -98,7 +101,7 @@ class TrialFailure(Exception):
     ``attrs`` are extra user attrs to store on the FAIL trial (for example ``peak_kd_memory_mb``).
     """
 
-    def __init__(self, reason: str, detail: str = "", attrs: dict[str, Any] | None = None) -> None:
+    def __init__(self, reason: str, detail: str = "", attrs: dict[str, object] | None = None) -> None:
         if reason not in FAIL_REASONS:
             raise ValueError(f"unknown fail reason {reason!r}")
         self.reason = reason

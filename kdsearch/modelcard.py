@@ -9,8 +9,8 @@ files is never touched (:func:`check_out_dir`).
 The card is ``card.json`` (the machine-readable record; its ``files`` table holds the sha256 of
 every model file, which :func:`kdsearch.checkpoint.load_student` checks) and ``README.md`` (the
 same for humans, with the sha256 of every file in the folder). :func:`render_readme` knows the
-two kinds of card: :data:`EXPORT_KIND` (a trial's student) and :data:`FINETUNE_KIND` (a student
-fine-tuned by facet 4).
+two kinds of card: :data:`~kdsearch.constants.EXPORT_CARD_KIND` (a trial's student) and :data:`~kdsearch.constants.FINETUNE_CARD_KIND` (a student
+fine-tuned: its head trained on new data after distillation, features frozen).
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from kdsearch.checkpoint import CARD_FILE, atomic_write_text, sha256_file
+from kdsearch.constants import FINETUNE_CARD_KIND
 from kdsearch.errors import ConfigError
 from kdsearch.metrics import format_metric
 
 __all__ = [
-    "EXPORT_KIND",
-    "FINETUNE_KIND",
     "README_FILE",
     "check_out_dir",
     "staging_dir",
@@ -41,8 +40,6 @@ __all__ = [
     "render_readme",
 ]
 
-EXPORT_KIND = "kdsearch-student-export"
-FINETUNE_KIND = "kdsearch-student-finetune"
 README_FILE = "README.md"
 
 
@@ -128,7 +125,7 @@ def write_card(folder: Path, card: dict[str, Any], files: dict[str, str]) -> dic
 
 def render_readme(card: dict[str, Any], files: dict[str, str]) -> str:
     """The README.md of a card of either kind; ``files`` maps file names to sha256."""
-    if card.get("kind") == FINETUNE_KIND:
+    if card.get("kind") == FINETUNE_CARD_KIND:
         return "\n".join(_finetune_lines(card) + _files_lines(files))
     lines = _export_lines(card)  # title, blank line, then the body
     return "\n".join(
@@ -313,7 +310,7 @@ def _finetune_lines(card: dict[str, Any]) -> list[str]:
     src = card["source"]
     chans, side = _input_shape(card)
     return [
-        f"# kdsearch student `{card['student']}`, fine-tuned (facet 4)",
+        f"# kdsearch student `{card['student']}`, fine-tuned (head trained after distillation, features frozen)",
         "",
         f"Fine-tuned by kdsearch {card['kdsearch_version']} from checkpoint sha256 `{src['sha256']}`"
         + (f" (study `{src.get('study')}`, trial {src.get('trial_number')})" if src.get("study") else "")

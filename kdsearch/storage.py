@@ -49,7 +49,6 @@ from kdsearch.config import StudyConfig, validate_storage_url
 from kdsearch.errors import ConfigError, StorageError
 
 __all__ = [
-    "DEFAULT_RUN_DIR",
     "SHARED_CACHE_DIR",
     "shared_cache_paths",
     "CacheEntry",
@@ -78,7 +77,6 @@ __all__ = [
     "stale_trial_ids",
 ]
 
-DEFAULT_RUN_DIR = "runs"  # run folder of the commands when --run-dir is not given
 SHARED_CACHE_DIR = "_cache"  # <run_dir>/_cache: the caches every study of the run folder shares
 FITTED_TEACHERS_DIR = "_teachers"  # <cache_dir>/_teachers with --cache-dir (a key folder is hex, never "_...")
 HEARTBEAT_INTERVAL_S = 30  # RDB heartbeats: a RUNNING trial whose heartbeat is older than

@@ -89,7 +89,7 @@ def test_export_round_trips_exactly(smoke_run: Path, tmp_path: Path) -> None:
 def test_export_without_trial_or_pick_uses_the_reports_default_pick(
     smoke_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from kdsearch.report.pareto import default_pick_rule, pick_trial
+    from kdsearch.export.pick import default_pick_rule, pick_trial
 
     study = _study(smoke_run)
     rule = default_pick_rule(study)
@@ -176,7 +176,7 @@ def test_help_loads_no_heavy_library() -> None:
 
     from kdsearch.cli import COMMANDS
 
-    names = [c.__name__.rsplit(".", 1)[1] for c in COMMANDS]
+    names = list(COMMANDS)
     code = (
         "import sys\n"
         "from kdsearch.cli import main\n"
@@ -191,11 +191,61 @@ def test_help_loads_no_heavy_library() -> None:
         assert name in out.stdout
 
 
-def test_export_format_choices_are_the_export_formats() -> None:
-    from kdsearch.commands.export import FORMAT_CHOICES
-    from kdsearch.export import FORMATS
+def test_top_level_help_imports_no_command_module_and_lists_every_command() -> None:
+    """``kdsearch --help`` reads the static command table (names and one-line helps) and imports
+    no command module; the table names exactly the command modules, and each module's subparser
+    carries the table's help."""
+    import argparse
+    import importlib
+    import pkgutil
+    import subprocess
+    import sys
 
-    assert FORMAT_CHOICES == list(FORMATS)
+    import kdsearch.commands
+    from kdsearch.cli import build_parser
+    from kdsearch.commands import COMMAND_HELP
+
+    shared = {"arguments", "output"}  # helpers of the commands, not commands
+    modules = {m.name for m in pkgutil.iter_modules(kdsearch.commands.__path__)} - shared
+    assert set(COMMAND_HELP) == modules
+    class Recorder:  # the subparsers object a command module adds itself to, remembering its help
+        def __init__(self) -> None:
+            self.sub, self.helps = argparse.ArgumentParser().add_subparsers(), []
+
+        def add_parser(self, name: str, **kwargs):
+            self.helps.append((name, kwargs.get("help")))
+            return self.sub.add_parser(name, **kwargs)
+
+    for name, help_text in COMMAND_HELP.items():
+        rec = Recorder()
+        importlib.import_module(f"kdsearch.commands.{name}").add_parser(rec)
+        assert rec.helps == [(name, help_text)]
+    code = (
+        "import sys\n"
+        "from kdsearch.cli import main\n"
+        "assert main(['--help']) == 0\n"
+        "print(sorted(m for m in sys.modules if m.startswith('kdsearch.commands.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    listing = " ".join(out.stdout.split())
+    for name, help_text in COMMAND_HELP.items():
+        assert f"{name} {help_text}" in listing
+    assert build_parser().format_help() == build_parser([]).format_help()  # full or bare: the same listing
+
+
+def test_export_format_choices_are_the_export_formats() -> None:
+    """``--format`` offers exactly the formats the export writes (one tuple in kdsearch.constants)."""
+    import argparse
+
+    from kdsearch.commands import export as export_command
+    from kdsearch.export import FORMATS, MODEL_FILES
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    parser = export_command.add_parser(sub)
+    assert "--format {" + ",".join(FORMATS) + "}" in parser.format_help()
+    assert list(FORMATS) == list(MODEL_FILES)  # a writer for each
 
 
 # -- issue 13: bundled studies, a CLI that answers at once, tidy run folders ------------------------
@@ -306,9 +356,13 @@ def test_the_progress_line_says_when_the_teacher_accuracy_is_measured(copy_run: 
 
 
 def test_the_cli_default_run_dir_is_the_study_files() -> None:
-    """``commands.arguments`` spells the default out (importing the study-file package would
-    double ``--help``); it must stay the study file's default."""
-    from kdsearch.commands.arguments import DEFAULT_RUN_DIR
+    """``--run-dir`` defaults to the study file's ``study.run_dir`` (one value in kdsearch.constants,
+    which ``--help`` reads without loading the study-file package)."""
+    import argparse
+
+    from kdsearch.commands.arguments import add_storage_args
     from kdsearch.config import StudyRunConfig
 
-    assert DEFAULT_RUN_DIR == StudyRunConfig.run_dir
+    parser = argparse.ArgumentParser()
+    add_storage_args(parser)
+    assert parser.parse_args(["--study-name", "s"]).run_dir == StudyRunConfig().run_dir == "runs"

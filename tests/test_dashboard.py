@@ -19,7 +19,7 @@ import pytest
 from kdsearch.dashboard import start_dashboard
 from kdsearch.errors import ConfigError, StorageError
 
-from helpers_study import FixtureStudy, build_fixture_study
+from study_helpers import FixtureStudy, build_fixture_study
 
 
 @pytest.fixture(scope="module")

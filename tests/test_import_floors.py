@@ -58,6 +58,7 @@ FLOORS: dict[str, int] = {
     "kdsearch.trial_record": 0,
     "kdsearch.pareto": 0,
     "kdsearch.device_record": 0,
+    "kdsearch.constants": 0,
 }
 
 

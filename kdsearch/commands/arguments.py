@@ -1,6 +1,6 @@
 """Command-line arguments several commands share: typed numbers and the storage flags.
 
-Light on purpose (argparse and ``kdsearch.errors`` only): the parsers are built for ``--help``
+Light on purpose (argparse, ``kdsearch.errors`` and ``kdsearch.constants`` only): the parsers are built for ``--help``
 too. The study-file package, the storage module (and Optuna with it) load only when a command runs.
 """
 
@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 
+from kdsearch.constants import DEFAULT_RUN_DIR
 from kdsearch.errors import ConfigError
 
-__all__ = ["DEFAULT_RUN_DIR", "integer", "positive_int", "add_storage_args", "storage_url", "artifact_dir"]
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (a third of a --help)
+if TYPE_CHECKING:
+    from pathlib import Path
 
-DEFAULT_RUN_DIR: str = "runs"
-"""The study file's default run folder (``StudyRunConfig.run_dir``; a test keeps the two equal).
-Not imported from ``kdsearch.config``: that package (YAML, every section) would double ``--help``."""
-
+__all__ = ["integer", "positive_int", "add_storage_args", "storage_url", "artifact_dir"]
 
 def integer(flag: str) -> Callable[[str], int]:
     """An argparse ``type`` that turns text into an int, or a ConfigError naming ``flag``."""

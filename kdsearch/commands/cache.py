@@ -15,7 +15,8 @@ import json
 import sys
 from typing import Any
 
-from kdsearch.commands.arguments import DEFAULT_RUN_DIR
+from kdsearch.commands import COMMAND_HELP
+from kdsearch.constants import DEFAULT_RUN_DIR
 from kdsearch.errors import ConfigError
 
 __all__ = ["add_parser", "run", "MIN_KEY_PREFIX"]
@@ -27,7 +28,7 @@ MIN_KEY_PREFIX = 6
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     c = subparsers.add_parser(
         "cache",
-        help="list the teacher-logit caches (key, size, studies), or remove them",
+        help=COMMAND_HELP["cache"],
         description="List the teacher-logit caches of a run folder, shared by its studies, or remove them.",
     )
     c.add_argument("action", nargs="?", choices=["list", "rm"], default="list",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kdsearch.commands import COMMAND_HELP
 from kdsearch.commands.arguments import add_storage_args, integer
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    d = subparsers.add_parser("dashboard", help="start optuna-dashboard on the study")
+    d = subparsers.add_parser("dashboard", help=COMMAND_HELP["dashboard"])
     add_storage_args(d)
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=integer("--port"), default=8080, help="0 = any free port (range checked on start)")

@@ -8,11 +8,13 @@ import json
 import sys
 from typing import Any
 
+from kdsearch.commands import COMMAND_HELP
+
 __all__ = ["add_parser", "run", "flatten"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    v = subparsers.add_parser("env", help="versions, devices and NVML status for bug reports")
+    v = subparsers.add_parser("env", help=COMMAND_HELP["env"])
     v.add_argument("--json", action="store_true")
     v.set_defaults(run=run)
     return v

@@ -9,16 +9,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kdsearch.commands import COMMAND_HELP
 from kdsearch.commands.arguments import add_storage_args, integer, positive_int
+from kdsearch.constants import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_MAX_INT8_DROP,
+    EXPORT_FORMATS,
+    QUANTIZE_CHOICES,
+)
 from kdsearch.errors import ConfigError
 
 __all__ = ["add_parser", "run"]
-
-FORMAT_CHOICES = ["safetensors", "torchscript", "onnx"]  # kdsearch.export.FORMATS, without importing torch
-QUANTIZE_CHOICES = ["int8"]  # kdsearch.export.quantize.QUANTIZE_CHOICES
-CALIBRATION_CHOICES = ["minmax", "entropy", "percentile"]  # kdsearch.export.quantize.CALIBRATION_METHODS
-DEFAULT_MAX_INT8_DROP = 0.02  # kdsearch.export.quantize.DEFAULT_MAX_INT8_DROP
-DEFAULT_CALIBRATION_IMAGES = 512  # kdsearch.export.quantize.DEFAULT_CALIBRATION_IMAGES
 
 
 def fraction(flag: str) -> Callable[[str], float]:
@@ -37,12 +39,12 @@ def fraction(flag: str) -> Callable[[str], float]:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    e = subparsers.add_parser("export", help="export a trial's student (safetensors, torchscript, onnx, onnx int8)")
+    e = subparsers.add_parser("export", help=COMMAND_HELP["export"])
     add_storage_args(e)
     e.add_argument("--trial", type=integer("--trial"), help="trial number (default: the report's default pick)")
     e.add_argument("--pick", help='selection rule, e.g. "max val_accuracy where latency_ms_b1 <= 2" '
                    "(default: the report's default pick)")
-    e.add_argument("--format", choices=FORMAT_CHOICES, default="safetensors")
+    e.add_argument("--format", choices=EXPORT_FORMATS, default="safetensors")
     e.add_argument("--out", required=True, help="output folder")
     q = e.add_argument_group("int8 (with --format onnx)")
     q.add_argument(
@@ -61,7 +63,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="N", help=f"training images to calibrate on (default {DEFAULT_CALIBRATION_IMAGES})",
     )
     q.add_argument(
-        "--calibration-method", choices=CALIBRATION_CHOICES, default="minmax",
+        "--calibration-method", choices=CALIBRATION_METHODS, default="minmax",
         help="onnxruntime calibration method (default minmax)",
     )
     q.add_argument("--data-root", help="where the study's data lives now, if it has moved (overrides data.root)")

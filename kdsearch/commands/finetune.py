@@ -1,4 +1,4 @@
-"""``kdsearch finetune`` (facet 4): fine-tune an exported student's head on local data."""
+"""``kdsearch finetune``: fine-tune the head of an exported (distilled) student on local data, features frozen."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from kdsearch.commands import COMMAND_HELP
 from kdsearch.commands.arguments import integer, positive_int
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    f = subparsers.add_parser("finetune", help="facet 4: fine-tune an exported student's head on local data")
+    f = subparsers.add_parser("finetune", help=COMMAND_HELP["finetune"])
     f.add_argument("--checkpoint", required=True, help="an exported student folder")
     f.add_argument("--data", required=True, help="imagefolder:PATH, digits or synthetic")
     f.add_argument("--out", required=True, help="output folder for the fine-tuned student")

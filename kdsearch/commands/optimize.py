@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Any
 
-from kdsearch import trial_record as tr
+from kdsearch.commands import COMMAND_HELP
 from kdsearch.commands.arguments import integer, positive_int
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (a third of a --help)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["EXIT_ALL_FAILED", "add_parser", "run", "run_supervised"]
 
@@ -18,7 +20,7 @@ search ran, but gave nothing to use: a script or a scheduler must not read it as
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    o = subparsers.add_parser("optimize", help="run or resume a study")
+    o = subparsers.add_parser("optimize", help=COMMAND_HELP["optimize"])
     o.add_argument("--config", required=True, help="study file (YAML) or a bundled study's name (kdsearch studies lists them), e.g. cifar10-deit")
     o.add_argument("--budget", help="wall-clock budget of this run: 90s, 30m, 24h")
     o.add_argument("--trial-time", help="KD time box per trial: 60s, 5m; a comma list is searched per trial: 2m,5m,10m")
@@ -95,6 +97,9 @@ def run_supervised(cfg: Any, *, plain: bool, create: bool) -> int:
     front. Returns 130 when interrupted, :data:`EXIT_ALL_FAILED` when this run's trials all
     failed (none COMPLETE or PRUNED, at least one FAIL), else 0. ``create=False`` only joins an
     existing study."""
+    import sys
+
+    from kdsearch import trial_record as tr
     from kdsearch.commands.output import stdout_console
     from kdsearch.config import format_duration
     from kdsearch.progress import SearchDisplay

@@ -6,13 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from kdsearch.commands import COMMAND_HELP
 from kdsearch.commands.arguments import add_storage_args
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    r = subparsers.add_parser("report", help="write a self-contained HTML report")
+    r = subparsers.add_parser("report", help=COMMAND_HELP["report"])
     add_storage_args(r)
     r.add_argument("--out", help="HTML file (default: <run-dir>/<study>/report.html)")
     r.add_argument("--png", help="also write static PNG figures here (needs kaleido)")

@@ -10,13 +10,15 @@ import argparse
 import sys
 from typing import Any
 
+from kdsearch.commands import COMMAND_HELP
+
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "studies",
-        help="list the bundled study files, or show one",
+        help=COMMAND_HELP["studies"],
         description="List the study files shipped with kdsearch (each usable as optimize --config NAME), "
         "or print one to copy and edit.",
     )

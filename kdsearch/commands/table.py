@@ -6,13 +6,14 @@ import argparse
 import sys
 from typing import Any
 
+from kdsearch.commands import COMMAND_HELP
 from kdsearch.commands.arguments import add_storage_args
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    tb = subparsers.add_parser("table", help="a paper-style pivot table from storage (Markdown and CSV)")
+    tb = subparsers.add_parser("table", help=COMMAND_HELP["table"])
     add_storage_args(tb)
     tb.add_argument("--rows", required=True, help="row key: a param or user attr (e.g. teacher, family, vgg_depth)")
     tb.add_argument("--cols", required=True, help="column key (e.g. resolution)")

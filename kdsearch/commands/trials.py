@@ -6,15 +6,19 @@ import argparse
 import json
 import math
 import sys
-from typing import Any
 
+from kdsearch.commands import COMMAND_HELP
 from kdsearch.commands.arguments import add_storage_args
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (a third of a --help)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    t = subparsers.add_parser("trials", help="list a study's trials (or its Pareto front)")
+    t = subparsers.add_parser("trials", help=COMMAND_HELP["trials"])
     add_storage_args(t)
     t.add_argument("--pareto", action="store_true", help="only the feasible Pareto front (infeasible marked)")
     t.add_argument("--json", action="store_true", help="print JSON: number, state, params, values, user_attrs")

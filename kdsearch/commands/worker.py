@@ -7,13 +7,14 @@ import argparse
 from typing import Any
 
 from kdsearch import trial_record as tr
+from kdsearch.commands import COMMAND_HELP
 from kdsearch.commands.arguments import add_storage_args, positive_int
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    w = subparsers.add_parser("worker", help="join an existing study from this host")
+    w = subparsers.add_parser("worker", help=COMMAND_HELP["worker"])
     add_storage_args(w)
     w.add_argument("--budget", help="wall-clock budget of this worker")
     w.add_argument("--n-trials", type=positive_int("--n-trials"))

@@ -14,6 +14,7 @@ from typing import Any
 
 from kdsearch.config.durations import format_duration
 from kdsearch.config.space import Space, space_field
+from kdsearch.constants import DEFAULT_RUN_DIR
 from kdsearch.errors import ConfigError
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "imagefolder", "imagenet", "digits", "synthetic")
@@ -85,7 +86,7 @@ class StudyRunConfig:
     :class:`~kdsearch.config.StudyConfig`)."""
 
     name: str = "kdsearch"
-    run_dir: str = "runs"
+    run_dir: str = DEFAULT_RUN_DIR
     storage: str | None = None  # default: journal file <run_dir>/<name>/journal.log
     sampler: str = "tpe"
     seed: int = 0
@@ -625,7 +626,7 @@ class MeasureConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Facet 4 per trial: freeze features, train the head at a low LR."""
+    """Fine-tuning after distillation, per trial: freeze the features, train the head at a low LR."""
 
     enabled: bool = False
     epochs: int = 15

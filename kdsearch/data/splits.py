@@ -5,7 +5,7 @@ turns that into the four splits a study uses:
 
 * ``val``      -- ``data.val_fraction`` of every class of the pool (steers the search),
 * ``finetune`` -- ``data.finetune_fraction`` of every class of the pool, disjoint from ``val``
-  (facet 4; never seen by KD), or ``None`` when the fraction is 0,
+  (fine-tuning after distillation; never seen by KD), or ``None`` when the fraction is 0,
 * ``train``    -- the rest of the pool, optionally cut to ``data.max_train_samples``,
 * ``test``     -- the given test split, optionally cut to ``data.max_test_samples``.
 

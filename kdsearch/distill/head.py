@@ -1,4 +1,4 @@
-"""Head training (facet 4): train a distilled student's classifier on new data, features frozen.
+"""Head training (fine-tuning after distillation): train a distilled student's classifier on new data, features frozen.
 
 The paper (Violos et al., Table III) freezes the feature extractor and trains the classifier at a
 low learning rate for 15 epochs. Here:

@@ -13,8 +13,8 @@ from optuna.trial import FrozenTrial
 
 from kdsearch import trial_record as tr
 from kdsearch._version import __version__
+from kdsearch.constants import EXPORT_CARD_KIND
 from kdsearch.metrics import metric_unit
-from kdsearch.modelcard import EXPORT_KIND
 from kdsearch.models import StudentSpec
 from kdsearch.report.pareto import feasible, metric_columns, metric_value
 
@@ -53,7 +53,7 @@ def export_card(study: optuna.Study, trial: FrozenTrial, spec: StudentSpec, fmt:
     cfg = study.user_attrs.get(tr.CONFIG) if isinstance(study.user_attrs.get(tr.CONFIG), dict) else {}
     objectives = dict(zip(study.metric_names or [], [d.name.lower() for d in study.directions], strict=False))
     return {
-        "kind": EXPORT_KIND,
+        "kind": EXPORT_CARD_KIND,
         "kdsearch_version": __version__,
         "format": fmt,
         "study": study.study_name,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from kdsearch.checkpoint import MODEL_FILE, load_student
+from kdsearch.constants import EXPORT_FORMATS
 from kdsearch.errors import ExportError
 from kdsearch.measure.runtime_ort import ONNX_OPSET, ORT_EXTRA, export_onnx, onnxruntime_missing, ort_session
 from kdsearch.models import StudentSpec
@@ -35,7 +36,7 @@ __all__ = [
     "verification_record",
 ]
 
-FORMATS = ("safetensors", "torchscript", "onnx")
+FORMATS = EXPORT_FORMATS  # the writers below, one per format
 MODEL_FILES = {"safetensors": MODEL_FILE, "torchscript": "model.pt", "onnx": "model.onnx"}
 TOLERANCE = 1e-4  # max |output difference| allowed between an export and the PyTorch model
 VERIFY_SEED = 0

@@ -40,6 +40,12 @@ from optuna.trial import FrozenTrial
 
 from kdsearch import trial_record as tr
 from kdsearch.config import LatencyConfig, config_from_dict
+from kdsearch.constants import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_MAX_INT8_DROP,
+    QUANTIZE_CHOICES,
+)
 from kdsearch.data import load_data, preprocess
 from kdsearch.errors import ConfigError, ExportError
 from kdsearch.measure.runtime_ort import measure_latency_ort, ort_method, ort_session
@@ -61,11 +67,7 @@ __all__ = [
     "study_data",
 ]
 
-QUANTIZE_CHOICES = ("int8",)
 INT8_FILE = "model.int8.onnx"
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-DEFAULT_MAX_INT8_DROP = 0.02  # fraction of val accuracy (2 points)
-DEFAULT_CALIBRATION_IMAGES = 512
 CALIBRATION_SEED = 0
 CALIBRATION_BATCH = 32
 EVAL_BATCH = 256

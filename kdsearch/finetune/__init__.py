@@ -1,4 +1,4 @@
-"""Facet 4 on a user's data: fine-tune an exported student's head, features frozen.
+"""Fine-tuning after distillation, on a user's data: train an exported student's head, features frozen.
 
 Modules, by concept: ``pool`` (the user's data as one pool of images) and ``exported``
 (:func:`finetune_checkpoint`: holdout, training, new export folder + card). The training loop

@@ -17,10 +17,11 @@ import torch
 
 from kdsearch._version import __version__
 from kdsearch.checkpoint import MODEL_FILE, load_student_with_card, save_student, sha256_file
+from kdsearch.constants import FINETUNE_CARD_KIND
 from kdsearch.distill.head import WEIGHT_DECAY, BatchHook, Progress, heldout_accuracy, train_head
 from kdsearch.errors import ConfigError, DataError
 from kdsearch.finetune.pool import indices_sha256, load_finetune_pool
-from kdsearch.modelcard import FINETUNE_KIND, check_out_dir, staged_out_dir, write_card
+from kdsearch.modelcard import check_out_dir, staged_out_dir, write_card
 
 __all__ = ["FinetuneResult", "finetune_checkpoint"]
 
@@ -133,7 +134,7 @@ def finetune_checkpoint(
 
     holdout_sha = indices_sha256(holdout_idx)
     card: dict[str, Any] = {
-        "kind": FINETUNE_KIND,
+        "kind": FINETUNE_CARD_KIND,
         "kdsearch_version": __version__,
         "student": spec.label,
         "spec": spec.to_dict(),

@@ -1,8 +1,8 @@
 """kdsearch.models: students built from a StudentSpec through their family, and timm teachers.
 
-One file per student family under :mod:`kdsearch.models.families` (its layer table, model,
-study-file section, ``suggest``, preflight check, label and parameter groups); the registry
-(:mod:`kdsearch.models.registry`) imports nothing. Imports stay one-way: this package depends on
+One file per student family under :mod:`kdsearch.models.families` (its layer table, model, arch
+record, study-file section, label, and only the search, preflight or weight-decay rules it needs
+beyond the registry's defaults); the registry (:mod:`kdsearch.models.registry`) holds the defaults. Imports stay one-way: this package depends on
 ``kdsearch.config`` and ``kdsearch.errors`` only.
 """
 

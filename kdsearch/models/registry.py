@@ -1,9 +1,11 @@
 """Student families: one :class:`StudentFamily` record per family name, as timm's ``_registry``.
 
-This module imports nothing from kdsearch: each family file (``kdsearch/models/families/<name>.py``)
-imports it and calls :func:`register_family` once, and ``kdsearch.models.families`` imports every
-family file, so importing that package fills the registry. Look families up through
-``kdsearch.models.families`` (which guarantees they are all imported), not through this module.
+Each family file (``kdsearch/models/families/<name>.py``) imports this module and calls
+:func:`register_family` once, and ``kdsearch.models.families`` imports every family file, so
+importing that package fills the registry. Look families up through ``kdsearch.models.families``
+(which guarantees they are all imported), not through this module. This module imports only the
+``Space`` record and :func:`~kdsearch.models.suggest.suggest_space` (and timm's weight-decay rule
+on first use), so the study file's floor can read it.
 
 The student contract. Every student model a family builds exposes:
 
@@ -18,7 +20,14 @@ The student contract. Every student model a family builds exposes:
 
 A family's architecture record (``arch``) is a frozen dataclass whose field names never clash with
 the keys every :class:`~kdsearch.models.StudentSpec` has (:data:`SPEC_KEYS`): a spec serialises
-flat, ``{family, resolution, num_classes, in_chans, <arch fields>}``.
+flat, ``{family, resolution, num_classes, in_chans, <arch fields>}``. The arch record is where a
+family validates an architecture, once.
+
+What a family need not write. The Optuna parameters default to every searchable key of its
+section, named ``<family>_<key>`` (:meth:`StudentFamily.params`); ``suggest`` draws them in that
+order and builds the arch record from ``{key: value}`` (:meth:`StudentFamily.suggest`); the
+optimizer groups are timm's weight-decay rule (:meth:`StudentFamily.param_groups`); the preflight
+check does nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kdsearch.config.space import Space
+from kdsearch.models.suggest import suggest_space
+
 __all__ = [
     "SPEC_KEYS",
     "StudentFamily",
@@ -36,10 +48,21 @@ __all__ = [
     "register_family",
     "get_family",
     "family_names",
+    "section_params",
 ]
 
 SPEC_KEYS: tuple[str, ...] = ("family", "resolution", "num_classes", "in_chans")
 """Keys every serialised StudentSpec has; no family's architecture field may use one."""
+
+
+def section_params(family: str, section: Any) -> dict[str, Space]:
+    """``{"<family>_<key>": Space}`` for every searchable key of a family's section, in field order:
+    the Optuna parameters a family has unless it says otherwise."""
+    return {
+        f"{family}_{f.name}": value
+        for f in dataclasses.fields(section)
+        if isinstance(value := getattr(section, f.name), Space)
+    }
 
 
 def _no_preflight(section: Any, resolutions: Sequence[int]) -> None:
@@ -50,19 +73,21 @@ def _no_preflight(section: Any, resolutions: Sequence[int]) -> None:
 class StudentFamily:
     """Everything kdsearch needs to search, build and train one family of students.
 
-    Callables take plain objects so this module needs no imports: ``spec`` is a
-    ``kdsearch.models.StudentSpec``, ``section`` an instance of :attr:`section`, ``trial`` an Optuna
-    trial, ``model`` an ``nn.Module``.
+    Callables take plain objects: ``spec`` is a ``kdsearch.models.StudentSpec``, ``section`` an
+    instance of :attr:`section`, ``trial`` an Optuna trial, ``model`` an ``nn.Module``.
     """
 
     name: str  # the value of ``student.family`` and the key of the ``student.<name>`` section
     section: type  # frozen dataclass of the study file's ``student.<name>`` section; defaults = default space
     arch: type  # frozen dataclass: the architecture record inside a StudentSpec (validated on creation)
     build: Callable[[Any], Any]  # spec -> nn.Module with random init (seed torch first)
-    params: Callable[[Any], dict[str, Any]]  # section -> {Optuna param name: Space} that suggest may ask
-    suggest: Callable[[Any, Any, int], Any]  # (trial, section, resolution px) -> arch record
     label: Callable[[Any], str]  # spec -> short human label, e.g. ``vgg8-w0.25@32``
-    param_groups: Callable[[Any, float], list[dict[str, Any]]]  # (model, weight decay) -> optimizer groups
+    # section -> {Optuna param name: Space}; None: :func:`section_params` (every searchable key)
+    search_params: Callable[[Any], dict[str, Space]] | None = None
+    # (section, {param name without "<name>_": value}, resolution px) -> arch record; None: ``arch(**values)``
+    arch_from_params: Callable[[Any, dict[str, Any], int], Any] | None = None
+    # parameter names kept out of weight decay besides timm's rule (1-D weights and biases)
+    no_weight_decay: tuple[str, ...] = ()
     preflight: Callable[[Any, Sequence[int]], None] = _no_preflight  # (section, resolutions px) -> raise ConfigError
 
     def __post_init__(self) -> None:
@@ -74,6 +99,29 @@ class StudentFamily:
         clash = [f.name for f in dataclasses.fields(self.arch) if f.name in SPEC_KEYS]
         if clash:
             raise ValueError(f"student family {self.name!r}: arch fields {clash} clash with the spec keys {SPEC_KEYS}")
+
+    def params(self, section: Any) -> dict[str, Space]:
+        """The Optuna parameters ``suggest`` may ask, ``{name: Space}``, in the order it asks them."""
+        if self.search_params is not None:
+            return self.search_params(section)
+        return section_params(self.name, section)
+
+    def suggest(self, trial: Any, section: Any, resolution: int) -> Any:
+        """The arch record of one trial: each of :meth:`params` drawn in order (a fixed one is not
+        suggested), then :attr:`arch_from_params` (or the arch record) builds it."""
+        prefix = f"{self.name}_"
+        values = {name.removeprefix(prefix): suggest_space(trial, name, space)
+                  for name, space in self.params(section).items()}
+        if self.arch_from_params is not None:
+            return self.arch_from_params(section, values, resolution)
+        return self.arch(**values)
+
+    def param_groups(self, model: Any, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer groups: timm's rule (no decay on norms, biases and other 1-D weights), and
+        none on :attr:`no_weight_decay`."""
+        from timm.optim import param_groups_weight_decay  # noqa: PLC0415 - torch only once a model exists
+
+        return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=self.no_weight_decay)
 
     def arch_from_dict(self, data: Mapping[str, Any]) -> Any:
         """The architecture record from its fields; unknown or missing fields are a ValueError."""

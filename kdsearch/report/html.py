@@ -36,6 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from kdsearch import trial_record as tr
 from kdsearch._version import __version__
 from kdsearch.config import format_duration
+from kdsearch.constants import EXPORT_CARD_KIND
 from kdsearch.device_record import DEVICE_INFO_ATTR, format_device_banner
 from kdsearch.errors import ConfigError
 from kdsearch.export.pick import default_pick_rule, pick_trial
@@ -55,11 +56,8 @@ from kdsearch.report.pareto import (
 from kdsearch.report.trials_table import VS_TEACHER, leak_warnings
 from kdsearch.storage import default_storage_url, load_study, redact_url
 
-__all__ = ["EXPORT_CARD_KIND", "build_report", "find_export", "glance_html", "render_report", "write_pngs"]
+__all__ = ["build_report", "find_export", "glance_html", "render_report", "write_pngs"]
 
-EXPORT_CARD_KIND = "kdsearch-student-export"
-"""``card.json`` ``kind`` of a ``kdsearch export`` folder (:data:`kdsearch.modelcard.EXPORT_KIND`;
-not imported: the modelcard module pulls in torch)."""
 
 _log = logging.getLogger(__name__)
 

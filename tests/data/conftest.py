@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+
 from data_helpers import CLASS_COLOURS, MakeTree, write_png
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import CLASS_COLOURS, MakeTree, write_png
 
 import kdsearch.data.decode as decode_mod
 from kdsearch.config import DataConfig
@@ -15,6 +14,8 @@ from kdsearch.data import ImageSplit, StreamingImageFolder, load_data, make_batc
 from kdsearch.data.decode import DEFAULT_STORED_SIZE, decode_files
 from kdsearch.data.pipeline import StreamingBatchSource
 from kdsearch.errors import DataError
+
+from data_helpers import CLASS_COLOURS, MakeTree, write_png
 
 
 def _folder(root: Path, **kw: object) -> DataConfig:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from distill_helpers import tiny_bundle, tiny_student, tiny_teacher
 
 import kdsearch.distill.hooks as hooks_mod
 import kdsearch.distill.loop as loop_mod
@@ -25,6 +24,8 @@ from kdsearch.distill import (
     fit_teacher,
 )
 from kdsearch.errors import TrialFailure
+
+from distill_helpers import tiny_bundle, tiny_student, tiny_teacher
 
 CHANCE = 0.1  # 10 synthetic classes
 SLACK_S = 0.75  # one step past the box on a busy 2-core CPU, plus timer granularity

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from distill_helpers import tiny_bundle, tiny_teacher
 
 from kdsearch.config import TeacherFitConfig
 from kdsearch.data import ImageSplit
@@ -15,6 +14,8 @@ from kdsearch.distill import fit_key, fit_teacher
 from kdsearch.distill.fit import fit_key_config
 from kdsearch.measure import evaluate_accuracy
 from kdsearch.models import state_dict_sha256
+
+from distill_helpers import tiny_bundle, tiny_teacher
 
 
 def test_fit_is_cached_and_reloaded(tmp_path: Path) -> None:

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from distill_helpers import tiny_bundle, tiny_teacher
 
 import kdsearch.distill.fit as fit_mod
 from kdsearch.config import TeacherFitConfig
 from kdsearch.distill import fit_teacher
 from kdsearch.distill.precision import select_train_dtype, train_dtype_for
 from kdsearch.distill.teacher_cache import build_dtype
+
+from distill_helpers import tiny_bundle, tiny_teacher
 
 # compute capability -> (generation, chosen train dtype with distill.amp on)
 GENERATIONS: list[tuple[tuple[int, int], str, str]] = [

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from distill_helpers import build_in_child, perturbed, tiny_bundle, tiny_teacher
 
 from kdsearch.config import TeacherCacheConfig, load_config
 from kdsearch.data import ViewSpec
@@ -24,6 +23,8 @@ from kdsearch.distill.cache_size import (
 )
 from kdsearch.distill.teacher_cache import DATA_FILE, MANIFEST_FILE
 from kdsearch.errors import ConfigError
+
+from distill_helpers import build_in_child, perturbed, tiny_bundle, tiny_teacher
 
 
 @pytest.fixture(scope="module")

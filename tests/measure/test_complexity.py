@@ -6,7 +6,7 @@ from torch import nn
 
 from kdsearch.measure import measure_complexity
 
-from .nets import tiny_vgg
+from .measure_helpers import tiny_vgg
 
 
 def test_macs_and_params_match_a_hand_count(capsys) -> None:

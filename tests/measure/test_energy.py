@@ -25,7 +25,7 @@ from kdsearch.measure.energy import (
 )
 from kdsearch.search.preflight import check_measurable
 
-from .nets import small_cnn
+from .measure_helpers import small_cnn
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

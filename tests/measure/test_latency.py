@@ -9,7 +9,7 @@ from kdsearch.config import LatencyConfig
 from kdsearch.measure import LatencyResult, measure_latency, measure_latency_on_cpu
 from kdsearch.measure.latency import OverBudget, latency_stats
 
-from .nets import SleepNet, small_cnn
+from .measure_helpers import SleepNet, small_cnn
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -17,7 +17,7 @@ from kdsearch.measure.runtime_ort import ONNX_OPSET, export_onnx, ort_method, or
 from kdsearch.metrics import metric_info
 from kdsearch.search.preflight import check_ort_runtime
 
-from .nets import small_cnn
+from .measure_helpers import small_cnn
 from cli_helpers import SMOKE, run_cli
 
 ort = pytest.importorskip("onnxruntime")

@@ -13,7 +13,7 @@ from kdsearch.measure import (
     peak_inference_memory_mb,
 )
 
-from .nets import small_cnn
+from .measure_helpers import small_cnn
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

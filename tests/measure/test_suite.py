@@ -13,7 +13,7 @@ from kdsearch.measure import CPU_REASON, Measurements, measure_inference, measur
 from kdsearch.metrics import FIXED_METRICS, metric_unit
 from kdsearch.models.spec import StudentSpec
 
-from .nets import small_cnn
+from .measure_helpers import small_cnn
 
 
 class SlowStudent(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pkgutil
+import re
 from dataclasses import dataclass
 
 import optuna
@@ -205,3 +206,81 @@ def test_a_family_built_from_the_record_alone() -> None:
     spec = StudentSpec("vgg", 16, 3, arch)
     assert fam.label(spec) == spec.label == "vgg3-w0.5@16"
     assert fam.build(spec)(torch.randn(1, 3, 16, 16)).shape == (1, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a family need not write: the registry's defaults
+
+
+def test_params_default_to_the_sections_searchable_keys_and_suggest_draws_them() -> None:
+    """mobilenetv3 writes neither params nor suggest: its Optuna params are ``<family>_<key>`` for
+    each searchable key of its section, drawn in field order, and the arch record is built from them."""
+    fam = get_family("mobilenetv3")
+    assert fam.search_params is None and fam.arch_from_params is None
+    section = config_from_dict({"student": {"family": "mobilenetv3", "mobilenetv3": {
+        "size": ["small", "large"], "channel_multiplier": [0.75, 1.0], "depth_multiplier": [0.5]}}}).student.mobilenetv3
+    assert list(fam.params(section)) == ["mobilenetv3_size", "mobilenetv3_channel_multiplier",
+                                         "mobilenetv3_depth_multiplier"]
+    trial = optuna.trial.FixedTrial({"mobilenetv3_size": "large", "mobilenetv3_channel_multiplier": 0.75})
+    assert fam.suggest(trial, section, 32) == fam.arch(size="large", channel_multiplier=0.75, depth_multiplier=0.5)
+    # A fixed key (one choice) is a value, never an Optuna parameter.
+    study = optuna.create_study()
+    live = study.ask()
+    fam.suggest(live, section, 32)
+    assert set(live.params) == {"mobilenetv3_size", "mobilenetv3_channel_multiplier"}
+
+
+def test_a_family_with_special_needs_says_only_what_differs() -> None:
+    """vgg: presets replace depth x width (one categorical); vit: the arch rounds the width to the
+    heads and sizes the patch from the resolution. Both keep the default parameter names."""
+    vgg = get_family("vgg")
+    presets = config_from_dict({"student": {"vgg": {"presets": [{"depth": 4, "width": 0.25, "name": "S"},
+                                                               {"depth": 8, "width": 0.5}]}}}).student.vgg
+    assert list(vgg.params(presets)) == ["vgg_preset"]
+    assert vgg.suggest(optuna.trial.FixedTrial({"vgg_preset": "d8-w0.5"}), presets, 32) == vgg.arch(8, 0.5)
+    vit = get_family("vit")
+    section = config_from_dict({"student": {"vit": {"embed_dim": [64, 100], "num_heads": [3]}}}).student.vit
+    assert list(vit.params(section)) == ["vit_num_heads", "vit_embed_dim", "vit_patches_per_side", "vit_depth"]
+    arch = vit.suggest(optuna.trial.FixedTrial({"vit_embed_dim": 100, "vit_patches_per_side": 8, "vit_depth": 2}),
+                       section, 32)
+    assert (arch.embed_dim, arch.num_heads, arch.patch_size, arch.depth) == (102, 3, 4, 2)
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_param_groups_default_to_timms_rule_plus_the_familys_names(name: str) -> None:
+    from timm.optim import param_groups_weight_decay
+
+    fam = get_family(name)
+    model = build_student(StudentSpec(name, 32, 5, _suggested_arch(name)))
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def grouped(groups: list[dict]) -> dict[float, set[str]]:
+        return {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in groups}
+
+    expected = grouped(param_groups_weight_decay(model, 0.05, no_weight_decay_list=fam.no_weight_decay))
+    assert grouped(param_groups(model, 0.05)) == grouped(fam.param_groups(model, 0.05)) == expected
+    assert all(n in expected[0.0] for n in fam.no_weight_decay)
+    assert any(n.endswith(".bias") for n in expected[0.0]) and expected[0.05]
+
+
+def test_the_default_preflight_checks_nothing() -> None:
+    default = next(f.default for f in dataclasses.fields(StudentFamily) if f.name == "preflight")
+    assert get_family("mobilenetv3").preflight is default  # mobilenetv3 writes none
+    get_family("mobilenetv3").preflight(StudyConfig().student.mobilenetv3, [16, 17, 224])
+
+
+def test_vgg_depth_and_width_have_one_rule_wherever_they_are_given() -> None:
+    """The arch record's check: the model, the arch, the sizing, a preset and the section's depth
+    choices all refuse depth 7 and width 0 with the same rule."""
+    from kdsearch.models.families.vgg import VGG, VGGArch, VGGConfig, VGGPreset, vgg_width_for_params
+
+    depth_rule, width_rule = "depth: must be one of [2, 3, 4, 5, 8, 11, 13, 16, 19] (got 7)", "width: must be a positive number"
+    for make in (lambda: VGG(7, 10), lambda: VGGArch(7), lambda: vgg_width_for_params(7, 1e4),
+                 lambda: VGGPreset(depth=7, width=0.5), lambda: VGGConfig(depth=Space(choices=(2, 7), integer=True))):
+        with pytest.raises((ValueError, ConfigError), match=re.escape(depth_rule)):
+            make()
+    for make in (lambda: VGG(4, 10, width=0.0), lambda: VGGArch(4, 0.0), lambda: VGGPreset(depth=4, width=0.0)):
+        with pytest.raises((ValueError, ConfigError), match=width_rule):
+            make()
+    with pytest.raises(ConfigError, match=r"^student\.vgg\.presets\.depth: "):
+        VGGPreset(depth=7, width=0.5)

@@ -1,4 +1,4 @@
-"""Fixtures for the report tests: a real stored study (see tests/helpers_study.py)."""
+"""Fixtures for the report tests: a real stored study (see tests/study_helpers.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 # tests/ holds the shared study builder; pytest's default import mode only puts this folder on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers_study import FixtureStudy, build_fixture_study  # noqa: E402
+from study_helpers import FixtureStudy, build_fixture_study  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 
 from kdsearch.report import build_report
 
-from helpers_study import FixtureStudy
+from study_helpers import FixtureStudy
 
 pytestmark = pytest.mark.browser
 

@@ -15,15 +15,14 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from kdsearch.config import format_duration
+from kdsearch.constants import EXPORT_CARD_KIND
 from kdsearch.errors import ConfigError, StorageError
 from kdsearch.export.pick import DEFAULT_PICK_RULE, pick_trial
 from kdsearch.metrics import metric_unit
-from kdsearch.modelcard import EXPORT_KIND
 from kdsearch.report import build_report
 from kdsearch.report.figures import all_figures, reference_point
-from kdsearch.report.html import EXPORT_CARD_KIND
 
-from helpers_study import FIXTURE_ROWS, LATENCY_LIMIT_MS, FixtureStudy
+from study_helpers import FIXTURE_ROWS, LATENCY_LIMIT_MS, FixtureStudy
 
 
 def _plot_json(page: str, div_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -269,7 +268,6 @@ def test_at_a_glance_opens_the_page_with_teacher_best_students_and_the_default_e
     cmd = htmllib.unescape(re.search(r"<code id='glance-export-command'>(.*?)</code>", section).group(1))
     assert cmd == (f"kdsearch export --study-name fixture --run-dir {fixture_study.run_dir} "
                    f"--pick 'max val_accuracy' --out {fixture_study.run_dir / 'fixture' / 'best-student'}")
-    assert EXPORT_CARD_KIND == EXPORT_KIND
 
 
 def test_the_default_exports_card_is_linked_once_it_is_exported(fixture_study: FixtureStudy, tmp_path: Path) -> None:
@@ -286,7 +284,7 @@ def test_the_default_exports_card_is_linked_once_it_is_exported(fixture_study: F
     href = re.search(r"<a href='([^']+)' id='glance-card'>", section).group(1)
     assert href == "best-student/README.md" and (out.parent / href).is_file()
     card = json.loads((out.parent / "best-student" / "card.json").read_text())
-    assert (card["kind"], card["study"], card["trial_number"]) == (EXPORT_KIND, "fixture", 7)
+    assert (card["kind"], card["study"], card["trial_number"]) == (EXPORT_CARD_KIND, "fixture", 7)
     assert "Its model card:" in section and "Not exported yet" not in section
 
 

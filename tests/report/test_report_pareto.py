@@ -18,7 +18,7 @@ from kdsearch.report.pareto import (
     trial_state_label,
 )
 
-from helpers_study import FIXTURE_ROWS, FixtureStudy
+from study_helpers import FIXTURE_ROWS, FixtureStudy
 
 
 def test_load_trials_reads_every_state(fixture_study: FixtureStudy) -> None:

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from kdsearch.report.trials_table import PARETO_FOOTNOTE, table_trials, trial_records, trials_table
 
-from helpers_study import FixtureStudy
+from study_helpers import FixtureStudy
 
 
 def _text(table: object) -> list[list[str]]:

@@ -18,14 +18,6 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 from rich.console import Console
-from search_run_helpers import (
-    artifact_sha,
-    assert_no_storage_errors,
-    open_study,
-    optimize_args,
-    rung_competitors,
-    seed_study_folder,
-)
 
 from kdsearch.config import PruningConfig, load_config
 from kdsearch.measure import KDMemoryTracker
@@ -35,6 +27,14 @@ from kdsearch.report.trials_table import trials_table
 from kdsearch.search.pruning import RUNG_ATTR_PREFIX, RungDecision, RungEntry, decide_at_rung
 
 from cli_helpers import SMOKE, run_cli
+from search_helpers import (
+    artifact_sha,
+    assert_no_storage_errors,
+    open_study,
+    optimize_args,
+    rung_competitors,
+    seed_study_folder,
+)
 
 N_TRIALS = 12
 

@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
-from search_run_helpers import (
+
+from kdsearch.search.recovery import pid_alive
+
+from cli_helpers import run_cli
+from search_helpers import (
     assert_stale_and_retried,
     assert_unchanged,
     distilling_worker,
@@ -27,10 +31,6 @@ from search_run_helpers import (
     wait_for,
     worker_statuses,
 )
-
-from kdsearch.search.recovery import pid_alive
-
-from cli_helpers import run_cli
 
 # The smoke study's 2 s box reaches the injection step (3) easily; a short grace makes a hang quick,
 # yet leaves room for the fixed-cost measurement before the box and the one after it on a busy CPU.

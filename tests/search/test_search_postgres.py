@@ -15,7 +15,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from optuna.trial import TrialState
-from search_run_helpers import (
+
+from kdsearch.storage import GRACE_ENV, INTERVAL_ENV
+
+from search_helpers import (
     artifact_sha,
     assert_no_storage_errors,
     assert_stale_and_retried,
@@ -30,8 +33,6 @@ from search_run_helpers import (
     start_cli,
     wait_for,
 )
-
-from kdsearch.storage import GRACE_ENV, INTERVAL_ENV
 
 _CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Decided at collection, before the session smoke run is built for nothing.

@@ -9,14 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from optuna.trial import TrialState
-from search_run_helpers import (
-    artifact_sha,
-    assert_no_storage_errors,
-    open_study,
-    optimize_args,
-    seed_study_folder,
-    worker_statuses,
-)
 
 from kdsearch.config import apply_overrides, load_config
 from kdsearch.search import supervisor
@@ -24,6 +16,14 @@ from kdsearch.search.study import create_or_resume
 from kdsearch.search.worker import align_objectives
 
 from cli_helpers import SMOKE, run_cli
+from search_helpers import (
+    artifact_sha,
+    assert_no_storage_errors,
+    open_study,
+    optimize_args,
+    seed_study_folder,
+    worker_statuses,
+)
 
 
 def test_four_workers_on_a_journal_finish_exactly_n_trials(smoke_run: Path, tmp_path: Path,

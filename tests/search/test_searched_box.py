@@ -14,7 +14,6 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 from rich.console import Console
-from search_run_helpers import open_study, optimize_args, rung_competitors, seed_study_folder
 
 from kdsearch.config import config_from_dict, config_to_dict, load_config
 from kdsearch.errors import ConfigError
@@ -26,6 +25,7 @@ from kdsearch.search.space import grid_search_space, param_distributions, sugges
 from kdsearch.search.supervisor import TrialBoxes
 
 from cli_helpers import SMOKE, run_cli
+from search_helpers import open_study, optimize_args, rung_competitors, seed_study_folder
 
 
 def test_one_box_stays_a_number_and_a_list_is_searched() -> None:

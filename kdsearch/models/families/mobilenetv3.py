@@ -26,23 +26,18 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import timm
-from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from kdsearch.config.space import Space, space_field
 from kdsearch.errors import ConfigError
 from kdsearch.models.backbone import TimmBackboneStudent
 from kdsearch.models.registry import StudentFamily, register_family
-from kdsearch.models.suggest import suggest_space
 
 if TYPE_CHECKING:
-    import optuna
-
     from kdsearch.models.spec import StudentSpec
 
 __all__ = ["MobileNetV3Student", "MobileNetV3Arch", "MobileNetV3Config", "TIMM_WIDTHS", "timm_name"]
@@ -163,24 +158,6 @@ class MobileNetV3Config:
                 _check_width(size, width, "student.mobilenetv3.channel_multiplier")
 
 
-def mobilenetv3_params(section: MobileNetV3Config) -> dict[str, Space]:
-    return {
-        "mobilenetv3_size": section.size,
-        "mobilenetv3_channel_multiplier": section.channel_multiplier,
-        "mobilenetv3_depth_multiplier": section.depth_multiplier,
-    }
-
-
-def suggest_mobilenetv3(
-    trial: optuna.trial.BaseTrial, section: MobileNetV3Config, resolution: int
-) -> MobileNetV3Arch:
-    """Size, then width, then depth; the global pool lets any resolution work."""
-    size = str(suggest_space(trial, "mobilenetv3_size", section.size))
-    width = float(suggest_space(trial, "mobilenetv3_channel_multiplier", section.channel_multiplier))
-    depth = float(suggest_space(trial, "mobilenetv3_depth_multiplier", section.depth_multiplier))
-    return MobileNetV3Arch(size=size, channel_multiplier=width, depth_multiplier=depth)
-
-
 def build_mobilenetv3(spec: StudentSpec) -> MobileNetV3Student:
     a: MobileNetV3Arch = spec.arch
     return MobileNetV3Student(a.size, a.channel_multiplier, a.depth_multiplier, spec.num_classes, spec.in_chans)
@@ -192,26 +169,12 @@ def mobilenetv3_label(spec: StudentSpec) -> str:
     return f"mnv3-{a.size}-w{a.channel_multiplier:g}-d{a.depth_multiplier:g}@{spec.resolution}"
 
 
-def mobilenetv3_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay on conv and linear weights (squeeze-and-excite included); none on BatchNorm weights
-    and biases (timm's rule)."""
-    return param_groups_weight_decay(model, weight_decay)
-
-
-def preflight_mobilenetv3(section: MobileNetV3Config, resolutions: Sequence[int]) -> None:
-    """Nothing beyond the section's rules: global pooling makes every resolution from 16 px work."""
-
-
 register_family(
     StudentFamily(
         name="mobilenetv3",
         section=MobileNetV3Config,
         arch=MobileNetV3Arch,
         build=build_mobilenetv3,
-        params=mobilenetv3_params,
-        suggest=suggest_mobilenetv3,
         label=mobilenetv3_label,
-        param_groups=mobilenetv3_param_groups,
-        preflight=preflight_mobilenetv3,
     )
 )

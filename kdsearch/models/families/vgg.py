@@ -2,9 +2,9 @@
 
 Laid out like a timm model file: the table of layer configs, then the blocks, then the model
 (``forward_features`` / ``forward_head``), then the family: its architecture record
-(:class:`VGGArch`), its study-file section (:class:`VGGConfig`, ``student.vgg``), its
-``suggest`` (Optuna params ``vgg_depth`` and ``vgg_width``, or ``vgg_preset``), label and
-parameter groups, and the registration.
+(:class:`VGGArch`, where depth and width are checked), its study-file section (:class:`VGGConfig`,
+``student.vgg``; Optuna params ``vgg_depth`` and ``vgg_width``, or ``vgg_preset``), label and the
+registration.
 
 **Depth counts weight layers** (convolutions + linear layers), as in the VGG paper's names:
 
@@ -50,17 +50,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from kdsearch.config.space import Space, space_field
 from kdsearch.errors import ConfigError
-from kdsearch.models.registry import StudentFamily, register_family
-from kdsearch.models.suggest import suggest_space
+from kdsearch.models.registry import StudentFamily, register_family, section_params
 
 if TYPE_CHECKING:
-    import optuna
-
     from kdsearch.models.spec import StudentSpec
 
 __all__ = [
@@ -158,10 +154,7 @@ class VGG(nn.Module):
         drop_rate: float = DROP_RATE,
     ) -> None:
         super().__init__()
-        if depth not in VGG_CFGS:
-            raise ValueError(f"student.vgg.depth: must be one of {sorted(VGG_CFGS)} (got {depth!r})")
-        if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
-            raise ValueError(f"student.vgg.width: must be a positive number (got {width!r})")
+        VGGArch(depth, width)  # validates
         if num_classes < 1:
             raise ValueError(f"num_classes: must be >= 1 (got {num_classes!r})")
         self.depth = depth
@@ -224,13 +217,28 @@ class VGGArch:
     width: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.depth, bool) or self.depth not in VGG_CFGS:
-            raise ValueError(f"student.vgg.depth: must be one of {list(VGG_DEPTHS)} (got {self.depth!r})")
-        w = self.width
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w > 0):
-            raise ValueError(f"student.vgg.width: must be a positive number (got {w!r})")
+        try:
+            self.check(self.depth, self.width)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         object.__setattr__(self, "depth", int(self.depth))
-        object.__setattr__(self, "width", float(w))
+        object.__setattr__(self, "width", float(self.width))
+
+    @staticmethod
+    def check(depth: Any, width: Any, where: str = "student.vgg") -> None:
+        """The one check of a VGG's depth and width (the model, the presets, the sizing and the
+        section's depth choices use it): ``depth`` is a row of the layer table, ``width`` a
+        positive number. Raises a one-line ConfigError naming ``<where>.depth`` or ``<where>.width``."""
+        if isinstance(depth, bool) or depth not in VGG_CFGS:
+            raise ConfigError(f"{where}.depth", f"must be one of {list(VGG_DEPTHS)}", depth)
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not (math.isfinite(width) and width > 0):
+            raise ConfigError(f"{where}.width", "must be a positive number", width)
+
+
+def _check_searchable_width(low: float, high: float, field: str, value: Any) -> None:
+    """Widths a study may search: within [:data:`WIDTH_MIN`, :data:`WIDTH_MAX`]."""
+    if low < WIDTH_MIN or high > WIDTH_MAX:
+        raise ConfigError(field, "must lie in [1/128, 2.0]", value)
 
 
 @dataclass(frozen=True)
@@ -249,10 +257,8 @@ class VGGPreset:
             if getattr(self, key) is None:
                 raise ConfigError(f"student.vgg.presets.{key}", "is required in every preset", None,
                                   "write each preset as {depth: 5, width: 0.2, name: S}")
-        if self.depth not in VGG_DEPTHS:
-            raise ConfigError("student.vgg.presets.depth", f"must be one of {list(VGG_DEPTHS)}", self.depth)
-        if not WIDTH_MIN <= self.width <= WIDTH_MAX:  # type: ignore[operator]
-            raise ConfigError("student.vgg.presets.width", "must lie in [1/128, 2.0]", self.width)
+        VGGArch.check(self.depth, self.width, "student.vgg.presets")
+        _check_searchable_width(self.width, self.width, "student.vgg.presets.width", self.width)  # type: ignore[arg-type]
         if self.name is not None and not self.name.strip():
             raise ConfigError("student.vgg.presets.name", "must not be empty", self.name)
 
@@ -279,13 +285,11 @@ class VGGConfig:
         if self.depth.choices is None:
             raise ConfigError("student.vgg.depth", f"must be a list from {list(VGG_DEPTHS)}", self.depth.to_yaml())
         for d in self.depth.choices:
-            if d not in VGG_DEPTHS:
-                raise ConfigError("student.vgg.depth", f"each must be one of {list(VGG_DEPTHS)}", d)
+            VGGArch.check(d, 1.0)
         w = self.width
         wlo = min(w.choices) if w.choices else w.low
         whi = max(w.choices) if w.choices else w.high
-        if wlo < WIDTH_MIN or whi > WIDTH_MAX:  # type: ignore[operator]
-            raise ConfigError("student.vgg.width", "must lie in [1/128, 2.0]", w.to_yaml())
+        _check_searchable_width(wlo, whi, "student.vgg.width", w.to_yaml())  # type: ignore[arg-type]
         if self.presets:
             names = [p.display_name for p in self.presets]
             if self.depth != DEFAULT_DEPTH or self.width != DEFAULT_WIDTH:
@@ -300,26 +304,24 @@ class VGGConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# The family: search, build, label, parameter groups
+# The family: search, build, label
 
 
 def vgg_params(section: VGGConfig) -> dict[str, Space]:
-    """Optuna params: ``vgg_preset`` when the study lists presets, else ``vgg_depth`` and ``vgg_width``."""
-    if section.presets:  # named (depth, width) pairs: one categorical instead of a cross product
+    """One categorical ``vgg_preset`` when the study lists presets (named (depth, width) pairs
+    instead of a cross product), else the section's keys (``vgg_depth``, ``vgg_width``)."""
+    if section.presets:
         return {"vgg_preset": Space(choices=tuple(p.display_name for p in section.presets))}
-    return {"vgg_depth": section.depth, "vgg_width": section.width}
+    return section_params("vgg", section)
 
 
-def suggest_vgg(trial: optuna.trial.BaseTrial, section: VGGConfig, resolution: int) -> VGGArch:
-    """Depth then width (or one preset); the resolution does not constrain a VGG."""
-    spaces = vgg_params(section)
-    if "vgg_preset" in spaces:
-        name = suggest_space(trial, "vgg_preset", spaces["vgg_preset"])
-        preset = next(p for p in section.presets if p.display_name == name)
+def vgg_arch(section: VGGConfig, values: dict[str, Any], resolution: int) -> VGGArch:
+    """The arch of the drawn preset, or of the drawn depth and width; the resolution does not
+    constrain a VGG."""
+    if "preset" in values:
+        preset = next(p for p in section.presets if p.display_name == values["preset"])
         return VGGArch(depth=int(preset.depth), width=float(preset.width))  # type: ignore[arg-type]
-    depth = int(suggest_space(trial, "vgg_depth", spaces["vgg_depth"]))
-    width = float(suggest_space(trial, "vgg_width", spaces["vgg_width"]))
-    return VGGArch(depth=depth, width=width)
+    return VGGArch(**values)
 
 
 def build_vgg(spec: StudentSpec) -> VGG:
@@ -332,21 +334,15 @@ def vgg_label(spec: StudentSpec) -> str:
     return f"vgg{spec.arch.depth}-w{spec.arch.width:.3g}@{spec.resolution}"
 
 
-def vgg_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay on conv and linear weights; none on BatchNorm weights and biases (timm's rule)."""
-    return param_groups_weight_decay(model, weight_decay)
-
-
 register_family(
     StudentFamily(
         name="vgg",
         section=VGGConfig,
         arch=VGGArch,
         build=build_vgg,
-        params=vgg_params,
-        suggest=suggest_vgg,
         label=vgg_label,
-        param_groups=vgg_param_groups,
+        search_params=vgg_params,
+        arch_from_params=vgg_arch,
     )
 )
 
@@ -374,8 +370,7 @@ def vgg_width_for_params(
     the signature's symmetry with the spec. Raises ``ValueError`` when the target is outside what
     ``[min_width, max_width]`` can reach.
     """
-    if depth not in VGG_CFGS:
-        raise ValueError(f"depth: must be one of {sorted(VGG_CFGS)} (got {depth!r})")
+    VGGArch(depth)  # validates
     if not target_params > 0:
         raise ValueError(f"target_params: must be > 0 (got {target_params!r})")
 

@@ -15,9 +15,9 @@ The model is a thin wrapper so that the student contract is exact:
 State-dict keys are the timm keys prefixed with ``features.``, plus ``head.weight``/``head.bias``.
 
 The family: :class:`ViTArch` (depth, embed_dim, num_heads, patch_size in px), the study file's
-``student.vit`` section (:class:`ViTConfig`; Optuna params ``vit_depth``, ``vit_embed_dim``,
-``vit_num_heads``, ``vit_patches_per_side``), a preflight check that every resolution the study can
-propose has a patch size, the label and the parameter groups.
+``student.vit`` section (:class:`ViTConfig`; Optuna params ``vit_num_heads``, ``vit_embed_dim``,
+``vit_patches_per_side``, ``vit_depth``), a preflight check that every resolution the study can
+propose has a patch size, the label, and the two token parameters kept out of weight decay.
 """
 
 from __future__ import annotations
@@ -28,18 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
-from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from kdsearch.config.space import Space, space_field
 from kdsearch.errors import ConfigError
 from kdsearch.models.backbone import TimmBackboneStudent
 from kdsearch.models.registry import StudentFamily, register_family
-from kdsearch.models.suggest import suggest_space
 
 if TYPE_CHECKING:
-    import optuna
-
     from kdsearch.models.spec import StudentSpec
 
 __all__ = ["ViTStudent", "ViTArch", "ViTConfig", "vit_patch_size", "check_patch_grid"]
@@ -154,32 +150,23 @@ class ViTStudent(TimmBackboneStudent):
 @dataclass(frozen=True)
 class ViTConfig:
     """``student.vit``: the patch size follows the resolution (``resolution // patches_per_side``,
-    see :func:`vit_patch_size`); a sampled width is rounded up to a multiple of the heads."""
+    see :func:`vit_patch_size`); a sampled width is rounded up to a multiple of the heads. The keys
+    are in the order a trial draws them (so a seeded study keeps drawing the same students)."""
 
-    depth: Space = space_field(Space(choices=(2, 4, 6), integer=True), kind=int, minimum=1, maximum=24)
-    embed_dim: Space = space_field(Space(choices=(64, 96, 128, 192), integer=True), kind=int, minimum=8, maximum=1024)
     num_heads: Space = space_field(Space(choices=(2, 3, 4), integer=True), kind=int, minimum=1, maximum=16)
+    embed_dim: Space = space_field(Space(choices=(64, 96, 128, 192), integer=True), kind=int, minimum=8, maximum=1024)
     patches_per_side: Space = space_field(Space(choices=(4, 8), integer=True), kind=int, minimum=1, maximum=32)
+    depth: Space = space_field(Space(choices=(2, 4, 6), integer=True), kind=int, minimum=1, maximum=24)
 
 
-def vit_params(section: ViTConfig) -> dict[str, Space]:
-    return {
-        "vit_depth": section.depth,
-        "vit_embed_dim": section.embed_dim,
-        "vit_num_heads": section.num_heads,
-        "vit_patches_per_side": section.patches_per_side,
-    }
-
-
-def suggest_vit(trial: optuna.trial.BaseTrial, section: ViTConfig, resolution: int) -> ViTArch:
-    heads = int(suggest_space(trial, "vit_num_heads", section.num_heads))
-    dim = int(suggest_space(trial, "vit_embed_dim", section.embed_dim))
-    # Heads must divide the width: round the width up to the next multiple (documented in the
-    # README), so every sampled combination is a valid model.
-    dim = -(-dim // heads) * heads
-    per_side = int(suggest_space(trial, "vit_patches_per_side", section.patches_per_side))
-    depth = int(suggest_space(trial, "vit_depth", section.depth))
-    return ViTArch(depth=depth, embed_dim=dim, num_heads=heads, patch_size=vit_patch_size(resolution, per_side))
+def vit_arch(section: ViTConfig, values: dict[str, Any], resolution: int) -> ViTArch:
+    """The drawn heads, width, patches per side and depth as an arch: the width rounded up to a
+    multiple of the heads (documented in the README), so every drawn combination is a valid
+    model, and the patch size from the resolution."""
+    heads = int(values["num_heads"])
+    dim = -(-int(values["embed_dim"]) // heads) * heads
+    patch = vit_patch_size(resolution, int(values["patches_per_side"]))
+    return ViTArch(depth=int(values["depth"]), embed_dim=dim, num_heads=heads, patch_size=patch)
 
 
 def _int_values(space: Space) -> list[int]:
@@ -225,21 +212,15 @@ def vit_label(spec: StudentSpec) -> str:
     return f"vit{a.depth}-d{a.embed_dim}h{a.num_heads}p{a.patch_size}@{spec.resolution}"
 
 
-def vit_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No decay on norms, biases, the position embedding and the class token."""
-    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=("features.pos_embed", "features.cls_token"))
-
-
 register_family(
     StudentFamily(
         name="vit",
         section=ViTConfig,
         arch=ViTArch,
         build=build_vit,
-        params=vit_params,
-        suggest=suggest_vit,
         label=vit_label,
-        param_groups=vit_param_groups,
+        arch_from_params=vit_arch,
+        no_weight_decay=("features.pos_embed", "features.cls_token"),  # besides norms and biases
         preflight=preflight_vit,
     )
 )

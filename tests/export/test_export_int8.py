@@ -141,7 +141,7 @@ def test_a_study_without_a_stored_data_config_is_a_clear_error(tmp_path: Path) -
     from kdsearch.errors import ExportError
     from kdsearch.export import export_trial
 
-    from helpers_study import build_fixture_study
+    from study_helpers import build_fixture_study
 
     fx = build_fixture_study(tmp_path / "runs", with_failures=False)
     study = load_study(fx.storage_url, fx.study_name)

@@ -17,7 +17,7 @@ from kdsearch.config import (
 from kdsearch.errors import ConfigError
 from kdsearch.metrics import is_known_metric
 
-STUDIES = Path(__file__).resolve().parents[1] / "studies"
+STUDIES = Path(__file__).resolve().parents[2] / "studies"
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from kdsearch.checkpoint import load_student, load_student_file, sha256_file
 from kdsearch.errors import CheckpointError, ConfigError, ExportError
 from kdsearch.export import TOLERANCE, export_trial
 
-from helpers_study import FIXTURE_ROWS, FixtureStudy, build_fixture_study
+from study_helpers import FIXTURE_ROWS, FixtureStudy, build_fixture_study
 
 
 @pytest.fixture(scope="module")
