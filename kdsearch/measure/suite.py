@@ -1,6 +1,9 @@
-"""The inference-side measurement suite a trial runs after KD.
+"""The inference-side measurement suite: the fixed costs of a student's architecture.
 
-:func:`measure_inference` fills, for a trained student:
+A trial runs it once, on the untrained student before the box (latency, size and energy depend
+on the architecture, not on the weights: :func:`kdsearch.search.screening.measure_fixed_costs`);
+``kdsearch export`` and the paper scripts run it on trained students. :func:`measure_inference`
+fills:
 
 ================================  ==================================================================
 metric                            how

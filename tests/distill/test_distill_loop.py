@@ -350,7 +350,8 @@ def test_max_steps_ends_the_call_after_those_steps_without_evaluating(world) -> 
     r = _run(world, world[2], 60.0, resolution=16, on_step=record, max_steps=3, meters=(Meter(),))
     assert seen == [1, 2, 3] and r.steps == 3 and r.images_seen == 3 * DistillConfig().batch_size
     assert r.val_history == [] and r.final_val_accuracy is None and r.evaluations == 0
-    assert events == ["pause"] and 0 < r.kd_time_s < 60.0
+    # Paused through the set-up, resumed with the training clock, paused at the end.
+    assert events == ["pause", "resume", "pause"] and 0 < r.kd_time_s < 60.0
     with pytest.raises(ValueError, match="max_steps"):
         _run(world, world[2], 1.0, resolution=16, max_steps=0)
 

@@ -33,7 +33,8 @@ def seed_study_folder(smoke_run: Path, run_dir: Path, study: str) -> None:
     """Give ``run_dir`` (so its study ``study``) the smoke run's fitted teacher and logit cache,
     which every study of a run folder shares (``<run_dir>/_cache``)."""
     (run_dir / study).mkdir(parents=True, exist_ok=True)
-    shutil.copytree(smoke_run / SHARED_CACHE_DIR, run_dir / SHARED_CACHE_DIR, dirs_exist_ok=True)
+    if run_dir.resolve() != smoke_run.resolve():  # a new study in the smoke run's (copied) folder has it
+        shutil.copytree(smoke_run / SHARED_CACHE_DIR, run_dir / SHARED_CACHE_DIR, dirs_exist_ok=True)
 
 
 def optimize_args(run_dir: Path, study: str, *extra: str) -> list[str]:
