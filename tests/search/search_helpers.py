@@ -179,3 +179,24 @@ def rung_competitors(trials: list[FrozenTrial], trial: FrozenTrial, k: int, n_co
                 return [RungEntry(t.number, tuple(t.user_attrs[attr]["values"])) for t in chosen]
     raise AssertionError(f"trial {trial.number} rung {k}: no set of earlier rung records matches its stored "
                          f"decision ({n_competitors - 1} competitors, digest {digest})")
+
+
+class BigAllocator:
+    """Allocator counters of a device whose training peak is ``peak_mb`` above an empty baseline;
+    counts the segments opened on it (each real training segment resets the peak)."""
+
+    def __init__(self, peak_mb: float) -> None:
+        self.peak_mb = peak_mb
+        self.resets = 0
+
+    def synchronize(self) -> None:
+        return None
+
+    def allocated_bytes(self) -> int:
+        return 0
+
+    def peak_bytes(self) -> int:
+        return int(self.peak_mb * 1e6)
+
+    def reset_peak(self) -> None:
+        self.resets += 1

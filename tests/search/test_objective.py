@@ -25,6 +25,7 @@ from kdsearch.search.worker_setup import WorkerContext, prepare_worker
 from kdsearch.storage import run_paths
 
 from cli_helpers import SMOKE
+from search_helpers import BigAllocator
 
 IDENTITY = (tr.BOX_S, tr.SPEC, tr.STUDENT, tr.TEACHER, tr.TEACHER_NAME, tr.TEACHER_MODE, tr.TEMPERATURE, tr.ALPHA,
             tr.LR, tr.DATASET, tr.DEVICE, tr.TRAIN_DTYPE, tr.GPU_SHARING)
@@ -119,32 +120,13 @@ def test_a_broken_fixed_cost_ends_the_trial_before_the_box(ctx: WorkerContext, m
     assert tr.KD_HISTORY not in a and tr.ARTIFACT_ID not in a
 
 
-class _BigAllocator:
-    """Allocator counters whose training peak is ``peak_mb`` above an empty baseline."""
-
-    def __init__(self, peak_mb: float) -> None:
-        self.peak_mb = peak_mb
-
-    def synchronize(self) -> None:
-        return None
-
-    def allocated_bytes(self) -> int:
-        return 0
-
-    def peak_bytes(self) -> int:
-        return int(self.peak_mb * 1e6)
-
-    def reset_peak(self) -> None:
-        return None
-
-
 def test_the_probe_asks_distill_for_its_steps_and_screens_over_the_limit(
     ctx: WorkerContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from kdsearch.measure import KDMemoryTracker
 
     spy = _DistillSpy(monkeypatch)
-    monkeypatch.setattr(screening, "KDMemoryTracker", lambda device: KDMemoryTracker(device, counters=_BigAllocator(900.0)))
+    monkeypatch.setattr(screening, "KDMemoryTracker", lambda device: KDMemoryTracker(device, counters=BigAllocator(900.0)))
     ctx.cfg = replace(ctx.cfg, constraints={"peak_kd_memory_mb": 100.0})
     _, t, error = _run(ctx)
     assert isinstance(error, optuna.TrialPruned)

@@ -28,6 +28,7 @@ from kdsearch.search.pruning import RUNG_ATTR_PREFIX, RungDecision, RungEntry, d
 
 from cli_helpers import SMOKE, run_cli
 from search_helpers import (
+    BigAllocator,
     artifact_sha,
     assert_no_storage_errors,
     open_study,
@@ -158,27 +159,6 @@ def test_a_fixed_cost_over_its_limit_ends_the_trial_before_the_box(smoke_run: Pa
             assert t.state == TrialState.COMPLETE and t.constraints == {"macs": pytest.approx(macs - limit)}
 
 
-class _BigAllocator:
-    """Allocator counters of a device whose training peak is ``peak_mb`` above an empty baseline;
-    counts the segments the probe opens (each real training segment resets the peak)."""
-
-    def __init__(self, peak_mb: float) -> None:
-        self.peak_mb = peak_mb
-        self.resets = 0
-
-    def synchronize(self) -> None:
-        return None
-
-    def allocated_bytes(self) -> int:
-        return 0
-
-    def peak_bytes(self) -> int:
-        return int(self.peak_mb * 1e6)
-
-    def reset_peak(self) -> None:
-        self.resets += 1
-
-
 def test_the_memory_probe_ends_a_trial_over_the_memory_limit(copy_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Real probe steps (KD with teacher targets) run before the box, read through allocator
     counters that report a 5 GB peak: over a 100 MB peak_kd_memory_mb limit the trial ends at
@@ -195,7 +175,7 @@ def test_the_memory_probe_ends_a_trial_over_the_memory_limit(copy_run: Path, mon
     cfg = apply_overrides(load_config(SMOKE), run_dir=str(copy_run))
     ctx = prepare_worker(cfg, run_paths(copy_run, "smoke"), torch.device("cpu"))
     ctx.cfg = replace(cfg, constraints={"peak_kd_memory_mb": 100.0})
-    fake = _BigAllocator(5000.0)
+    fake = BigAllocator(5000.0)
     # The probe is the screening phase's (kdsearch.search.screening); the box is the objective's.
     monkeypatch.setattr(screening, "KDMemoryTracker", lambda device: KDMemoryTracker(device, counters=fake))
     boxes: list[float] = []
