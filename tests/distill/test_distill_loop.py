@@ -239,23 +239,30 @@ def test_a_stop_cools_the_lr_down_linearly_to_its_final_value(world, monkeypatch
     assert cooling[0] == pytest.approx(before[-1], rel=0.1)  # from where the cosine was
 
 
+class _EventMeter:
+    """A meter that writes its pause and resume calls into ``events``."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+    def pause(self) -> None:
+        self.events.append("pause")
+
+    def resume(self) -> None:
+        self.events.append("resume")
+
+
 def test_meters_follow_the_training_clock(world) -> None:
     """Every meter is paused on entry (the set-up is not training), resumed when the training clock
     starts, paused around each validation and resumed after it, never after the last."""
     events: list[str] = []
 
-    class Meter:
-        def pause(self) -> None:
-            events.append("pause")
-
-        def resume(self) -> None:
-            events.append("resume")
 
     def mark(t: float, f: float, a: float) -> bool:
         events.append("eval")
         return False
 
-    r = _run(world, world[2], 1.0, resolution=16, meters=(Meter(), Meter()), on_eval=mark)
+    r = _run(world, world[2], 1.0, resolution=16, meters=(_EventMeter(events), _EventMeter(events)), on_eval=mark)
     n = len(r.val_history)
     assert n == 4
     one = ["pause", "pause", "eval", "resume", "resume"]
@@ -336,18 +343,12 @@ def test_max_steps_ends_the_call_after_those_steps_without_evaluating(world) -> 
     seen: list[int] = []
     events: list[str] = []
 
-    class Meter:
-        def pause(self) -> None:
-            events.append("pause")
-
-        def resume(self) -> None:
-            events.append("resume")
 
     def record(step: int, loss: torch.Tensor) -> torch.Tensor:
         seen.append(step)
         return loss
 
-    r = _run(world, world[2], 60.0, resolution=16, on_step=record, max_steps=3, meters=(Meter(),))
+    r = _run(world, world[2], 60.0, resolution=16, on_step=record, max_steps=3, meters=(_EventMeter(events),))
     assert seen == [1, 2, 3] and r.steps == 3 and r.images_seen == 3 * DistillConfig().batch_size
     assert r.val_history == [] and r.final_val_accuracy is None and r.evaluations == 0
     # Paused through the set-up, resumed with the training clock, paused at the end.
