@@ -89,6 +89,10 @@ class StudentFamily:
     # parameter names kept out of weight decay besides timm's rule (1-D weights and biases)
     no_weight_decay: tuple[str, ...] = ()
     preflight: Callable[[Any, Sequence[int]], None] = _no_preflight  # (section, resolutions px) -> raise ConfigError
+    # the numeric arch field that says how big a student is, and its unit: the report sizes its
+    # markers by it (stored with each trial, so the torch-free report need not import the family)
+    size_field: str = "depth"
+    size_unit: str = "layers"
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name != self.name.lower():
@@ -96,6 +100,8 @@ class StudentFamily:
         for attr in ("section", "arch"):
             if not dataclasses.is_dataclass(getattr(self, attr)):
                 raise TypeError(f"student family {self.name!r}: {attr} must be a dataclass")
+        if self.size_field not in {f.name for f in dataclasses.fields(self.arch)}:
+            raise ValueError(f"student family {self.name!r}: size_field {self.size_field!r} is not an arch field")
         clash = [f.name for f in dataclasses.fields(self.arch) if f.name in SPEC_KEYS]
         if clash:
             raise ValueError(f"student family {self.name!r}: arch fields {clash} clash with the spec keys {SPEC_KEYS}")

@@ -64,6 +64,12 @@ class StudentSpec:
             **dataclasses.asdict(self.arch),
         }
 
+    def size_by(self) -> dict[str, str]:
+        """``{"field": <arch field>, "unit": ...}``: the field that says how big this student is
+        (its family's ``size_field``), stored with each trial for the report's marker sizes."""
+        fam = get_family(self.family)
+        return {"field": fam.size_field, "unit": fam.size_unit}
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 

@@ -3,8 +3,8 @@
 Optuna's visualisation module draws what it can (Pareto front with infeasible trials greyed out
 through the stored constraints, hypervolume history, parallel coordinates, parameter
 importances); the accuracy-vs-cost scatters (one per cost objective, plus latency: the paper's
-facets 2 and 3 at a glance: colour = input resolution, marker size = depth, the teacher's val
-accuracy as a dashed horizontal line) are drawn here with plotly graph objects.
+facets 2 and 3 at a glance: colour = input resolution, marker size = the student's size (VGG
+depth), the teacher's val accuracy as a dashed horizontal line) are drawn here with plotly graph objects.
 
 Optuna's plots read ``study.trials`` (a deep copy of every trial with all its user attributes)
 once per parameter, which made a 1,000-trial report take minutes. They are given
@@ -363,14 +363,27 @@ def cost_metrics(study: optuna.Study) -> list[str]:
     return out
 
 
-def _spec_value(t: FrozenTrial, field: str, param: str) -> int | None:
+def _spec_value(t: FrozenTrial, field: str, param: str) -> float | None:
     spec = t.user_attrs.get(tr.SPEC)
     v = spec.get(field) if isinstance(spec, dict) else None
     if v is None:
         v = t.params.get(param)
-    return int(v) if isinstance(v, (int, float)) else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+# Trials stored before their family named its size field: VGG depth, the only family then.
+_LEGACY_SIZE_BY = {"field": "depth", "unit": "layers"}
+
+
+def student_size(t: FrozenTrial) -> tuple[float | None, str, str]:
+    """``(value, field, unit)``: how big the trial's student is, by the field its family names
+    (stored as ``size_by`` with the trial; older trials: VGG ``depth`` in layers)."""
+    size_by = t.user_attrs.get(tr.SIZE_BY)
+    if not (isinstance(size_by, dict) and isinstance(size_by.get("field"), str)):
+        size_by = _LEGACY_SIZE_BY
+    field, unit = size_by["field"], str(size_by.get("unit", ""))
+    family = (t.user_attrs.get(tr.SPEC) or {}).get("family", "vgg")
+    return _spec_value(t, field, f"{family}_{field}"), field, unit
 
 
 def accuracy_cost_figure(
@@ -382,17 +395,17 @@ def accuracy_cost_figure(
     key: str | None = None,
 ) -> ReportFigure:
     """``accuracy`` against ``cost`` for every COMPLETE trial: colour = input resolution (px),
-    size = depth (layers), ``x`` = infeasible, black ring = on the feasible Pareto front, and
-    each teacher's val accuracy (``teachers``: label -> fraction, default the stored ones) as a
-    dashed horizontal line. The y axis spans the students and the teachers. ``key``: the div id
+    size = the student's size field (:func:`student_size`: VGG depth in layers), ``x`` =
+    infeasible, black ring = on the feasible Pareto front, and each teacher's val accuracy
+    (``teachers``: label -> fraction, default the stored ones) as a dashed horizontal line. The y axis spans the students and the teachers. ``key``: the div id
     (default ``fig-acc-<cost>``; the report's latency figure keeps ``fig-acc_latency``)."""
     key = key or _key("acc", cost)
-    title = f"{accuracy} vs {cost}: colour = resolution, size = depth, dashed = teacher"
     names = list(study.metric_names or [])
     teachers = teacher_accuracies(study) if teachers is None else teachers
     if front is None:
         front = {t.number for t in pareto_front(study, feasible_only=True)}
-    pts: list[tuple[FrozenTrial, float, float, int | None, int | None]] = []
+    pts: list[tuple[FrozenTrial, float, float, float | None, float | None]] = []
+    size_names: set[tuple[str, str]] = set()
     skipped: list[str] = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         x, y = metric_value(t, cost, names), metric_value(t, accuracy, names)
@@ -401,13 +414,19 @@ def accuracy_cost_figure(
             why = (t.user_attrs.get(tr.MISSING_METRICS) or {}).get(miss[0], "not recorded")
             skipped.append(f"trial {t.number} ({miss[0]}: {why})")
             continue
-        pts.append((t, x, y, _spec_value(t, "resolution", "resolution"), _spec_value(t, "depth", "vgg_depth")))
+        value, field, unit = student_size(t)
+        size_names.add((field, unit))
+        res = _spec_value(t, "resolution", "resolution")
+        pts.append((t, x, y, int(res) if res is not None else None, value))
+    # one family per study: its size field names the markers ("student size" if several)
+    size_field, size_unit = next(iter(size_names)) if len(size_names) == 1 else ("student size", "")
+    title = f"{accuracy} vs {cost}: colour = resolution, size = {size_field}, dashed = teacher"
     if not pts:
         return ReportFigure(key, title, None, f"no COMPLETE trial has both {accuracy} and {cost}")
     depths = [d for *_, d in pts if d is not None]
-    dmin, dmax = (min(depths), max(depths)) if depths else (0, 0)
+    dmin, dmax = (min(depths), max(depths)) if depths else (0.0, 0.0)
 
-    def size(d: int | None) -> float:
+    def size(d: float | None) -> float:
         if d is None or dmax == dmin:
             return 14.0
         return 9.0 + 21.0 * (d - dmin) / (dmax - dmin)  # px: the shallowest 9, the deepest 30
@@ -425,7 +444,8 @@ def accuracy_cost_figure(
                 mode="markers",
                 name=f"{res} px" if res is not None else "resolution unknown",
                 text=[
-                    f"trial {p[0].number}<br>{p[0].user_attrs.get(tr.STUDENT, '')}<br>depth {p[4]}, {res} px"
+                    f"trial {p[0].number}<br>{p[0].user_attrs.get(tr.STUDENT, '')}<br>"
+                    + (f"{size_field} {p[4]:g}, " if p[4] is not None else "") + f"{res} px"
                     f"<br>{'on the feasible front' if p[0].number in front else ('feasible' if feasible(p[0]) else 'INFEASIBLE')}"
                     for p in group
                 ],
@@ -462,7 +482,7 @@ def accuracy_cost_figure(
     if cost in ("macs", "params") or (unit == "ms" and max(p[1] for p in pts) > 50 * max(min(p[1] for p in pts), 1e-12)):
         fig.update_xaxes(type="log")  # spans decades
     note = (
-        f"Marker size = depth ({dmin} to {dmax} layers); x = infeasible; black ring = on the feasible Pareto front."
+        f"Marker size = {size_field} ({dmin:g} to {dmax:g}{' ' + size_unit if size_unit else ''}); x = infeasible; black ring = on the feasible Pareto front."
         if depths
         else "x = infeasible; black ring = on the feasible Pareto front."
     )
@@ -482,7 +502,7 @@ def accuracy_latency_figure(study: optuna.Study, accuracy: str = "val_accuracy")
     """Accuracy vs the latency metric (:func:`latency_metric`); see :func:`accuracy_cost_figure`."""
     lat = latency_metric(study)
     if lat is None:
-        title = f"{accuracy} vs latency: colour = resolution, size = depth, dashed = teacher"
+        title = f"{accuracy} vs latency: colour = resolution, size = student size, dashed = teacher"
         return ReportFigure(_key("acc_latency"), title, None, "no latency metric stored")
     return accuracy_cost_figure(study, lat, accuracy, key=_key("acc_latency"))
 

@@ -251,7 +251,7 @@ def _export_command(study: optuna.Study, rule: str, run_dir: Path | None, storag
 
 def _delta_points(trial: FrozenTrial, names: list[str], teachers: dict[str, float]) -> tuple[str, str]:
     """(text, css class) of the trial's test accuracy minus its teacher's (``teachers``: test
-    accuracies), in percentage points: on a split the teacher did not train on (issue 22)."""
+    accuracies), in percentage points: on a split the teacher did not train on."""
     acc = metric_value(trial, "test_accuracy", names)
     label = str(trial.user_attrs.get(tr.TEACHER, ""))
     ref = teachers.get(label)

@@ -7,7 +7,7 @@ each group sorted best first by the first objective. The table opens with one ro
 (its val accuracy in the ``val_accuracy`` column) and gives every student's **test** accuracy minus
 its teacher's (``vs teacher (test)``, percentage points), so the students are read against the
 teacher on images neither has trained on: a pretrained teacher has usually trained on the whole
-training split, which val is carved from (issue 22), so its val accuracy can be inflated. The test
+training split, which val is carved from, so its val accuracy can be inflated. The test
 figures only report; selection stays on val.
 """
 
@@ -35,7 +35,7 @@ PARETO_FOOTNOTE = (
 
 
 def leak_warnings(study: optuna.Study) -> list[str]:
-    """The stored "teacher trained on val" warnings of the study's teachers (issue 22; the rule is
+    """The stored "teacher trained on val" warnings of the study's teachers (the rule is
     :func:`kdsearch.models.teacher.val_leak_check`), one line each."""
     stored = study.user_attrs.get(tr.TEACHERS)
     out: list[str] = []

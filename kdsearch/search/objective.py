@@ -166,7 +166,7 @@ def _prepare(ctx: WorkerContext, trial: optuna.Trial, proposal: Proposal, seed: 
     trial's own box from storage) and build the untrained student (seeded)."""
     spec, hyper = proposal.spec, proposal.hyper
     tr.write(trial, {
-        tr.BOX_S: proposal.box_s, tr.SPEC: spec.to_dict(), tr.STUDENT: spec.label,
+        tr.BOX_S: proposal.box_s, tr.SPEC: spec.to_dict(), tr.SIZE_BY: spec.size_by(), tr.STUDENT: spec.label,
         tr.TEACHER: proposal.teacher.display_name, tr.TEACHER_NAME: proposal.teacher.name,
         tr.TEACHER_MODE: proposal.teacher.mode, tr.TEMPERATURE: hyper.temperature, tr.ALPHA: hyper.alpha,
         tr.LR: hyper.lr, tr.DATASET: ctx.cfg.data.dataset, tr.DEVICE: str(ctx.device),

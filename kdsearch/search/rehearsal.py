@@ -335,7 +335,7 @@ def rehearsed_row(rehearsal: Rehearsal | None, trial: optuna.Trial, proposal: Pr
     row, how = rehearsal.match(proposal)
     spec, hyper = proposal.spec, proposal.hyper
     tr.write(trial, {
-        tr.BOX_S: proposal.box_s, tr.SPEC: spec.to_dict(), tr.STUDENT: spec.label, tr.TEMPERATURE: hyper.temperature,
+        tr.BOX_S: proposal.box_s, tr.SPEC: spec.to_dict(), tr.SIZE_BY: spec.size_by(), tr.STUDENT: spec.label, tr.TEMPERATURE: hyper.temperature,
         tr.ALPHA: hyper.alpha, tr.LR: hyper.lr, tr.REHEARSAL: how,
     })
     return row

@@ -176,5 +176,7 @@ register_family(
         arch=MobileNetV3Arch,
         build=build_mobilenetv3,
         label=mobilenetv3_label,
+        size_field="depth_multiplier",
+        size_unit="x the repeats of every stage",
     )
 )

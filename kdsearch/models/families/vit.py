@@ -222,5 +222,6 @@ register_family(
         arch_from_params=vit_arch,
         no_weight_decay=("features.pos_embed", "features.cls_token"),  # besides norms and biases
         preflight=preflight_vit,
+        size_unit="blocks",
     )
 )
