@@ -100,11 +100,11 @@ class StudentFamily:
         for attr in ("section", "arch"):
             if not dataclasses.is_dataclass(getattr(self, attr)):
                 raise TypeError(f"student family {self.name!r}: {attr} must be a dataclass")
-        if self.size_field not in {f.name for f in dataclasses.fields(self.arch)}:
-            raise ValueError(f"student family {self.name!r}: size_field {self.size_field!r} is not an arch field")
         clash = [f.name for f in dataclasses.fields(self.arch) if f.name in SPEC_KEYS]
         if clash:
             raise ValueError(f"student family {self.name!r}: arch fields {clash} clash with the spec keys {SPEC_KEYS}")
+        if self.size_field not in {f.name for f in dataclasses.fields(self.arch)}:
+            raise ValueError(f"student family {self.name!r}: size_field {self.size_field!r} is not an arch field")
 
     def params(self, section: Any) -> dict[str, Space]:
         """The Optuna parameters ``suggest`` may ask, ``{name: Space}``, in the order it asks them."""
