@@ -14,6 +14,11 @@ to that subset's 1/500 grid, so exact ties occur as they do live) with its fixed
 MACs log), 4 = the same plus batch-1 latency (linear), as the objective ranks them live. The
 adversarial case is a set of mutually non-dominated vectors (one front holds everyone).
 
+A decision orders a front of more than ``EXACT_RANK_FRONT`` trials only as far as its decision
+needs, so its stored rank may be a range (``rank`` to ``rank_max``); the checks require the same
+front and prune-or-continue and the reference's rank inside that range (equal when exact), and
+the timings count the decisions that stored an exact rank.
+
     python benchmarks/bench_rung_ranking.py                 # timings (p50, p99 per size)
     python benchmarks/bench_rung_ranking.py --check         # decisions equal to the reference
 """
@@ -29,6 +34,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -184,6 +190,16 @@ def front_rung_set(n: int, m: int, rng: np.random.Generator) -> list:
 # Checks
 
 
+def agrees(live: Any, rank: int, front: int, n: int, cfg: Any) -> bool:
+    """``live`` (a RungDecision) decides as the reference's (rank, front) among ``n`` competitors:
+    the same front, the reference's rank inside the live one's range (equal when the live rank is
+    exact), and the same prune-or-continue."""
+    n_keep = math.ceil(n / cfg.eta)
+    prune = n >= cfg.competitors_needed and rank >= n_keep
+    rank_max = live.rank if live.rank_max is None else live.rank_max
+    return live.front == front and live.rank <= rank <= rank_max and live.prune == prune
+
+
 def check_rung_sets(n_sets: int, seed: int = 0) -> dict[str, int]:
     """Decisions of the live code and of the reference on table-drawn rung sets; every field
     but the digest (which the reference did not have) must be equal. Returns counts."""
@@ -204,9 +220,9 @@ def check_rung_sets(n_sets: int, seed: int = 0) -> dict[str, int]:
         for mine in entries:
             live = pruning.decide_at_rung(mine, entries, DIRECTIONS[m], cfg, k, SCALES[m])
             rank, front = reference_rank_of(mine.key, entries, DIRECTIONS[m], SCALES[m])
-            if (live.rank, live.front) != (rank, front):
-                raise AssertionError(f"set {counts['sets']} (n {n}, m {m}), trial {mine.key}: "
-                                     f"live rank/front {(live.rank, live.front)} != reference {(rank, front)}")
+            if not agrees(live, rank, front, len(entries), cfg):
+                raise AssertionError(f"set {counts['sets']} (n {n}, m {m}), trial {mine.key}: live "
+                                     f"rank/front {(live.rank, live.rank_max, live.front)} != reference {(rank, front)}")
             counts["decisions"] += 1
             counts["pruned"] += live.prune
         counts["sets"] += 1
@@ -222,31 +238,41 @@ def check_replays(seeds: Sequence[int], budget: float) -> dict[str, int]:
     from kdsearch.search import pruning  # noqa: PLC0415
 
     table = bench_search.load_table(TABLES[0])
-    real_decide, real_rank_of = pruning.decide_at_rung, pruning._rank_of
+    real_decide, real_place = pruning.decide_at_rung, pruning._place
     counts = {"runs": 0, "decisions": 0, "pruned": 0}
 
-    def run(strategy: str, seed: int, rank_of: object) -> list[tuple]:
+    def reference_place(key: int, entries: Sequence, directions: Sequence[str], scales: Sequence[str] | None,
+                        n_keep: int) -> tuple[int, int, int]:
+        rank, front = reference_rank_of(key, entries, directions, scales)
+        return rank, rank, front
+
+    def run(strategy: str, seed: int, place: object) -> list[tuple]:
         seen: list[tuple] = []
 
         def recording(*args: object, **kw: object) -> pruning.RungDecision:
             d = real_decide(*args, **kw)
-            seen.append((args[0].key, d.rung_index, d.prune, d.rank, d.front, d.n_competitors, d.n_keep))
+            seen.append((args[0].key, d.rung_index, d.prune, d.front, d.n_competitors, d.n_keep, d.rank, d.rank_max))
             return d
 
-        pruning.decide_at_rung, pruning._rank_of = recording, rank_of
+        pruning.decide_at_rung, pruning._place = recording, place
         try:
             bench_search.run_optuna(strategy, table, seed, budget, None)
         finally:
-            pruning.decide_at_rung, pruning._rank_of = real_decide, real_rank_of
+            pruning.decide_at_rung, pruning._place = real_decide, real_place
         return seen
+
+    def same(a: tuple, b: tuple) -> bool:  # b: the reference's (exact rank)
+        return a[:6] == b[:6] and a[6] <= b[6] <= a[7]
 
     for strategy in ("random+es", "tpe+es"):
         for seed in seeds:
-            live = run(strategy, seed, real_rank_of)
-            ref = run(strategy, seed, reference_rank_of)
-            if live != ref:
-                first = next(i for i, (a, b) in enumerate(zip(live, ref, strict=False)) if a != b)
-                raise AssertionError(f"{strategy} seed {seed}: decision {first} differs: {live[first]} != {ref[first]}")
+            live = run(strategy, seed, real_place)
+            ref = run(strategy, seed, reference_place)
+            if len(live) != len(ref) or not all(same(a, b) for a, b in zip(live, ref, strict=False)):
+                first = next((i for i, (a, b) in enumerate(zip(live, ref, strict=False)) if not same(a, b)),
+                             min(len(live), len(ref)))
+                raise AssertionError(f"{strategy} seed {seed}: decision {first} differs: "
+                                     f"{live[first:first + 1]} != {ref[first:first + 1]}")
             counts["runs"] += 1
             counts["decisions"] += len(live)
             counts["pruned"] += sum(d[2] for d in live)
@@ -257,17 +283,20 @@ def check_replays(seeds: Sequence[int], budget: float) -> dict[str, int]:
 # Timings
 
 
-def time_decisions(entries: list, m: int, n_decisions: int, rng: np.random.Generator) -> list[float]:
+def time_decisions(entries: list, m: int, n_decisions: int, rng: np.random.Generator) -> tuple[list[float], int]:
+    """Wall seconds of ``n_decisions`` decisions of random trials of the rung, and how many of
+    them stored an exact rank (the others a range: their front was decided without its order)."""
     from kdsearch.config import PruningConfig  # noqa: PLC0415
     from kdsearch.search.pruning import decide_at_rung  # noqa: PLC0415
 
     cfg = PruningConfig()
-    out = []
+    out, exact = [], 0
     for i in rng.choice(len(entries), size=min(n_decisions, len(entries)), replace=False):
         t0 = time.perf_counter()
-        decide_at_rung(entries[int(i)], entries, DIRECTIONS[m], cfg, 0, SCALES[m])
+        d = decide_at_rung(entries[int(i)], entries, DIRECTIONS[m], cfg, 0, SCALES[m])
         out.append(time.perf_counter() - t0)
-    return out
+        exact += getattr(d, "rank_max", d.rank) in (None, d.rank)
+    return out, exact
 
 
 def p99(xs: list[float]) -> float:
@@ -283,6 +312,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="30,100,300,1000,3000", help="competitors per rung")
     ap.add_argument("--decisions", type=int, default=40, help="timed decisions per size (random trials of the rung)")
     ap.add_argument("--front-sizes", default="30,100,300,1000", help="sizes of the adversarial one-front sets")
+    ap.add_argument("--objectives", default="3,4", help="numbers of objectives to time (comma list of 3, 4)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
@@ -296,20 +326,21 @@ def main() -> int:
         return 0
     rows = load_rows()
     rng = np.random.default_rng(args.seed)
-    print("| rung set | objectives | competitors | largest front | decisions | p50 (s) | p99 (s) | max (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| rung set | objectives | competitors | largest front | decisions | p50 (s) | p99 (s) | max (s) | exact ranks |")
+    print("|---|---|---|---|---|---|---|---|---|")
     from kdsearch.pareto import non_dominated_sort, to_losses  # noqa: PLC0415
 
-    cases = [("table", m, int(n)) for m in (3, 4) for n in args.sizes.split(",")]
-    cases += [("one front", m, int(n)) for m in (3, 4) for n in args.front_sizes.split(",")]
+    ms = [int(m) for m in args.objectives.split(",")]
+    cases = [("table", m, int(n)) for m in ms for n in args.sizes.split(",") if n]
+    cases += [("one front", m, int(n)) for m in ms for n in args.front_sizes.split(",") if n]
     for kind, m, n in cases:
         entries = table_rung_set(rows, n, m, 0, rng) if kind == "table" else front_rung_set(n, m, rng)
         fronts = non_dominated_sort(to_losses([e.values for e in entries], DIRECTIONS[m], SCALES[m]))
         largest = int(np.bincount(fronts).max())
         k = args.decisions if kind == "table" else max(3, args.decisions // max(1, n // 100))
-        times = time_decisions(entries, m, k, rng)
+        times, exact = time_decisions(entries, m, k, rng)
         print(f"| {kind} | {m} | {n} | {largest} | {len(times)} | {statistics.median(times):.3f} | "
-              f"{p99(times):.3f} | {max(times):.3f} |", flush=True)
+              f"{p99(times):.3f} | {max(times):.3f} | {exact} |", flush=True)
     return 0
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "hypervolume_contributions",
     "removal_order",
     "removal_position",
+    "removal_step",
 ]
 
 HV_TIE_TOL = 1e-12
@@ -221,10 +222,14 @@ def hypervolume_contributions(losses: Any, reference: Sequence[float]) -> np.nda
 # Greedy removal (SMS-EMOA)
 
 
-def _removals(points: np.ndarray, keys: Sequence[int], reference: Sequence[float], stop: int | None) -> list[int]:
+def _removals(points: np.ndarray, keys: Sequence[int], reference: Sequence[float], stop: int | None,
+              limit: int | None = None) -> list[int]:
     """Indices in the order they are removed (least contributor first), up to and including
-    ``stop`` when given, else all but the last one standing."""
+    ``stop`` when given, else all but the last one standing; at most ``limit`` removals."""
     n, m = points.shape
+    limit = n - 1 if limit is None else min(limit, n - 1)
+    if limit <= 0:
+        return []
     ref = np.asarray(reference, dtype=float)
     live = points.astype(float).copy()
     bounds: list[np.ndarray | None] = [None] * n  # rows that bound each point's region (None: unknown)
@@ -250,7 +255,7 @@ def _removals(points: np.ndarray, keys: Sequence[int], reference: Sequence[float
         return (float(value[0]), neg_key, i, step)
 
     removed: list[int] = []
-    while len(removed) < n - 1:
+    while len(removed) < limit:
         step = len(removed)
         c, neg_key, i, at = heapq.heappop(heap)
         if at < step:  # stale: a lower bound of today's value
@@ -294,3 +299,12 @@ def removal_position(points: Any, keys: Sequence[int], reference: Sequence[float
     pts = _as_losses(points)
     removed = _removals(pts, keys, reference, index)
     return pts.shape[0] - 1 - removed.index(index) if index in removed else 0
+
+
+def removal_step(points: Any, keys: Sequence[int], reference: Sequence[float], index: int, within: int) -> int | None:
+    """The step (0 = first) at which row ``index`` is removed by greedy least-contributor removal,
+    or None when it survives the first ``within`` removals: whether a point is among the last
+    ``n - within`` standing (the ones kept) costs at most ``within`` removals, not the whole order."""
+    pts = _as_losses(points)
+    removed = _removals(pts, keys, reference, index, within)
+    return removed.index(index) if index in removed else None

@@ -176,9 +176,14 @@ def metric_columns(study: optuna.Study, trials: Sequence[FrozenTrial] | None = N
     """Metric names to show: the objectives first, then every other stored metric in the order
     of :data:`kdsearch.metrics.FIXED_METRICS`, then the batch-size metrics (latency, memory) sorted."""
     pool = _trials_of(trials if trials is not None else study)
-    present: set[str] = set()
+    # Keys that hold a number (or None) in some trial; only keys not yet known as such are looked
+    # at (trials share their keys: a few thousand trials cost a set difference each, not a scan
+    # of every attribute), and a metric's unit is looked up once per key.
+    numeric: set[str] = set()
     for t in pool:
-        present.update(k for k, v in t.user_attrs.items() if _is_metric_attr(k, v))
+        attrs = t.user_attrs
+        numeric.update(k for k in attrs.keys() - numeric if attrs[k] is None or isinstance(attrs[k], (int, float)))
+    present = {k for k in numeric if _is_metric_attr(k, None)}
     names = list(study.metric_names or [])
     for name in FIXED_METRICS:
         if name in present and name not in names:

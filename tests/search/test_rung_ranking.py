@@ -70,3 +70,45 @@ def test_a_decision_on_a_front_of_500_four_objective_trials_takes_seconds_not_ho
     ranked = [e.key for e, _ in rank_at_rung(entries[:60], DIRECTIONS[4], ("linear",) * 4)]
     best = decide_at_rung(entries[ranked[0]], entries[:60], DIRECTIONS[4], cfg, 0, ("linear",) * 4)
     assert best.rank == 0 and not best.prune
+
+
+def _fronts(sizes: list[int], m: int, seed: int) -> list:
+    """Stacked fronts: front k is a fresh set of mutually non-dominated vectors moved 1.0 worse on
+    every axis per k, so each of its vectors is dominated by every vector of the fronts before."""
+    from kdsearch.search.pruning import RungEntry  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    out: list = []
+    for k, size in enumerate(sizes):
+        for e in front_rung_set(size, m, rng):
+            out.append(RungEntry(len(out), (e.values[0] - k, *(v + k for v in e.values[1:]))))
+    return out
+
+
+@pytest.mark.parametrize(("m", "eta", "sizes"), [(4, 3, [70, 70, 70]), (4, 2, [70, 70, 70]), (3, 3, [100])])
+def test_decisions_in_fronts_too_big_to_order_fully_equal_the_full_order(m: int, eta: int, sizes: list[int]) -> None:
+    """Fronts above EXACT_RANK_FRONT are ordered only as far as the decision needs: the whole front
+    above the threshold (eta 3: front 0 is exactly the top 70), the whole front below it, or the
+    front the threshold cuts (eta 2: front 1; one front of 100: front 0). Every sampled decision
+    is the full order's (rank_at_rung: the complete greedy removal of every front): the same front
+    and prune-or-continue, and the full order's rank inside the decision's [rank, rank_max]."""
+    from kdsearch.search.pruning import EXACT_RANK_FRONT  # noqa: PLC0415
+
+    assert all(s > EXACT_RANK_FRONT for s in sizes)
+    entries = _fronts(sizes, m, seed=m + eta)
+    scales = ("linear",) * m
+    full = {e.key: (rank, front) for rank, (e, front) in enumerate(rank_at_rung(entries, DIRECTIONS[m], scales))}
+    cfg = PruningConfig(eta=eta)
+    n_keep = -(-len(entries) // eta)
+    exact = ranged = 0
+    for i in np.random.default_rng(0).choice(len(entries), size=24, replace=False):
+        mine = entries[int(i)]
+        d = decide_at_rung(mine, entries, DIRECTIONS[m], cfg, 0, scales)
+        rank, front = full[mine.key]
+        assert d.front == front and d.rank <= rank <= d.rank_max, (mine.key, d, rank, front)
+        assert d.prune == (rank >= n_keep) and d.n_keep == n_keep
+        exact += d.rank == d.rank_max
+        ranged += d.rank < d.rank_max
+    assert ranged > 0  # the shortcut was taken
+    if len(sizes) == 1 or eta == 2:
+        assert exact > 0  # some trial of the cut front left it before the threshold: exact rank
