@@ -24,7 +24,7 @@ from kdsearch.search.recovery import (
     trial_heartbeat,
     uses_optuna_heartbeat,
 )
-from kdsearch.storage import heartbeat_interval_s, stale_trial_ids
+from kdsearch.storage import GRACE_ENV, INTERVAL_ENV, heartbeat_interval_s, stale_trial_ids
 
 
 def _study(tmp_path: Path) -> optuna.Study:
@@ -113,3 +113,72 @@ def test_optuna_heartbeats_fail_the_silent_trial_and_requeue_it(tmp_path: Path) 
 def test_storages_without_heartbeats_report_none(tmp_path: Path) -> None:
     study = _study(tmp_path)
     assert heartbeat_interval_s(study) is None and stale_trial_ids(study) == []
+
+
+def _rdb_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> optuna.Study:
+    """RDB storage with Optuna heartbeats (interval 1 s, grace 2 s) on sqlite: PostgreSQL's path."""
+    monkeypatch.setenv(INTERVAL_ENV, "1")
+    monkeypatch.setenv(GRACE_ENV, "2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = RDBStorage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=2,
+                             heartbeat_stale_trial_callback=stale_trial_callback(1))
+    return optuna.create_study(storage=storage, study_name="hb")
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_rdb_trial_claimed_by_a_worker_that_died_before_its_first_heartbeat_is_recovered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Optuna's stale test sees only trials with a heartbeat row: this one has none, and no worker
+    stamp (the soak's #112 and #146, RUNNING for ever on PostgreSQL)."""
+    study = _rdb_study(tmp_path, monkeypatch)
+    x = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    orphan = study.ask(x)
+    assert recover_stale(study, max_retries=1) == []  # just claimed: its worker may be about to beat
+    time.sleep(1.0)
+    assert recover_stale(study, max_retries=1) == []  # within the 2 s grace
+    assert study.trials[orphan.number].state == TrialState.RUNNING
+    time.sleep(1.4)
+    assert recover_stale(study, max_retries=1) == [orphan.number]
+    failed = study.trials[orphan.number]
+    assert failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"] == "stale"
+    assert "first heartbeat" in failed.user_attrs["fail_detail"], failed.user_attrs["fail_detail"]
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].params == failed.params
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_rdb_trial_of_a_dead_local_worker_is_recovered_without_waiting_for_a_heartbeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = _rdb_study(tmp_path, monkeypatch)
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    dead.set_user_attr("worker", {"host": socket.gethostname(), "pid": _dead_pid()})
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        live = study.ask()
+        live.set_user_attr("worker", {"host": socket.gethostname(), "pid": sleeper.pid})
+        assert recover_stale(study, max_retries=1) == [dead.number]
+        assert "is gone" in study.trials[dead.number].user_attrs["fail_detail"]
+        assert study.trials[live.number].state == TrialState.RUNNING
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_claimed_trial_beats_before_it_names_its_worker(tmp_path: Path) -> None:
+    """The order recovery relies on: a trial with a ``worker`` stamp has a heartbeat, so a RUNNING
+    trial without one past the grace was claimed by a worker that died before beating."""
+    import json
+
+    from kdsearch.search import worker
+
+    study = _study(tmp_path)
+    spec = worker.RunSpec(config={}, invocation="inv", deadline_epoch_s=time.time() + 3600, n_trials=None,
+                          status_path="", slot_lock=str(tmp_path / "slots.lock"))
+    trial = worker._claim_trial(study, spec)
+    assert trial is not None
+    keys = [k for line in (tmp_path / "j.log").read_text().splitlines()
+            for k in (json.loads(line).get("user_attr") or {})]
+    assert keys.index("heartbeat_at") < keys.index("worker"), keys
