@@ -269,36 +269,28 @@ _UNSTAMPED_SINCE: dict[tuple[str, int], float] = {}
 
 
 def _unbeating_trials(study: optuna.Study, grace_s: float, exclude: set[int]) -> dict[int, str]:
-    """RUNNING trials (storage id -> why) whose worker is gone although Optuna's heartbeat test
-    does not say so, which it cannot for a trial that never beat (it has no heartbeat row):
+    """RUNNING trials (storage id -> why) whose claimer died before its first heartbeat, which
+    Optuna's heartbeat test cannot see (such a trial has no heartbeat row).
 
-    * a ``worker`` stamp of this host whose process is gone (no need to wait for the grace);
-    * no ``worker`` stamp, seen so by this process for longer than ``grace_s``: the worker beats
-      once before it stamps the trial (:func:`first_heartbeat`), so the trial's claimer died
-      between ``study.ask()`` and that first beat. A trial claimed a moment ago is left alone.
+    A worker beats once before it stamps the trial it claimed (:func:`first_heartbeat`), so a
+    trial with a ``worker`` stamp has a heartbeat row and is Optuna's to judge; one without a stamp,
+    seen so by this process for longer than ``grace_s``, was claimed by a worker that died
+    between ``study.ask()`` and that first beat. A trial claimed a moment ago is left alone.
     """
     now = time.monotonic()
-    host = socket.gethostname()
     out: dict[int, str] = {}
     unstamped: set[tuple[str, int]] = set()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get(tr.WORKER)
-        why = None
-        if isinstance(worker, dict):
-            pid = worker.get("pid")
-            if worker.get("host") == host and isinstance(pid, int) and pid != os.getpid() and not pid_alive(pid):
-                why = f"worker pid {pid} on {host} is gone"
-        else:
-            key = (study.study_name, t.number)
-            unstamped.add(key)
-            first = _UNSTAMPED_SINCE.setdefault(key, now)
-            if now - first > grace_s:
-                why = (f"claimed but never stamped by its worker for {now - first:.0f}s > grace {grace_s:g}s "
-                       "(its worker died before its first heartbeat)")
-        if why is not None:
+        if isinstance(t.user_attrs.get(tr.WORKER), dict):
+            continue
+        key = (study.study_name, t.number)
+        unstamped.add(key)
+        first = _UNSTAMPED_SINCE.setdefault(key, now)
+        if now - first > grace_s:
             tid = trial_id(study, t.number)
             if tid not in exclude:
-                out[tid] = why
+                out[tid] = (f"claimed but never stamped by its worker for {now - first:.0f}s > grace {grace_s:g}s "
+                            "(its worker died before its first heartbeat)")
     for key in [k for k in _UNSTAMPED_SINCE if k[0] == study.study_name and k not in unstamped]:
         del _UNSTAMPED_SINCE[key]
     return out

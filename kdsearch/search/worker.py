@@ -58,7 +58,8 @@ _INTERRUPT_RETRY_S = 0.02  # a deferred interrupt is retried this often until it
 _PARENT_CHECK_S = 1.0  # watchdog period (where PR_SET_PDEATHSIG is not available)
 # Code that must not be cut by the interrupt: storage engines, file locks, atomic file writes.
 _CRITICAL_PACKAGES = frozenset({"optuna", "sqlalchemy", "psycopg", "psycopg2", "filelock"})
-_CRITICAL_MODULES = frozenset({"kdsearch.checkpoint", "kdsearch.storage", "kdsearch.search.recovery"})
+_CRITICAL_MODULES = frozenset({"kdsearch.checkpoint", "kdsearch.storage", "kdsearch.storage_faults",
+                               "kdsearch.search.recovery"})
 
 
 @dataclass(frozen=True)

@@ -149,22 +149,22 @@ def test_rdb_trial_claimed_by_a_worker_that_died_before_its_first_heartbeat_is_r
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
-def test_rdb_trial_of_a_dead_local_worker_is_recovered_without_waiting_for_a_heartbeat(
+def test_rdb_trial_claimed_by_a_live_worker_is_not_failed_past_the_grace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A worker's claim (ask, first beat, stamp) followed by its heartbeat: never taken for an orphan."""
+    from kdsearch.search import worker
+
     study = _rdb_study(tmp_path, monkeypatch)
-    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    dead.set_user_attr("worker", {"host": socket.gethostname(), "pid": _dead_pid()})
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        live = study.ask()
-        live.set_user_attr("worker", {"host": socket.gethostname(), "pid": sleeper.pid})
-        assert recover_stale(study, max_retries=1) == [dead.number]
-        assert "is gone" in study.trials[dead.number].user_attrs["fail_detail"]
-        assert study.trials[live.number].state == TrialState.RUNNING
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    spec = worker.RunSpec(config={}, invocation="inv", deadline_epoch_s=time.time() + 3600, n_trials=None,
+                          status_path="", slot_lock=str(tmp_path / "slots.lock"))
+    trial = worker._claim_trial(study, spec)
+    assert trial is not None
+    assert recover_stale(study, max_retries=1) == []
+    with trial_heartbeat(study, trial.number):
+        time.sleep(2.6)  # past the 2 s grace
+        assert recover_stale(study, max_retries=1) == []
+    assert study.trials[trial.number].state == TrialState.RUNNING
 
 
 def test_a_claimed_trial_beats_before_it_names_its_worker(tmp_path: Path) -> None:
