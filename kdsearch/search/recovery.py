@@ -13,6 +13,15 @@ refreshes every heartbeat interval. A RUNNING trial is stale when its worker's p
 transient storage errors (:class:`TrialHeartbeat` retries a failed beat with a bounded backoff)
 and stops only when the worker has stored the trial or the trial is finished in storage.
 
+Optuna's RDB test sees only trials that have a heartbeat row. A worker killed between
+``study.ask()`` and its first beat leaves a RUNNING trial without one, which would stay RUNNING
+for ever; so a worker beats once before it stamps the trial with its ``worker`` attr
+(:func:`first_heartbeat`), and :func:`fail_heartbeat_stale_trials` also fails a RUNNING trial
+that this process has seen without a stamp for longer than the grace period (its own monotonic
+clock: no other host's clock or time zone is trusted). Storage errors that go away by themselves
+(a PostgreSQL restart, a full disk) are retried below Optuna, in every storage call
+(:mod:`kdsearch.storage_faults`).
+
 Who calls :func:`recover_stale`: the supervisor when it starts (a restart after a crash), when
 one of its workers dies, and every few seconds; every worker before it asks for a trial (what
 Optuna's ``study.optimize`` does), so workers on other hosts recover each other's trials.
