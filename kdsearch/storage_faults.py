@@ -47,6 +47,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from optuna.exceptions import StorageInternalError
 from optuna.storages import RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import TrialState
@@ -129,7 +130,8 @@ def is_transient_storage_error(exc: BaseException) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
-    cause = exc.__cause__ if exc.__cause__ is not None and "commit" in str(exc) else exc  # Optuna's wrapper says nothing
+    # Optuna's StorageInternalError says only "during the commit": the database's own error is its cause.
+    cause = exc.__cause__ if isinstance(exc, StorageInternalError) and exc.__cause__ is not None else exc
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     return f"{type(cause).__name__}: {text[:300]}"
 
