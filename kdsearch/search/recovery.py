@@ -271,10 +271,10 @@ def fail_heartbeat_stale_trials(study: optuna.Study) -> list[int]:
     return sorted(t.number for _tid, t in failed)
 
 
-# (study name, trial number) -> time.monotonic() when this process first saw the trial RUNNING
-# without a worker stamp. This process's own clock: a claim time stored by another host (naive
+# (study name, trial number, claim time) -> time.monotonic() when this process first saw the trial
+# RUNNING without a worker stamp (the claim time tells apart trials of same-named studies). This process's own clock: a claim time stored by another host (naive
 # local time on RDB) would make a just-claimed trial look old under a clock or time-zone skew.
-_UNSTAMPED_SINCE: dict[tuple[str, int], float] = {}
+_UNSTAMPED_SINCE: dict[tuple[str, int, Any], float] = {}
 
 
 def _unbeating_trials(study: optuna.Study, grace_s: float, exclude: set[int]) -> dict[int, str]:
@@ -288,11 +288,11 @@ def _unbeating_trials(study: optuna.Study, grace_s: float, exclude: set[int]) ->
     """
     now = time.monotonic()
     out: dict[int, str] = {}
-    unstamped: set[tuple[str, int]] = set()
+    unstamped: set[tuple[str, int, Any]] = set()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if isinstance(t.user_attrs.get(tr.WORKER), dict):
             continue
-        key = (study.study_name, t.number)
+        key = (study.study_name, t.number, t.datetime_start)
         unstamped.add(key)
         first = _UNSTAMPED_SINCE.setdefault(key, now)
         if now - first > grace_s:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from optuna.trial import TrialState
 
 from kdsearch.search.recovery import (
     fail_stale_trials,
+    first_heartbeat,
     pid_alive,
     recover_stale,
     stale_trial_callback,
@@ -152,14 +154,13 @@ def test_rdb_trial_claimed_by_a_worker_that_died_before_its_first_heartbeat_is_r
 def test_rdb_trial_claimed_by_a_live_worker_is_not_failed_past_the_grace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker's claim (ask, first beat, stamp) followed by its heartbeat: never taken for an orphan."""
-    from kdsearch.search import worker
-
+    """A worker's claim (ask, first beat, stamp: the order test_a_claimed_trial_beats_before_it_names_its_worker
+    checks) followed by its heartbeat: never taken for an orphan."""
     study = _rdb_study(tmp_path, monkeypatch)
-    spec = worker.RunSpec(config={}, invocation="inv", deadline_epoch_s=time.time() + 3600, n_trials=None,
-                          status_path="", slot_lock=str(tmp_path / "slots.lock"))
-    trial = worker._claim_trial(study, spec)
-    assert trial is not None
+    trial = study.ask()
+    assert recover_stale(study, max_retries=1) == []  # claimed a moment ago, not beating yet
+    first_heartbeat(study, trial.number)
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
     assert recover_stale(study, max_retries=1) == []
     with trial_heartbeat(study, trial.number):
         time.sleep(2.6)  # past the 2 s grace
