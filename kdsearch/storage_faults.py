@@ -60,6 +60,7 @@ __all__ = [
     "RETRY_FIRST_S",
     "RETRY_MAX_WAIT_S",
     "TransientRetry",
+    "backoff_s",
     "TornJournalError",
     "SafeJournalFileBackend",
     "RetryingRDBStorage",
@@ -99,6 +100,16 @@ def storage_retry_s() -> float:
     if not value >= 0:
         raise ConfigError(RETRY_ENV, "must be a number of seconds >= 0", text)
     return value
+
+
+def backoff_s(failures_in_row: int, first_s: float, cap_s: float) -> float:
+    """The wait before the next try after ``failures_in_row`` failed ones: ``first_s``, twice as
+    long after each further failure, never more than ``cap_s`` (0 after none). The one schedule
+    of kdsearch's storage retries: :class:`TransientRetry` and the trial heartbeat's beats
+    (:class:`kdsearch.search.recovery.TrialHeartbeat`)."""
+    if failures_in_row <= 0:
+        return 0.0
+    return min(first_s * 2 ** (failures_in_row - 1), cap_s)
 
 
 def is_transient_storage_error(exc: BaseException) -> bool:
@@ -146,7 +157,7 @@ class TransientRetry:
         self.what = what
         self.total_s = storage_retry_s() if total_s is None else total_s
         self.failures = 0
-        self._wait_s = first_s
+        self._first_s = first_s
         self._max_wait_s = max_wait_s
         self._start: float | None = None
 
@@ -161,14 +172,14 @@ class TransientRetry:
             _log.warning("storage: %s failed (%s); retrying for up to %g s", self.what, _first_line(exc), self.total_s)
         self.failures += 1
         elapsed = now - self._start
-        if elapsed + self._wait_s > self.total_s:
+        wait_s = backoff_s(self.failures, self._first_s, self._max_wait_s)
+        if elapsed + wait_s > self.total_s:
             raise StorageError(
                 f"storage unreachable: {self.what} failed for {elapsed:.1f} s ({self.failures} tries, limit "
                 f"{self.total_s:g} s, {RETRY_ENV}); last error {_first_line(exc)}; check the disk or the "
                 "database, then run the same command again to resume"
             ) from exc
-        time.sleep(self._wait_s)
-        self._wait_s = min(self._wait_s * 2, self._max_wait_s)
+        time.sleep(wait_s)
 
     def succeeded(self) -> None:
         if self.failures:

@@ -58,6 +58,7 @@ from kdsearch.storage import (
     study_storage,
     trial_id,
 )
+from kdsearch.storage_faults import backoff_s
 
 __all__ = [
     "HEARTBEAT_EVERY_S",
@@ -147,7 +148,7 @@ class TrialHeartbeat:
         """The interval after a good beat; after failed ones the backoff, capped by the interval."""
         if self.failures_in_row == 0:
             return self._every_s
-        return min(self._retry_first_s * 2 ** (self.failures_in_row - 1), self._every_s)
+        return backoff_s(self.failures_in_row, self._retry_first_s, self._every_s)
 
     def _trial_ended(self) -> bool:
         if self._ended_fn is None:
