@@ -314,3 +314,24 @@ def test_the_supervisors_stale_recovery_survives_a_database_restart(tmp_path: Pa
     calls = _fail_once(monkeypatch, "_get_stale_trial_ids")
     assert recover_stale(study, max_retries=1) == []
     assert len(calls) == 2
+
+
+def test_no_record_is_appended_after_a_torn_last_line(tmp_path: Path) -> None:
+    """A whole-looking last line that is not JSON (torn and glued by an older version): Optuna
+    skips it while it is last, but any record after it would make the journal unreadable."""
+    path = tmp_path / "journal.log"
+    study = _journal_study(path)
+    study.enqueue_trial({})
+    good = path.read_bytes()
+    with open(path, "ab") as fh:
+        fh.write(b'{"op_code":8,"worker_id":"w","trial_id":0,"user_attr":{"lo{"op_code":8}\n')
+    reopened = load_study(f"journal:{path}", "s")
+    with pytest.raises(StorageError, match=f"byte {len(good)}"):
+        _set_attr_of_trial_0(reopened)
+    assert path.read_bytes().startswith(good) and path.read_bytes().count(b"\n") == good.count(b"\n") + 1
+
+
+def _set_attr_of_trial_0(study: optuna.Study) -> None:
+    from kdsearch.storage import study_storage, trial_id
+
+    study_storage(study).set_trial_user_attr(trial_id(study, 0), "after", 1)
