@@ -41,12 +41,20 @@ from typing import Any
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages.journal import JournalFileOpenLock
 from optuna.trial import FrozenTrial
 
 from kdsearch.config import StudyConfig, validate_storage_url
 from kdsearch.errors import ConfigError, StorageError
+from kdsearch.storage_faults import (
+    RETRY_ENV,
+    RetryingRDBStorage,
+    SafeJournalFileBackend,
+    TornJournalError,
+    repair_journal,
+    retry_transient,
+)
 
 __all__ = [
     "SHARED_CACHE_DIR",
@@ -59,6 +67,12 @@ __all__ = [
     "INTERVAL_ENV",
     "GRACE_ENV",
     "FAULT_DIR_ENV",
+    "RETRY_ENV",
+    "RetryingRDBStorage",
+    "SafeJournalFileBackend",
+    "TornJournalError",
+    "repair_journal",
+    "retry_transient",
     "RunPaths",
     "run_paths",
     "make_folder",
@@ -314,7 +328,8 @@ def open_storage(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(_driver_url(url), engine_kwargs=_engine_kwargs(url), **kwargs)
+                # Database calls retry transient errors (a server restarting), see storage_faults.
+                return RetryingRDBStorage(_driver_url(url), engine_kwargs=_engine_kwargs(url), **kwargs)
         except ImportError as exc:
             missing = getattr(exc.__cause__, "name", None) or exc.name or "its driver"
             raise StorageError(
@@ -337,16 +352,19 @@ def open_storage(
     fault_dir = os.environ.get(FAULT_DIR_ENV, "").strip()
     if fault_dir:  # test-only: the soak's transient journal write errors
         return JournalStorage(_FaultyJournalBackend(str(path), lock_obj=lock, fault_dir=fault_dir))
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+    # Appends land whole or not at all, transient errors are retried, a torn journal is named
+    # with its offset and the repair (storage_faults.SafeJournalFileBackend).
+    return JournalStorage(SafeJournalFileBackend(str(path), lock_obj=lock))
 
 
-class _FaultyJournalBackend(JournalFileBackend):
+class _FaultyJournalBackend(SafeJournalFileBackend):
     """A journal file whose next write fails once per token in ``fault_dir`` (:data:`FAULT_DIR_ENV`).
 
     Test-only, for the soak (``benchmarks/soak.py``): a file named ``journal-write-*`` in that
     folder is one transient write error. The process whose append claims it (removes it; only
     one can: it renames it ``claimed-<name>`` and writes its pid and the failed write there) raises
-    :class:`OSError` before writing a byte, as a full or flaky disk would; a token
+    :class:`OSError` before writing a byte, as a full or flaky disk would (one try of the append:
+    the backend's retry then writes it); a token
     named ``journal-write-heartbeat-*`` is claimed only by a heartbeat write. Nothing else changes.
     """
 
@@ -354,7 +372,7 @@ class _FaultyJournalBackend(JournalFileBackend):
         super().__init__(file_path, lock_obj=lock_obj)
         self._fault_dir = Path(fault_dir)
 
-    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+    def _append_once(self, data: bytes, logs: list[dict[str, Any]]) -> None:
         heartbeat = any("heartbeat_at" in (log.get("user_attr") or {}) for log in logs)
         try:
             names = sorted(p.name for p in self._fault_dir.iterdir() if p.name.startswith("journal-write-"))
@@ -372,7 +390,7 @@ class _FaultyJournalBackend(JournalFileBackend):
                 claimed.write_text(json.dumps({"pid": os.getpid(), "argv": sys.argv[:3], "writes": [
                     {"op_code": log.get("op_code"), "keys": sorted(log.get("user_attr") or {})} for log in logs]}))
             raise OSError(errno.EIO, f"injected transient journal write error ({FAULT_DIR_ENV} token {name})")
-        super().append_logs(logs)
+        super()._append_once(data, logs)
 
 
 def _driver_url(url: str) -> str:

@@ -40,6 +40,7 @@ FLOORS: dict[str, int] = {
     "kdsearch.progress": 6,
     "kdsearch.search": 5,
     "kdsearch.storage": 4,
+    "kdsearch.storage_faults": 4,
     "kdsearch.measure": 3,
     "kdsearch.measure.device": 3,
     "kdsearch.distill": 3,

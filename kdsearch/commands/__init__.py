@@ -19,6 +19,7 @@ COMMAND_HELP: dict[str, str] = {
     "finetune": "fine-tune an exported student's head on local data, features frozen",
     "table": "a paper-style pivot table from storage (Markdown and CSV)",
     "cache": "list the teacher-logit caches (key, size, studies), or remove them",
+    "repair": "cut a journal torn by a full disk or a crash at its torn record (keeps a backup)",
     "env": "versions, devices and NVML status for bug reports",
     "worker": "join an existing study from this host",
 }

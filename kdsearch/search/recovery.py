@@ -13,6 +13,15 @@ refreshes every heartbeat interval. A RUNNING trial is stale when its worker's p
 transient storage errors (:class:`TrialHeartbeat` retries a failed beat with a bounded backoff)
 and stops only when the worker has stored the trial or the trial is finished in storage.
 
+Optuna's RDB test sees only trials that have a heartbeat row. A worker killed between
+``study.ask()`` and its first beat leaves a RUNNING trial without one, which would stay RUNNING
+for ever; so a worker beats once before it stamps the trial with its ``worker`` attr
+(:func:`first_heartbeat`), and :func:`fail_heartbeat_stale_trials` also fails a RUNNING trial
+that this process has seen without a stamp for longer than the grace period (its own monotonic
+clock: no other host's clock or time zone is trusted). Storage errors that go away by themselves
+(a PostgreSQL restart, a full disk) are retried below Optuna, in every storage call
+(:mod:`kdsearch.storage_faults`).
+
 Who calls :func:`recover_stale`: the supervisor when it starts (a restart after a crash), when
 one of its workers dies, and every few seconds; every worker before it asks for a trial (what
 Optuna's ``study.optimize`` does), so workers on other hosts recover each other's trials.
@@ -49,6 +58,7 @@ from kdsearch.storage import (
     study_storage,
     trial_id,
 )
+from kdsearch.storage_faults import backoff_s
 
 __all__ = [
     "HEARTBEAT_EVERY_S",
@@ -56,6 +66,7 @@ __all__ = [
     "STALE_AFTER_S",
     "TrialHeartbeat",
     "trial_heartbeat",
+    "first_heartbeat",
     "recover_stale",
     "uses_optuna_heartbeat",
     "fail_stale_trials",
@@ -137,7 +148,7 @@ class TrialHeartbeat:
         """The interval after a good beat; after failed ones the backoff, capped by the interval."""
         if self.failures_in_row == 0:
             return self._every_s
-        return min(self._retry_first_s * 2 ** (self.failures_in_row - 1), self._every_s)
+        return backoff_s(self.failures_in_row, self._retry_first_s, self._every_s)
 
     def _trial_ended(self) -> bool:
         if self._ended_fn is None:
@@ -175,6 +186,29 @@ class TrialHeartbeat:
             self._beat()
 
 
+def _beat_of(study: optuna.Study, number: int) -> tuple[Callable[[], None], float]:
+    """The beat of trial ``number`` and its interval (s): Optuna's own heartbeat for RDB storages
+    with heartbeats (what ``study.optimize`` sends), else kdsearch's ``heartbeat_at`` user attr."""
+    storage = study_storage(study)
+    tid = trial_id(study, number)
+    interval = heartbeat_interval_s(study)
+    if interval is not None:
+        return (lambda: storage.record_heartbeat(tid)), float(interval)  # type: ignore[attr-defined]
+    every, _ = heartbeat_settings(HEARTBEAT_EVERY_S, STALE_AFTER_S)
+    return (lambda: storage.set_trial_user_attr(tid, tr.HEARTBEAT_AT, time.time())), float(every)
+
+
+def first_heartbeat(study: optuna.Study, number: int) -> None:
+    """The first beat of a trial just claimed, before its worker stamps it (``worker`` attr).
+
+    The order is what :func:`fail_heartbeat_stale_trials` relies on: a RUNNING trial without a
+    ``worker`` stamp past the grace period was claimed by a worker that died before its first
+    heartbeat, which Optuna's stale test (heartbeat rows only) never sees.
+    """
+    beat, _ = _beat_of(study, number)
+    beat()
+
+
 def trial_heartbeat(study: optuna.Study, number: int) -> TrialHeartbeat:
     """Optuna's own heartbeat for RDB storages with heartbeats (what ``study.optimize`` sends),
     else kdsearch's ``heartbeat_at`` user attr (journal, sqlite), for trial ``number``. Either
@@ -185,14 +219,8 @@ def trial_heartbeat(study: optuna.Study, number: int) -> TrialHeartbeat:
     def ended() -> bool:
         return storage.get_trial(tid).state.is_finished()
 
-    label = f"trial {number}"
-    interval = heartbeat_interval_s(study)
-    if interval is not None:
-        return TrialHeartbeat(lambda: storage.record_heartbeat(tid), float(interval),  # type: ignore[attr-defined]
-                              ended=ended, label=label)
-    every, _ = heartbeat_settings(HEARTBEAT_EVERY_S, STALE_AFTER_S)
-    return TrialHeartbeat(lambda: storage.set_trial_user_attr(tid, tr.HEARTBEAT_AT, time.time()), every,
-                          ended=ended, label=label)
+    beat, every = _beat_of(study, number)
+    return TrialHeartbeat(beat, every, ended=ended, label=f"trial {number}")
 
 
 def uses_optuna_heartbeat(study: optuna.Study) -> bool:
@@ -213,7 +241,8 @@ def recover_stale(study: optuna.Study, max_retries: int) -> list[int]:
 
 
 def fail_heartbeat_stale_trials(study: optuna.Study) -> list[int]:
-    """Optuna's ``fail_stale_trials`` for RDB storages, storing ``fail_reason: stale`` first.
+    """Optuna's ``fail_stale_trials`` for RDB storages, storing ``fail_reason: stale`` first, and
+    the RUNNING trials Optuna's test cannot see (:func:`_unbeating_trials`).
 
     Optuna's own function changes the state and then runs the callback, when the trial no longer
     accepts user attrs; this one writes the reason, then the state, then runs the storage's
@@ -222,8 +251,10 @@ def fail_heartbeat_stale_trials(study: optuna.Study) -> list[int]:
     storage = study_storage(study)
     # The grace open_storage gave this RDB storage (same defaults, same environment), for the message.
     _, grace = heartbeat_settings(HEARTBEAT_INTERVAL_S, HEARTBEAT_GRACE_S)
+    candidates: dict[int, str | None] = dict.fromkeys(stale_trial_ids(study))
+    candidates.update(_unbeating_trials(study, float(grace), exclude=set(candidates)))
     failed: list[tuple[int, FrozenTrial]] = []
-    for tid in stale_trial_ids(study):
+    for tid, why in candidates.items():
         try:
             trial = storage.get_trial(tid)
         except KeyError:
@@ -231,7 +262,7 @@ def fail_heartbeat_stale_trials(study: optuna.Study) -> list[int]:
         if trial.state != TrialState.RUNNING:
             continue
         worker = trial.user_attrs.get(tr.WORKER) or {}
-        detail = f"no heartbeat for > {grace}s (worker {worker.get('host', '?')}:{worker.get('pid', '?')})"
+        detail = why or f"no heartbeat for > {grace}s (worker {worker.get('host', '?')}:{worker.get('pid', '?')})"
         if mark_failed(study, trial, "stale", detail):
             failed.append((tid, trial))
     callback = storage.get_heartbeat_stale_trial_callback()  # type: ignore[attr-defined]
@@ -239,6 +270,40 @@ def fail_heartbeat_stale_trials(study: optuna.Study) -> list[int]:
         if callback is not None:
             callback(study, copy.deepcopy(storage.get_trial(tid)))
     return sorted(t.number for _tid, t in failed)
+
+
+# (study name, trial number, claim time) -> time.monotonic() when this process first saw the trial
+# RUNNING without a worker stamp (the claim time tells apart trials of same-named studies). This process's own clock: a claim time stored by another host (naive
+# local time on RDB) would make a just-claimed trial look old under a clock or time-zone skew.
+_UNSTAMPED_SINCE: dict[tuple[str, int, Any], float] = {}
+
+
+def _unbeating_trials(study: optuna.Study, grace_s: float, exclude: set[int]) -> dict[int, str]:
+    """RUNNING trials (storage id -> why) whose claimer died before its first heartbeat, which
+    Optuna's heartbeat test cannot see (such a trial has no heartbeat row).
+
+    A worker beats once before it stamps the trial it claimed (:func:`first_heartbeat`), so a
+    trial with a ``worker`` stamp has a heartbeat row and is Optuna's to judge; one without a stamp,
+    seen so by this process for longer than ``grace_s``, was claimed by a worker that died
+    between ``study.ask()`` and that first beat. A trial claimed a moment ago is left alone.
+    """
+    now = time.monotonic()
+    out: dict[int, str] = {}
+    unstamped: set[tuple[str, int, Any]] = set()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if isinstance(t.user_attrs.get(tr.WORKER), dict):
+            continue
+        key = (study.study_name, t.number, t.datetime_start)
+        unstamped.add(key)
+        first = _UNSTAMPED_SINCE.setdefault(key, now)
+        if now - first > grace_s:
+            tid = trial_id(study, t.number)
+            if tid not in exclude:
+                out[tid] = (f"claimed but never stamped by its worker for {now - first:.0f}s > grace {grace_s:g}s "
+                            "(its worker died before its first heartbeat)")
+    for key in [k for k in _UNSTAMPED_SINCE if k[0] == study.study_name and k not in unstamped]:
+        del _UNSTAMPED_SINCE[key]
+    return out
 
 
 def _is_stale(t: FrozenTrial, now: float, stale_after_s: float) -> str | None:

@@ -14,6 +14,10 @@
   there :data:`KILL_WAIT_S` after SIGKILL (blocked in the kernel, e.g. in a GPU driver call) is
   recorded as lost (``SearchOutcome.lost_workers``, a warning in the log), its RUNNING trial is
   failed as ``stale`` and re-queued, and the run goes on without it.
+- A storage error that goes away by itself (a PostgreSQL restart, a journal write on a full disk)
+  is retried inside the storage call, with a bounded backoff, logged once per incident
+  (:mod:`kdsearch.storage_faults`); only storage unreachable for ``KDSEARCH_STORAGE_RETRY_S``
+  (default 120 s) ends the run, with a one-line error.
 - Workers die with the supervisor (see :mod:`kdsearch.search.worker`), so a SIGKILL of the whole
   run leaves no orphan; the next run recovers the trials they were running.
 - Ctrl-C once: workers finish their running trial, then stop. Twice: the running trials stop now

@@ -44,7 +44,7 @@ from kdsearch.config import StudyConfig, config_from_dict
 from kdsearch.errors import KDSearchError, TrialFailure
 from kdsearch.measure.device import describe_worker_device
 from kdsearch.search.objective import run_trial
-from kdsearch.search.recovery import recover_stale, trial_heartbeat
+from kdsearch.search.recovery import first_heartbeat, recover_stale, trial_heartbeat
 from kdsearch.search.rehearsal import rehearsal_wall_s
 from kdsearch.search.study import create_or_resume, make_sampler
 from kdsearch.search.worker_setup import WorkerContext, pick_device, prepare_worker, teacher_summary
@@ -58,7 +58,8 @@ _INTERRUPT_RETRY_S = 0.02  # a deferred interrupt is retried this often until it
 _PARENT_CHECK_S = 1.0  # watchdog period (where PR_SET_PDEATHSIG is not available)
 # Code that must not be cut by the interrupt: storage engines, file locks, atomic file writes.
 _CRITICAL_PACKAGES = frozenset({"optuna", "sqlalchemy", "psycopg", "psycopg2", "filelock"})
-_CRITICAL_MODULES = frozenset({"kdsearch.checkpoint", "kdsearch.storage", "kdsearch.search.recovery"})
+_CRITICAL_MODULES = frozenset({"kdsearch.checkpoint", "kdsearch.storage", "kdsearch.storage_faults",
+                               "kdsearch.search.recovery"})
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,9 @@ def _claim_trial(study: optuna.Study, spec: RunSpec) -> optuna.Trial | None:
                 return None
         trial = study.ask()
         trial.set_user_attr(tr.INVOCATION, spec.invocation)
+        # Beat before the worker stamp: recovery takes a RUNNING trial without a stamp past the
+        # grace for one whose claimer died before its first heartbeat (Optuna's test cannot see it).
+        first_heartbeat(study, trial.number)
         trial.set_user_attr(tr.WORKER, {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()})
         return trial
 
@@ -266,7 +270,12 @@ def run_trials(ctx: WorkerContext, study: optuna.Study, spec: RunSpec, status: _
         # What Optuna's study.optimize does before each trial: fail the trials of dead workers
         # (on any host) and re-queue their params, so this ask may pick them up.
         recover_stale(study, cfg.study.max_retries)
-        trial = _claim_trial(study, spec)
+        try:
+            trial = _claim_trial(study, spec)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Failed as never stamped while a storage outage held this worker between its ask and
+            # its stamp (recovery's rule for a claimer that died): no box was paid; claim another.
+            continue
         if trial is None:
             return f"reached --n-trials {spec.n_trials}"
         t0 = time.monotonic()

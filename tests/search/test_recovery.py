@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -18,13 +19,14 @@ from optuna.trial import TrialState
 
 from kdsearch.search.recovery import (
     fail_stale_trials,
+    first_heartbeat,
     pid_alive,
     recover_stale,
     stale_trial_callback,
     trial_heartbeat,
     uses_optuna_heartbeat,
 )
-from kdsearch.storage import heartbeat_interval_s, stale_trial_ids
+from kdsearch.storage import GRACE_ENV, INTERVAL_ENV, heartbeat_interval_s, stale_trial_ids
 
 
 def _study(tmp_path: Path) -> optuna.Study:
@@ -113,3 +115,71 @@ def test_optuna_heartbeats_fail_the_silent_trial_and_requeue_it(tmp_path: Path) 
 def test_storages_without_heartbeats_report_none(tmp_path: Path) -> None:
     study = _study(tmp_path)
     assert heartbeat_interval_s(study) is None and stale_trial_ids(study) == []
+
+
+def _rdb_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> optuna.Study:
+    """RDB storage with Optuna heartbeats (interval 1 s, grace 2 s) on sqlite: PostgreSQL's path."""
+    monkeypatch.setenv(INTERVAL_ENV, "1")
+    monkeypatch.setenv(GRACE_ENV, "2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = RDBStorage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=2,
+                             heartbeat_stale_trial_callback=stale_trial_callback(1))
+    return optuna.create_study(storage=storage, study_name="hb")
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_rdb_trial_claimed_by_a_worker_that_died_before_its_first_heartbeat_is_recovered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Optuna's stale test sees only trials with a heartbeat row: this one has none, and no worker
+    stamp (the soak's #112 and #146, RUNNING for ever on PostgreSQL)."""
+    study = _rdb_study(tmp_path, monkeypatch)
+    x = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    orphan = study.ask(x)
+    assert recover_stale(study, max_retries=1) == []  # just claimed: its worker may be about to beat
+    time.sleep(1.0)
+    assert recover_stale(study, max_retries=1) == []  # within the 2 s grace
+    assert study.trials[orphan.number].state == TrialState.RUNNING
+    time.sleep(1.4)
+    assert recover_stale(study, max_retries=1) == [orphan.number]
+    failed = study.trials[orphan.number]
+    assert failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"] == "stale"
+    assert "first heartbeat" in failed.user_attrs["fail_detail"], failed.user_attrs["fail_detail"]
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].params == failed.params
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_rdb_trial_claimed_by_a_live_worker_is_not_failed_past_the_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's claim (ask, first beat, stamp: the order test_a_claimed_trial_beats_before_it_names_its_worker
+    checks) followed by its heartbeat: never taken for an orphan."""
+    study = _rdb_study(tmp_path, monkeypatch)
+    trial = study.ask()
+    assert recover_stale(study, max_retries=1) == []  # claimed a moment ago, not beating yet
+    first_heartbeat(study, trial.number)
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+    assert recover_stale(study, max_retries=1) == []
+    with trial_heartbeat(study, trial.number):
+        time.sleep(2.6)  # past the 2 s grace
+        assert recover_stale(study, max_retries=1) == []
+    assert study.trials[trial.number].state == TrialState.RUNNING
+
+
+def test_a_claimed_trial_beats_before_it_names_its_worker(tmp_path: Path) -> None:
+    """The order recovery relies on: a trial with a ``worker`` stamp has a heartbeat, so a RUNNING
+    trial without one past the grace was claimed by a worker that died before beating."""
+    import json
+
+    from kdsearch.search import worker
+
+    study = _study(tmp_path)
+    spec = worker.RunSpec(config={}, invocation="inv", deadline_epoch_s=time.time() + 3600, n_trials=None,
+                          status_path="", slot_lock=str(tmp_path / "slots.lock"))
+    trial = worker._claim_trial(study, spec)
+    assert trial is not None
+    keys = [k for line in (tmp_path / "j.log").read_text().splitlines()
+            for k in (json.loads(line).get("user_attr") or {})]
+    assert keys.index("heartbeat_at") < keys.index("worker"), keys

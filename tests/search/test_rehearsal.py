@@ -172,12 +172,11 @@ def test_a_fault_token_fails_exactly_one_journal_write(tmp_path: Path, monkeypat
     (faults / "journal-write-heartbeat-0").write_text("")
     storage.set_trial_user_attr(tid, "other", 1)  # a heartbeat-only token leaves other writes alone
     (faults / "journal-write-1").write_text("")
-    with pytest.raises(OSError, match="injected transient journal write error"):
-        storage.set_trial_user_attr(tid, "x", 1)
-    storage.set_trial_user_attr(tid, "x", 2)  # transient: the next write goes through
-    with pytest.raises(OSError):
-        storage.set_trial_user_attr(tid, "heartbeat_at", 1.0)
-    storage.set_trial_user_attr(tid, "heartbeat_at", 2.0)
+    # The token fails one try of the write; the journal's retry (storage_faults) then writes it.
+    storage.set_trial_user_attr(tid, "x", 1)
+    assert sorted(p.name for p in faults.iterdir()) == ["claimed-journal-write-1", "journal-write-heartbeat-0"]
+    storage.set_trial_user_attr(tid, "x", 2)
+    storage.set_trial_user_attr(tid, "heartbeat_at", 2.0)  # claims the heartbeat token, then written
     assert storage.get_trial(tid).user_attrs == {"other": 1, "x": 2, "heartbeat_at": 2.0}
     claimed = sorted(p.name for p in faults.iterdir())
     assert claimed == ["claimed-journal-write-1", "claimed-journal-write-heartbeat-0"]
