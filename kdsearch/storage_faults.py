@@ -28,12 +28,22 @@ whole or not at all, and a journal torn by an older version is named, not half-r
   consistent repair: every process stopped reading at the torn record, so every write after it
   was refused to its writer.
 
+* **Journal snapshots** (Optuna's ``BaseJournalSnapshot``, which its Redis backend implements):
+  every 100th trial, the process that creates it saves Optuna's replayed state to
+  ``<journal>.snapshot``, and opening the study starts from the newest snapshot instead of
+  replaying every record (at 3,000 trials, about 1.4 s of the 2 s an open took). A snapshot names
+  the record it stops at, its byte offset, a hash of the journal bytes just before that offset and
+  the Optuna version; one that does not match the journal (cut by ``kdsearch repair``, written by
+  another version, damaged) is ignored and the journal replayed whole, so a snapshot can only
+  make an open faster, never different.
+
 Floor 4, beside :mod:`kdsearch.storage`, which opens the storages through these classes.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -47,9 +57,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import optuna
 from optuna.exceptions import StorageInternalError
 from optuna.storages import RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.storages.journal._base import BaseJournalSnapshot  # where Optuna's Redis backend takes it from
 from optuna.trial import TrialState
 
 from kdsearch.errors import ConfigError, StorageError
@@ -70,6 +82,7 @@ __all__ = [
     "storage_retry_s",
     "find_torn_record",
     "repair_journal",
+    "snapshot_path",
 ]
 
 STORAGE_RETRY_S = 120.0  # how long a storage call is retried before the run gives up
@@ -238,9 +251,25 @@ def find_torn_record(path: str | Path) -> tuple[int, int] | None:
     return None
 
 
-class SafeJournalFileBackend(JournalFileBackend):
+SNAPSHOT_SUFFIX = ".snapshot"
+_SNAPSHOT_TAIL_BYTES = 4096  # the journal bytes before a snapshot's offset that its hash covers
+
+
+def snapshot_path(journal: str | Path) -> Path:
+    """Where the journal's snapshot lives: ``<journal>.snapshot``, beside it."""
+    journal = Path(journal)
+    return journal.with_name(journal.name + SNAPSHOT_SUFFIX)
+
+
+def _tail_sha256(fd: int, offset: int) -> str:
+    start = max(0, offset - _SNAPSHOT_TAIL_BYTES)
+    return hashlib.sha256(os.pread(fd, offset - start, start)).hexdigest()
+
+
+class SafeJournalFileBackend(JournalFileBackend, BaseJournalSnapshot):
     """Optuna's journal file, with appends that land whole or not at all, transient errors retried,
-    and a torn record reported as :class:`TornJournalError` (see the module docstring).
+    a torn record reported as :class:`TornJournalError`, and snapshots of the replayed state (see
+    the module docstring).
 
     The lock is Optuna's (``JournalFileOpenLock``, passed in), the same every writer of the file
     takes, so the length read before a write is the length to go back to.
@@ -249,6 +278,76 @@ class SafeJournalFileBackend(JournalFileBackend):
     def __init__(self, file_path: str, lock_obj: JournalFileOpenLock) -> None:
         super().__init__(file_path, lock_obj=lock_obj)
         self._append_lock = lock_obj
+        self._read_through = 0  # records read by the last read_logs that ran to the end
+
+    def save_snapshot(self, snapshot: bytes) -> None:
+        """Save Optuna's pickled replay state, taken right after it read every record up to
+        :attr:`_read_through` (``JournalStorage`` syncs, then snapshots, under its lock). Written to
+        a temporary file and renamed, so a reader sees the old snapshot or the new one. A snapshot
+        that cannot be written is skipped: it only makes later opens faster."""
+        n = self._read_through
+        offset = self._log_number_offset.get(n)
+        if n == 0 or offset is None:
+            return
+        target = snapshot_path(self._file_path)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(self._file_path, os.O_RDONLY)
+            try:
+                tail = _tail_sha256(fd, offset)
+            finally:
+                os.close(fd)
+            header = {"optuna": optuna.__version__, "records": n, "offset": offset, "tail_sha256": tail,
+                      "snapshot_sha256": hashlib.sha256(snapshot).hexdigest()}
+            tmp.write_bytes(json.dumps(header).encode() + b"\n" + snapshot)
+            os.replace(tmp, target)
+        except OSError as exc:
+            _log.warning("storage: could not save the journal snapshot %s (%s); opens replay the journal", target, exc)
+            tmp.unlink(missing_ok=True)
+
+    def load_snapshot(self) -> bytes | None:
+        """The saved replay state, if it still describes the start of this journal (see the module
+        docstring); else None, and Optuna replays the journal whole. A usable snapshot also tells
+        the reader where its record starts, so the records before it are not even scanned."""
+        target = snapshot_path(self._file_path)
+        try:
+            data = target.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            _log.warning("storage: could not read the journal snapshot %s (%s); replaying the journal", target, exc)
+            return None
+        why = self._snapshot_mismatch(data)
+        if why is not None:
+            _log.info("storage: journal snapshot %s not used (%s); replaying the journal", target, why)
+            return None
+        header_end = data.index(b"\n")
+        header = json.loads(data[:header_end])
+        self._log_number_offset[int(header["records"])] = int(header["offset"])
+        return data[header_end + 1:]
+
+    def _snapshot_mismatch(self, data: bytes) -> str | None:
+        """Why ``data`` (a snapshot file) must not be used for this journal, or None."""
+        try:
+            header_end = data.index(b"\n")
+            header = json.loads(data[:header_end])
+            records, offset = int(header["records"]), int(header["offset"])
+        except (ValueError, KeyError, TypeError):
+            return "no readable header"
+        if header.get("optuna") != optuna.__version__:
+            return f"written by Optuna {header.get('optuna')}, this is {optuna.__version__}"
+        if hashlib.sha256(data[header_end + 1:]).hexdigest() != header.get("snapshot_sha256"):
+            return "damaged"
+        fd = os.open(self._file_path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if records <= 0 or not 0 < offset <= size or os.pread(fd, 1, offset - 1) != b"\n":
+                return f"it ends at byte {offset}, which is not a record boundary of the journal ({size} bytes)"
+            if _tail_sha256(fd, offset) != header.get("tail_sha256"):
+                return "the journal before its end changed (cut and written again)"
+        finally:
+            os.close(fd)
+        return None
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
@@ -332,6 +431,7 @@ class SafeJournalFileBackend(JournalFileBackend):
                 retry.failed(exc)  # resumes at record n: the records yielded are not yielded again
                 continue
             retry.succeeded()
+            self._read_through = n
             return
 
 
@@ -367,6 +467,7 @@ def repair_journal(path: str | Path, *, apply: bool) -> JournalRepair:
         backup = path.with_name(f"{path.name}.torn-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
         shutil.copy2(path, backup)
         os.truncate(path, offset)
+        snapshot_path(path).unlink(missing_ok=True)  # it may describe records past the cut
         return JournalRepair(path, offset, line, size - offset, backup)
     finally:
         lock.release()

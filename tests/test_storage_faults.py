@@ -335,3 +335,84 @@ def _set_attr_of_trial_0(study: optuna.Study) -> None:
     from kdsearch.storage import study_storage, trial_id
 
     study_storage(study).set_trial_user_attr(trial_id(study, 0), "after", 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Journal snapshots: an open starts from the newest snapshot, and only ever one that fits
+
+
+def _trials_of(path: Path) -> list[tuple]:
+    """The stored trials as plain tuples, read by Optuna's own journal backend (no snapshot)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(storage=JournalStorage(JournalFileBackend(str(path))), study_name="s")
+    return [(t.number, t.state, t.values, t.params, t.user_attrs) for t in study.get_trials(deepcopy=False)]
+
+
+def _snapshot_study(path: Path, n_trials: int) -> None:
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("a", trial.number)
+        return trial.suggest_float("x", 0, 1)
+
+    _journal_study(path).optimize(objective, n_trials=n_trials)
+
+
+def _open_counting_parsed_records(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple], int]:
+    import optuna.storages.journal._file as journal_file
+
+    parsed = []
+    real_loads = journal_file.json.loads
+    monkeypatch.setattr(journal_file.json, "loads", lambda b, *a, **k: parsed.append(1) or real_loads(b, *a, **k))
+    study = optuna.load_study(storage=open_storage(f"journal:{path}"), study_name="s")
+    monkeypatch.setattr(journal_file.json, "loads", real_loads)
+    return [(t.number, t.state, t.values, t.params, t.user_attrs) for t in study.get_trials(deepcopy=False)], len(parsed)
+
+
+def test_an_open_starts_from_the_snapshot_and_reads_the_same_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdsearch.storage_faults import snapshot_path
+
+    path = tmp_path / "journal.log"
+    _snapshot_study(path, 130)  # trial ids 100 (and 0) snapshot; 30 trials after it
+    assert snapshot_path(path).is_file()
+    records = len(path.read_bytes().splitlines())
+    trials, parsed = _open_counting_parsed_records(path, monkeypatch)
+    assert trials == _trials_of(path)
+    assert len(trials) == 130
+    assert parsed < records / 3, (parsed, records)  # only the records after the snapshot are parsed
+
+
+def test_a_snapshot_that_no_longer_fits_the_journal_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdsearch.storage_faults import snapshot_path
+
+    path = tmp_path / "journal.log"
+    _snapshot_study(path, 110)
+    snap = snapshot_path(path).read_bytes()
+    records = len(path.read_bytes().splitlines())
+    # the journal cut before the snapshot's end and written again (as after a repair): same length, other records
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2].rsplit(b"\n", 1)[0] + b"\n")
+    study = optuna.load_study(storage=open_storage(f"journal:{path}"), study_name="s")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=60)
+    snapshot_path(path).write_bytes(snap)  # the old snapshot back in place
+    trials, parsed = _open_counting_parsed_records(path, monkeypatch)
+    assert trials == _trials_of(path)
+    assert parsed >= len(path.read_bytes().splitlines()) - 1  # replayed whole
+
+    # damaged, or from another Optuna version: ignored as well
+    for bad in (snap[:-10] + b"0123456789", snap.replace(optuna.__version__.encode(), b"0.0.0", 1)):
+        snapshot_path(path).write_bytes(bad)
+        assert _open_counting_parsed_records(path, monkeypatch)[0] == _trials_of(path)
+    assert records > 0
+
+
+def test_repair_removes_the_snapshot(tmp_path: Path) -> None:
+    from kdsearch.storage_faults import repair_journal, snapshot_path
+
+    path = tmp_path / "journal.log"
+    _snapshot_study(path, 105)
+    with path.open("ab") as fh:
+        fh.write(b'{"op_code": 4, "broken\n{"op_code": 0}\n')
+    assert repair_journal(path, apply=True).backup is not None
+    assert not snapshot_path(path).exists()
+    assert len(_trials_of(path)) == 105
