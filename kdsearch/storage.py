@@ -83,6 +83,8 @@ __all__ = [
     "redact_url",
     "heartbeat_settings",
     "open_storage",
+    "JOURNAL_LOCK_GRACE_S",
+    "journal_lock_grace_s",
     "load_study",
     "artifact_store",
     "study_storage",
@@ -291,6 +293,19 @@ def heartbeat_settings(default_interval_s: float, default_grace_s: float) -> tup
     return interval, max(grace, 2 * interval)
 
 
+JOURNAL_LOCK_GRACE_S = 30  # Optuna's own default: a lock file untouched this long is broken
+
+
+def journal_lock_grace_s() -> int:
+    """How long a journal lock file left by a killed process blocks every writer before it is
+    broken, s: Optuna's 30 s, or a quarter of a shorter heartbeat grace (:data:`GRACE_ENV`, at
+    least 3 s). A worker killed while it holds the lock stalls every heartbeat for this long; were
+    it longer than the heartbeat grace, the supervisor would fail the live trials of the other
+    workers as stale (the soak saw it at a 15 s grace). An append holds the lock for one write."""
+    grace = _env_seconds(GRACE_ENV, 4 * JOURNAL_LOCK_GRACE_S)
+    return max(3, min(JOURNAL_LOCK_GRACE_S, grace // 4))
+
+
 def _env_seconds(name: str, default: float) -> int:
     text = os.environ.get(name, "").strip()
     if not text:
@@ -348,7 +363,7 @@ def open_storage(
         raise StorageError(f"--storage: {str(path)!r} is a folder, not a journal file")
     make_folder(path.parent, "--run-dir/--storage")
     # The open-lock works on every POSIX file system (NFS included), unlike symlink locks.
-    lock = JournalFileOpenLock(str(path))
+    lock = JournalFileOpenLock(str(path), grace_period=journal_lock_grace_s())
     fault_dir = os.environ.get(FAULT_DIR_ENV, "").strip()
     if fault_dir:  # test-only: the soak's transient journal write errors
         return JournalStorage(_FaultyJournalBackend(str(path), lock_obj=lock, fault_dir=fault_dir))

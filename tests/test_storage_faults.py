@@ -416,3 +416,25 @@ def test_repair_removes_the_snapshot(tmp_path: Path) -> None:
     assert repair_journal(path, apply=True).backup is not None
     assert not snapshot_path(path).exists()
     assert len(_trials_of(path)) == 105
+
+
+def test_a_lock_left_by_a_killed_writer_is_broken_well_inside_the_heartbeat_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The soak: a worker SIGKILLed while it held the journal lock stalled every heartbeat for
+    Optuna's 30 s lock grace, and the supervisor failed a live trial as stale (grace 15 s)."""
+    import time
+
+    from kdsearch.storage import GRACE_ENV, JOURNAL_LOCK_GRACE_S, journal_lock_grace_s
+
+    assert journal_lock_grace_s() == JOURNAL_LOCK_GRACE_S == 30  # the default journal grace is 60 s
+    monkeypatch.setenv(GRACE_ENV, "15")
+    assert journal_lock_grace_s() == 3
+    path = tmp_path / "journal.log"
+    study = _journal_study(path)
+    Path(f"{path}.lock").touch()  # what a writer killed inside the lock leaves
+    t0 = time.monotonic()
+    study.set_user_attr("after", 1)
+    waited_s = time.monotonic() - t0
+    assert 3 <= waited_s < 7.5, waited_s  # broken after the 3 s lock grace, half the 15 s heartbeat grace
+    assert optuna.load_study(storage=open_storage(f"journal:{path}"), study_name="s").user_attrs["after"] == 1

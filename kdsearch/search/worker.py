@@ -49,6 +49,7 @@ from kdsearch.search.rehearsal import rehearsal_wall_s
 from kdsearch.search.study import create_or_resume, make_sampler
 from kdsearch.search.worker_setup import WorkerContext, pick_device, prepare_worker, teacher_summary
 from kdsearch.storage import run_paths
+from kdsearch.storage_faults import retry_transient
 
 __all__ = ["RunSpec", "estimate_trial_s", "worker_main", "align_objectives", "EXIT_USER_ERROR", "EXIT_CRASH"]
 
@@ -112,8 +113,11 @@ class _Status:
         self.write()
 
     def write(self) -> None:
+        # A full disk is a pause, not a failed trial: the write is retried like a storage call
+        # (kdsearch.storage_faults), and the trial goes on once the status is written.
         self.data["updated_at"] = time.time()
-        atomic_write_text(self.path, json.dumps(self.data))
+        text = json.dumps(self.data)
+        retry_transient(lambda: atomic_write_text(self.path, text), f"writing the worker status {self.path}")
 
     def update(self, force: bool = False, **kw: Any) -> None:
         # Phase or trial changes are written at once; bar and message updates at most 2 per second.

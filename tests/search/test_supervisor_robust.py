@@ -192,3 +192,26 @@ def test_a_worker_that_crashes_in_every_trial_is_given_up(tmp_path: Path, monkey
         assert written["trials_done"] == 1 and written["trials_finished"] == 0
         count = deaths_in_row(count, written)
     assert count == MAX_DEATHS_IN_A_ROW
+
+
+def test_a_full_disk_pauses_the_worker_status_instead_of_failing_the_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The soak: a status write (the progress bar of a trial in its box) hit ENOSPC while the
+    disk was full, and the trial failed with ``error``. It is now retried like a storage call."""
+    import errno
+
+    real_write = worker.atomic_write_text
+    calls: list[str] = []
+
+    def full_twice(path: str, text: str) -> None:
+        calls.append(text)
+        if len(calls) in (2, 3):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, text)
+
+    monkeypatch.setattr(worker, "atomic_write_text", full_twice)
+    status = worker._Status(str(tmp_path / "status.json"))
+    status.update(force=True, phase="distil", fraction=0.5, message="replaying")
+    assert len(calls) == 4  # the first write, two refused, the retry that went through
+    assert json.loads((tmp_path / "status.json").read_text())["fraction"] == 0.5
