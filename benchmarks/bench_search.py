@@ -58,8 +58,10 @@ AXES = ("depth", "width", "resolution", "temperature", "alpha")
 N_EVALS = 27  # evaluations per box in the table (every 1/27)
 SCREEN_COST_BOX = 0.005  # fixed-cost measurement before training, as a share of the box (3 s of 10 min)
 REFERENCE = (0.9, 1.1)  # (1 - accuracy: chance on 10 classes, normalised log10 MACs: 10% beyond the max)
-ES_STRATEGIES = ("random+es", "tpe+es", "tpe+es+screen")
-ALL_STRATEGIES = ("random", "tpe", "nsga2", "random+es", "tpe+es", "tpe+es+screen", "neps-moasha")
+RUNG_TPE = ("tpe-impute", "tpe-bohb", "tpe-rank")  # kdsearch.search.samplers.RungTPESampler's modes
+ES_STRATEGIES = ("random+es", "tpe+es", *(f"{t}+es" for t in RUNG_TPE), "tpe+es+screen")
+ALL_STRATEGIES = ("random", "tpe", "nsga2", "random+es", "tpe+es", *(f"{t}+es" for t in RUNG_TPE), "tpe+es+screen",
+                  "neps-moasha", "synetune-moasha")
 
 Key = tuple[Any, ...]
 
@@ -216,7 +218,8 @@ def nearest_new_row(table: Table, proposal: dict[str, Any], paid: set[Key]) -> K
 
 
 def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params: float | None,
-               tpe: str = "kdsearch", eta: int = 3, min_fraction: float = 1 / 9, startup: int = 10) -> Trace:
+               tpe: str = "kdsearch", eta: int = 3, min_fraction: float = 1 / 9, startup: int = 10,
+               min_observations: int = 5) -> Trace:
     import optuna  # noqa: PLC0415
 
     from kdsearch.config import PruningConfig  # noqa: PLC0415
@@ -236,6 +239,11 @@ def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
                                              constant_liar=True) \
             if tpe == "kdsearch" else optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    elif base.startswith("tpe-"):  # kdsearch's TPE reading the PRUNED trials (kdsearch.search.samplers)
+        from kdsearch.search.samplers import RungTPESampler  # noqa: PLC0415
+
+        sampler = RungTPESampler(mode=base.removeprefix("tpe-"), min_observations=min_observations, seed=seed,
+                                 n_startup_trials=startup, multivariate=True, constant_liar=True)
     elif base == "nsga2":
         sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=10)  # 3-4 generations in budget
     else:
@@ -437,6 +445,8 @@ def main() -> int:
     ap.add_argument("--eta", type=int, default=3, help="study.pruning.eta")
     ap.add_argument("--min-fraction", type=float, default=1 / 9, help="study.pruning.min_fraction (a multiple of 1/27)")
     ap.add_argument("--startup", type=int, default=10, help="study.n_startup_trials of TPE")
+    ap.add_argument("--min-observations", type=int, default=5,
+                    help="tpe-impute/tpe-bohb: observations at a rung before it is used (RungTPESampler)")
     ap.add_argument("--target", type=float, default=None,
                     help="HV share to reach (default: this run's full-box TPE median final HV share)")
     ap.add_argument("--neps-worker", type=Path, default=None, help=argparse.SUPPRESS)
@@ -466,7 +476,7 @@ def main() -> int:
                 traces[s].append(tr)
         else:
             traces[s] = [run_optuna(s, table, seed, args.budget, args.max_params, args.tpe, args.eta,
-                                   args.min_fraction, args.startup) for seed in seeds]
+                                   args.min_fraction, args.startup, args.min_observations) for seed in seeds]
         print(f"{s}: {len(traces[s])} seeds in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
 
     curves = {s: np.stack([hv_curve(t, table, grid, hv_max) for t in ts]) for s, ts in traces.items() if ts}
