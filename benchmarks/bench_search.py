@@ -61,7 +61,7 @@ REFERENCE = (0.9, 1.1)  # (1 - accuracy: chance on 10 classes, normalised log10 
 RUNG_TPE = ("tpe-impute", "tpe-bohb", "tpe-rank")  # kdsearch.search.samplers.RungTPESampler's modes
 ES_STRATEGIES = ("random+es", "tpe+es", *(f"{t}+es" for t in RUNG_TPE), "tpe+es+screen")
 ALL_STRATEGIES = ("random", "tpe", "nsga2", "random+es", "tpe+es", *(f"{t}+es" for t in RUNG_TPE), "tpe+es+screen",
-                  "neps-moasha", "synetune-moasha")
+                  "neps-moasha", "synetune-moasha", "synetune-moasha-fixed")
 
 Key = tuple[Any, ...]
 
@@ -307,21 +307,24 @@ def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params
 
 
 def neps_traces(table_path: Path, seeds: list[int], budget: float, max_params: float | None,
-                python: str) -> tuple[list[dict[str, Any]], str]:
-    """Run :func:`neps_main` in ``python`` (the NePS venv); returns (raw traces, note)."""
+                python: str, peer: str = "neps", fixed: bool = False) -> tuple[list[dict[str, Any]], str]:
+    """Run :func:`neps_main` (``peer`` "neps") or :func:`synetune_main` ("synetune") in ``python``
+    (the peer's own venv); returns (raw traces, note)."""
     if not python or not Path(python).exists():
-        return [], f"not run: no NePS interpreter at {python!r} (see the module docstring)"
+        return [], f"not run: no {peer} interpreter at {python!r} (see the module docstring)"
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "neps.json"
-        cmd = [python, __file__, "--neps-worker", str(out), "--table", str(table_path), "--budget", str(budget),
+        out = Path(tmp) / f"{peer}.json"
+        cmd = [python, __file__, f"--{peer}-worker", str(out), "--table", str(table_path), "--budget", str(budget),
                "--seed-list", ",".join(map(str, seeds))]
         if max_params is not None:
             cmd += ["--max-params", str(max_params)]
+        if fixed:
+            cmd += ["--synetune-fixed"]
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
         if proc.returncode != 0 or not out.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return [], f"NePS run failed (exit {proc.returncode}): {' | '.join(tail)}"
+            return [], f"{peer} run failed (exit {proc.returncode}): {' | '.join(tail)}"
         data = json.loads(out.read_text())
     return data["traces"], data["note"]
 
@@ -377,6 +380,86 @@ def neps_main(args: argparse.Namespace) -> int:
         traces.append({"seed": seed, "spent": cost, "started": started, "completions": completions, "note": note})
     note = f"neural-pipeline-search {_neps_version()}, neps.algorithms.moasha(eta=3, mo_selector='epsnet')"
     args.neps_worker.write_text(json.dumps({"traces": traces, "note": note}))
+    return 0
+
+
+def synetune_main(args: argparse.Namespace) -> int:
+    """Inside the syne-tune venv: ``syne_tune.optimizer.schedulers.multiobjective.moasha.MOASHA``
+    (non-dominated sorting priority, reduction factor 3, grace period 3 and max_t 27 of 27 = rungs
+    1/9, 1/3, 1: ASHA's stopping variant, as kdsearch's), driven through its scheduler API
+    (``suggest`` / ``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete``), one trial at a
+    time. Each trial reports after every 1/27 of the box (the table's curve; the full-box report
+    is the final val accuracy) with the two minimised metrics of the hypervolume; a STOP before
+    27 ends it (it paid the fraction reached)."""
+    import random  # noqa: PLC0415
+    from datetime import datetime  # noqa: PLC0415
+
+    from syne_tune.backend.trial_status import Trial  # noqa: PLC0415
+    from syne_tune.config_space import choice, loguniform, uniform  # noqa: PLC0415
+    from syne_tune.optimizer.scheduler import SchedulerDecision  # noqa: PLC0415
+    from syne_tune.optimizer.schedulers.multiobjective.moasha import MOASHA  # noqa: PLC0415
+    from syne_tune.optimizer.schedulers.multiobjective.multiobjective_priority import (  # noqa: PLC0415
+        NonDominatedPriority,
+    )
+
+    class RankPriority(NonDominatedPriority):
+        """syne-tune 0.16.0's NonDominatedPriority returns the *order* of the items (indices, best
+        first), but ``asha.Bracket.on_result`` reads it as each item's priority, so a new trial's
+        "rank" is the index of whichever item sorts last. This returns each item's position in
+        that order, which is what the bracket expects."""
+
+        def priority_unsafe(self, objectives: np.ndarray) -> np.ndarray:
+            order = super().priority_unsafe(objectives)
+            ranks = np.empty(len(order))
+            ranks[np.asarray(order, dtype=int)] = np.arange(len(order))
+            return ranks
+
+    table = load_table(args.table)
+    c = table.choices
+    space = {a: ((loguniform if a in LOG_AXES else uniform)(c[a][0], c[a][-1]) if a in FLOAT_AXES
+                 else choice(list(c[a]))) for a in AXES}
+    traces = []
+    for seed in (int(s) for s in args.seed_list.split(",")):
+        random.seed(seed)
+        np.random.seed(seed)  # syne-tune's domains sample from numpy's global generator
+        sched = MOASHA(space, metrics=["error", "macs_scaled"], do_minimize=True, time_attr="epoch",
+                       max_t=N_EVALS, grace_period=3, reduction_factor=3, random_seed=seed,
+                       multiobjective_priority=RankPriority() if args.synetune_fixed else None)
+        paid: set[Key] = set()
+        cost, started, completions, note, n = 0.0, [], [], "", 0
+        while cost < args.budget:
+            suggestion = sched.suggest()
+            key = nearest_new_row(table, suggestion.config, paid)
+            if key is None:
+                note = f"every row evaluated after {cost:.1f} boxes"
+                break
+            trial = Trial(trial_id=n, config=suggestion.config, creation_time=datetime.now())
+            n += 1
+            sched.on_trial_add(trial)
+            paid.add(key)
+            started.append(cost)
+            row = table.rows[key]
+            macs_scaled = table.point(row)[1]
+            for k in range(1, N_EVALS + 1):
+                acc = row.val_accuracy if k == N_EVALS else row.curve[k - 1]
+                result = {"epoch": k, "error": 1.0 - acc, "macs_scaled": macs_scaled}
+                if k == N_EVALS:
+                    cost += 1.0 / N_EVALS
+                    sched.on_trial_complete(trial, result)
+                    if args.max_params is None or row.params <= args.max_params:
+                        completions.append([cost, list(key)])
+                    break
+                cost += 1.0 / N_EVALS
+                if sched.on_trial_result(trial, result) == SchedulerDecision.STOP:
+                    sched.on_trial_remove(trial)
+                    break
+        traces.append({"seed": seed, "spent": cost, "started": started, "completions": completions, "note": note})
+    from importlib.metadata import version  # noqa: PLC0415
+
+    prio = "its NonDominatedPriority's order read as ranks (fixed)" if args.synetune_fixed else "NonDominatedPriority"
+    note = (f"syne-tune {version('syne-tune')}, MOASHA({prio}, reduction_factor=3, grace_period=3, "
+            "max_t=27), random proposals")
+    args.synetune_worker.write_text(json.dumps({"traces": traces, "note": note}))
     return 0
 
 
@@ -449,10 +532,15 @@ def main() -> int:
                     help="tpe-impute/tpe-bohb: observations at a rung before it is used (RungTPESampler)")
     ap.add_argument("--target", type=float, default=None,
                     help="HV share to reach (default: this run's full-box TPE median final HV share)")
+    ap.add_argument("--synetune-python", default=str(Path(__file__).resolve().parents[1] / ".venv-synetune/bin/python"))
     ap.add_argument("--neps-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--synetune-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--synetune-fixed", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.neps_worker is not None:
         return neps_main(args)
+    if args.synetune_worker is not None:
+        return synetune_main(args)
 
     t0 = time.perf_counter()
     table = load_table(args.table)
@@ -467,8 +555,11 @@ def main() -> int:
     traces: dict[str, list[Trace]] = {}
     notes: dict[str, str] = {}
     for s in strategies:
-        if s == "neps-moasha":
-            raw, notes[s] = neps_traces(args.table, seeds, args.budget, args.max_params, args.neps_python)
+        if s in ("neps-moasha", "synetune-moasha", "synetune-moasha-fixed"):
+            peer = s.split("-")[0]
+            python = args.neps_python if peer == "neps" else args.synetune_python
+            raw, notes[s] = neps_traces(args.table, seeds, args.budget, args.max_params, python, peer,
+                                        fixed=s.endswith("-fixed"))
             traces[s] = []
             for r in raw:
                 tr = Trace(s, r["seed"], args.budget, [(c, tuple(k)) for c, k in r["completions"]], r["started"],
