@@ -105,18 +105,26 @@ def _curve_on_grid(curve: list[list[float]]) -> list[float]:
 
 
 def load_table(path: Path) -> Table:
+    """The table's rows over :data:`AXES`. Rows without one of the axes (another family's) are
+    left out, and the grid need not be complete (a proposal maps to the nearest row either way);
+    both are said on stderr."""
     rows: dict[Key, Row] = {}
+    skipped = 0
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         r = json.loads(line)
+        if any(r.get(a) is None for a in AXES):
+            skipped += 1
+            continue
         key = tuple(r[a] for a in AXES)
         rows[key] = Row(key, _curve_on_grid(r["curve"]), r["val_accuracy"], r["test_accuracy"], r["params"],
                         r["macs"], r.get("latency_ms_b1"))
     choices = {a: sorted({k[i] for k in rows}) for i, a in enumerate(AXES)}
     n_grid = math.prod(len(v) for v in choices.values())
-    if n_grid != len(rows):
-        raise SystemExit(f"{path}: {len(rows)} rows, but the axes span {n_grid} configurations (incomplete grid)")
+    if n_grid != len(rows) or skipped:
+        print(f"{path}: {len(rows)} rows over {AXES} (the axes span {n_grid} configurations); "
+              f"{skipped} rows without one of the axes left out", file=sys.stderr)
     logs = [math.log10(r.macs) for r in rows.values()]
     return Table(rows, choices, min(logs), max(logs))
 
@@ -591,6 +599,7 @@ def main() -> int:
             "budget_to_tpe_final_iqr": (float(np.percentile(reach, 25, method="nearest")),
                                         float(np.percentile(reach, 75, method="nearest"))),
             "reached_share": float(np.mean([math.isfinite(x) for x in reach])),
+            "budget_to_tpe_final_per_seed": [x if math.isfinite(x) else None for x in reach],  # paired comparisons
             "candidates": _q(cands),
             "screened": _q([t.screened for t in ts]),
             "note": notes.get(s, "") or next((t.note for t in ts if t.note), ""),

@@ -40,7 +40,7 @@ def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(
             seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True, constant_liar=True
         )
-    if name.startswith("tpe-"):  # tpe-impute, tpe-bohb, tpe-rank: TPE that learns from PRUNED trials
+    if name.startswith("tpe-"):  # tpe-impute, tpe-bohb: TPE that learns from PRUNED trials
         return RungTPESampler(mode=name.removeprefix("tpe-"), seed=s.seed, n_startup_trials=s.n_startup_trials,
                               multivariate=True, constant_liar=True)
     if name == "nsga2":
