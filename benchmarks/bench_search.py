@@ -58,7 +58,7 @@ AXES = ("depth", "width", "resolution", "temperature", "alpha")
 N_EVALS = 27  # evaluations per box in the table (every 1/27)
 SCREEN_COST_BOX = 0.005  # fixed-cost measurement before training, as a share of the box (3 s of 10 min)
 REFERENCE = (0.9, 1.1)  # (1 - accuracy: chance on 10 classes, normalised log10 MACs: 10% beyond the max)
-RUNG_TPE = ("tpe-impute", "tpe-impute-cost", "tpe-bohb", "tpe-rank")  # kdsearch.search.samplers.RungTPESampler's modes
+RUNG_TPE = ("tpe-impute", "tpe-bohb", "tpe-rank")  # kdsearch.search.samplers.RungTPESampler's modes
 ES_STRATEGIES = ("random+es", "tpe+es", *(f"{t}+es" for t in RUNG_TPE), "tpe+es+screen")
 ALL_STRATEGIES = ("random", "tpe", "nsga2", "random+es", "tpe+es", *(f"{t}+es" for t in RUNG_TPE), "tpe+es+screen",
                   "neps-moasha", "synetune-moasha", "synetune-moasha-fixed")

@@ -65,7 +65,7 @@ __all__ = [
     "present_trials",
 ]
 
-RUNG_MODES: tuple[str, ...] = ("impute", "impute-cost", "bohb", "rank")
+RUNG_MODES: tuple[str, ...] = ("impute", "bohb", "rank")
 """How :class:`RungTPESampler` presents PRUNED trials (the module docstring)."""
 
 ACCURACY = "val_accuracy"  # the rung vector's first value (kdsearch.search.pruning.rung_pruner)
@@ -128,59 +128,28 @@ def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(y.mean() - slope * x.mean()), slope
 
 
-def _features(rec: dict[str, Any], with_costs: bool) -> np.ndarray:
-    """The regressors of a rung record: its accuracy, and (``with_costs``) log10 of each positive
-    fixed cost (a larger student may gain more after the rung)."""
-    vals = [float(v) for v in rec["values"]]
-    costs = [math.log10(v) if v > 0 else v for v in vals[1:]] if with_costs else []
-    return np.array([vals[0], *costs])
-
-
-def _fit_costs(x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
-    """Least-squares coefficients (intercept first) of y on the columns of x, or None when the fit
-    is underdetermined or gives the rung accuracy a negative weight."""
-    if x.shape[0] < x.shape[1] + 3:
-        return None
-    a = np.column_stack([np.ones(len(x)), x])
-    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
-    return coef if coef[1] >= 0 else None
-
-
-def _impute(trials: list[FrozenTrial], metric_names: Sequence[str], min_observations: int,
-            with_costs: bool = False) -> list[FrozenTrial]:
+def _impute(trials: list[FrozenTrial], metric_names: Sequence[str], min_observations: int) -> list[FrozenTrial]:
     acc_i = list(metric_names).index(ACCURACY)
-    pairs: dict[tuple[int, str], tuple[list[np.ndarray], list[float]]] = {}
+    pairs: dict[tuple[int, str], tuple[list[float], list[float]]] = {}
     for t in trials:
         if t.state != TrialState.COMPLETE or t.values is None:
             continue
         for k, rec in rung_records(t).items():
             if rec["names"] and rec["names"][0] == ACCURACY:
                 xs, ys = pairs.setdefault((k, _bracket(rec)), ([], []))
-                xs.append(_features(rec, with_costs))
+                xs.append(float(rec["values"][0]))
                 ys.append(float(t.values[acc_i]))
-    fits: dict[tuple[int, str], tuple[np.ndarray, float, float]] = {}
-    for key, (xs, ys) in pairs.items():
-        x, y = np.array(xs), np.array(ys)
-        if len(y) < min_observations or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-            continue
-        coef = _fit_costs(x, y) if with_costs else None
-        if coef is None:
-            c0, c1 = _fit_line(x[:, 0], y)
-            coef = np.array([c0, c1] + [0.0] * (x.shape[1] - 1))
-        fits[key] = (coef, float(y.min()), float(y.max()))
+    lines = {key: _fit_line(np.array(xs), np.array(ys)) for key, (xs, ys) in pairs.items()
+             if len(xs) >= min_observations and all(map(math.isfinite, xs + ys))}
     out = []
     for t in trials:
         if t.state == TrialState.PRUNED:
             for k, rec in sorted(rung_records(t).items(), reverse=True):
-                fit = fits.get((k, _bracket(rec)))
-                if fit is None or not rec["names"] or rec["names"][0] != ACCURACY:
+                line = lines.get((k, _bracket(rec)))
+                x = float(rec["values"][0]) if rec["names"] and rec["names"][0] == ACCURACY else math.nan
+                if line is None or not math.isfinite(x):
                     continue
-                f = _features(rec, with_costs)
-                if not np.all(np.isfinite(f)):
-                    continue
-                coef, lo, hi = fit
-                pred = float(coef[0] + coef[1:] @ f)
-                values = _vector(rec, metric_names, min(max(pred, lo), hi) if with_costs else pred)
+                values = _vector(rec, metric_names, line[0] + line[1] * x)
                 if values is not None:
                     t = _with(t, state=TrialState.COMPLETE, values=values)
                 break
@@ -231,8 +200,8 @@ def present_trials(trials: list[FrozenTrial], mode: str, metric_names: Sequence[
         return _rank(trials)
     if not metric_names or ACCURACY not in metric_names:
         return trials
-    if mode in ("impute", "impute-cost"):
-        return _impute(trials, metric_names, min_observations, with_costs=mode == "impute-cost")
+    if mode == "impute":
+        return _impute(trials, metric_names, min_observations)
     return _bohb(trials, metric_names, min_observations)
 
 
