@@ -11,8 +11,15 @@ costs :data:`SCREEN_COST_BOX`). Strategies:
   non-dominated sorting) and ``tpe+es``: the same samplers, with kdsearch's early stopping;
 * ``tpe+es+screen``: also ends a trial whose fixed costs break the study's constraint before
   any training (only with ``--max-params``);
+* ``tpe-impute+es``, ``tpe-bohb+es``, ``tpe-rank+es``: TPE that reads the PRUNED trials
+  (:class:`kdsearch.search.samplers.RungTPESampler`), with the same early stopping;
 * ``neps-moasha``: the peer, NePS's multi-objective ASHA (``neural-pipeline-search``), driven
-  through its own ask-and-tell API in a separate interpreter (``--neps-python``).
+  through its own ask-and-tell API in a separate interpreter (``--neps-python``);
+* ``synetune-moasha``: syne-tune 0.16.0's ``MOASHA`` through its scheduler API, in its own venv
+  (``--synetune-python``, default ``.venv-synetune``); ``synetune-moasha-fixed``: the same with
+  its non-dominated priority's order read as ranks (:func:`synetune_main` says why);
+  ``synetune-ehvi``: its model-based multi-objective searcher (``baselines.EHVI``, full boxes;
+  needs torch and botorch in that venv).
 
 The early-stopping decisions are made by :class:`kdsearch.search.pruning.RungPruner` over an
 :class:`~kdsearch.search.pruning.OptunaRungStore`, i.e. the code a live study runs, called as
@@ -33,7 +40,7 @@ in an early-stopped study soon proposes its few COMPLETE rows over and over.) Ne
 same space and the same mapping.
 
     python benchmarks/bench_search.py --table benchmarks/search_table/table.jsonl --seeds 20 \\
-        --budget 30 --neps-python /tmp/nepsvenv/bin/python
+        --budget 30 --neps-python /tmp/nepsvenv/bin/python --synetune-python .venv-synetune/bin/python
 """
 
 from __future__ import annotations
@@ -61,7 +68,8 @@ REFERENCE = (0.9, 1.1)  # (1 - accuracy: chance on 10 classes, normalised log10 
 RUNG_TPE = ("tpe-impute", "tpe-bohb", "tpe-rank")  # kdsearch.search.samplers.RungTPESampler's modes
 ES_STRATEGIES = ("random+es", "tpe+es", *(f"{t}+es" for t in RUNG_TPE), "tpe+es+screen")
 ALL_STRATEGIES = ("random", "tpe", "nsga2", "random+es", "tpe+es", *(f"{t}+es" for t in RUNG_TPE), "tpe+es+screen",
-                  "neps-moasha", "synetune-moasha", "synetune-moasha-fixed")
+                  "neps-moasha", "synetune-moasha", "synetune-moasha-fixed", "synetune-ehvi")
+PEERS = ("neps-moasha", "synetune-moasha", "synetune-moasha-fixed", "synetune-ehvi")  # each in its own venv
 
 Key = tuple[Any, ...]
 
@@ -315,7 +323,7 @@ def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params
 
 
 def neps_traces(table_path: Path, seeds: list[int], budget: float, max_params: float | None,
-                python: str, peer: str = "neps", fixed: bool = False) -> tuple[list[dict[str, Any]], str]:
+                python: str, peer: str = "neps", flag: str | None = None) -> tuple[list[dict[str, Any]], str]:
     """Run :func:`neps_main` (``peer`` "neps") or :func:`synetune_main` ("synetune") in ``python``
     (the peer's own venv); returns (raw traces, note)."""
     if not python or not Path(python).exists():
@@ -326,8 +334,8 @@ def neps_traces(table_path: Path, seeds: list[int], budget: float, max_params: f
                "--seed-list", ",".join(map(str, seeds))]
         if max_params is not None:
             cmd += ["--max-params", str(max_params)]
-        if fixed:
-            cmd += ["--synetune-fixed"]
+        if flag:
+            cmd += [flag]
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
         if proc.returncode != 0 or not out.exists():
@@ -426,6 +434,8 @@ def synetune_main(args: argparse.Namespace) -> int:
     c = table.choices
     space = {a: ((loguniform if a in LOG_AXES else uniform)(c[a][0], c[a][-1]) if a in FLOAT_AXES
                  else choice(list(c[a]))) for a in AXES}
+    if args.synetune_ehvi:
+        return _synetune_ehvi(args, table, space)
     traces = []
     for seed in (int(s) for s in args.seed_list.split(",")):
         random.seed(seed)
@@ -467,6 +477,48 @@ def synetune_main(args: argparse.Namespace) -> int:
     prio = "its NonDominatedPriority's order read as ranks (fixed)" if args.synetune_fixed else "NonDominatedPriority"
     note = (f"syne-tune {version('syne-tune')}, MOASHA({prio}, reduction_factor=3, grace_period=3, "
             "max_t=27), random proposals")
+    args.synetune_worker.write_text(json.dumps({"traces": traces, "note": note}))
+    return 0
+
+
+def _synetune_ehvi(args: argparse.Namespace, table: Table, space: dict[str, Any]) -> int:
+    """syne-tune's multi-objective model-based searcher, ``baselines.EHVI`` (BoTorch's qLogEHVI
+    over a GP per objective): single fidelity, so every trial gets the full box. Needs torch and
+    botorch in the syne-tune venv."""
+    import random  # noqa: PLC0415
+    from datetime import datetime  # noqa: PLC0415
+    from importlib.metadata import version  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+    from syne_tune.backend.trial_status import Trial  # noqa: PLC0415
+    from syne_tune.optimizer.baselines import EHVI  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    traces = []
+    for seed in (int(s) for s in args.seed_list.split(",")):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        sched = EHVI(space, metrics=["error", "macs_scaled"], do_minimize=True, random_seed=seed)
+        paid: set[Key] = set()
+        cost, started, completions, note, n = 0.0, [], [], "", 0
+        while cost < args.budget:
+            suggestion = sched.suggest()
+            key = nearest_new_row(table, suggestion.config, paid)
+            if key is None:
+                note = f"every row evaluated after {cost:.1f} boxes"
+                break
+            trial = Trial(trial_id=n, config=suggestion.config, creation_time=datetime.now())
+            n += 1
+            paid.add(key)
+            started.append(cost)
+            row = table.rows[key]
+            cost += 1.0
+            sched.on_trial_complete(trial, {"error": 1.0 - row.val_accuracy, "macs_scaled": table.point(row)[1]})
+            if args.max_params is None or row.params <= args.max_params:
+                completions.append([cost, list(key)])
+        traces.append({"seed": seed, "spent": cost, "started": started, "completions": completions, "note": note})
+    note = f"syne-tune {version('syne-tune')} baselines.EHVI (botorch {version('botorch')}), full box per trial"
     args.synetune_worker.write_text(json.dumps({"traces": traces, "note": note}))
     return 0
 
@@ -544,6 +596,7 @@ def main() -> int:
     ap.add_argument("--neps-worker", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--synetune-worker", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--synetune-fixed", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--synetune-ehvi", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.neps_worker is not None:
         return neps_main(args)
@@ -563,11 +616,12 @@ def main() -> int:
     traces: dict[str, list[Trace]] = {}
     notes: dict[str, str] = {}
     for s in strategies:
-        if s in ("neps-moasha", "synetune-moasha", "synetune-moasha-fixed"):
+        if s in PEERS:
             peer = s.split("-")[0]
             python = args.neps_python if peer == "neps" else args.synetune_python
             raw, notes[s] = neps_traces(args.table, seeds, args.budget, args.max_params, python, peer,
-                                        fixed=s.endswith("-fixed"))
+                                        flag={"synetune-moasha-fixed": "--synetune-fixed",
+                                              "synetune-ehvi": "--synetune-ehvi"}.get(s))
             traces[s] = []
             for r in raw:
                 tr = Trace(s, r["seed"], args.budget, [(c, tuple(k)) for c, k in r["completions"]], r["started"],
