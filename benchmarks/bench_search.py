@@ -494,6 +494,9 @@ def _synetune_ehvi(args: argparse.Namespace, table: Table, space: dict[str, Any]
     from syne_tune.optimizer.baselines import EHVI  # noqa: PLC0415
 
     torch.set_num_threads(1)
+    # syne-tune 0.16.0 builds its tensors in torch's default dtype (float32), and botorch 0.18's
+    # compiled qLogEHVI kernel refuses float32 ("expected scalar type Double but found Float")
+    torch.set_default_dtype(torch.float64)
     traces = []
     for seed in (int(s) for s in args.seed_list.split(",")):
         random.seed(seed)
