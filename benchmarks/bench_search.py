@@ -11,8 +11,15 @@ costs :data:`SCREEN_COST_BOX`). Strategies:
   non-dominated sorting) and ``tpe+es``: the same samplers, with kdsearch's early stopping;
 * ``tpe+es+screen``: also ends a trial whose fixed costs break the study's constraint before
   any training (only with ``--max-params``);
+* ``tpe-impute+es``, ``tpe-bohb+es``, ``tpe-rank+es``: TPE that reads the PRUNED trials
+  (:class:`kdsearch.search.samplers.RungTPESampler`), with the same early stopping;
 * ``neps-moasha``: the peer, NePS's multi-objective ASHA (``neural-pipeline-search``), driven
-  through its own ask-and-tell API in a separate interpreter (``--neps-python``).
+  through its own ask-and-tell API in a separate interpreter (``--neps-python``);
+* ``synetune-moasha``: syne-tune 0.16.0's ``MOASHA`` through its scheduler API, in its own venv
+  (``--synetune-python``, default ``.venv-synetune``); ``synetune-moasha-fixed``: the same with
+  its non-dominated priority's order read as ranks (:func:`synetune_main` says why);
+  ``synetune-ehvi``: its model-based multi-objective searcher (``baselines.EHVI``, full boxes;
+  needs torch and botorch in that venv).
 
 The early-stopping decisions are made by :class:`kdsearch.search.pruning.RungPruner` over an
 :class:`~kdsearch.search.pruning.OptunaRungStore`, i.e. the code a live study runs, called as
@@ -33,7 +40,7 @@ in an early-stopped study soon proposes its few COMPLETE rows over and over.) Ne
 same space and the same mapping.
 
     python benchmarks/bench_search.py --table benchmarks/search_table/table.jsonl --seeds 20 \\
-        --budget 30 --neps-python /tmp/nepsvenv/bin/python
+        --budget 30 --neps-python /tmp/nepsvenv/bin/python --synetune-python .venv-synetune/bin/python
 """
 
 from __future__ import annotations
@@ -58,8 +65,11 @@ AXES = ("depth", "width", "resolution", "temperature", "alpha")
 N_EVALS = 27  # evaluations per box in the table (every 1/27)
 SCREEN_COST_BOX = 0.005  # fixed-cost measurement before training, as a share of the box (3 s of 10 min)
 REFERENCE = (0.9, 1.1)  # (1 - accuracy: chance on 10 classes, normalised log10 MACs: 10% beyond the max)
-ES_STRATEGIES = ("random+es", "tpe+es", "tpe+es+screen")
-ALL_STRATEGIES = ("random", "tpe", "nsga2", "random+es", "tpe+es", "tpe+es+screen", "neps-moasha")
+RUNG_TPE = ("tpe-impute", "tpe-bohb", "tpe-rank")  # kdsearch.search.samplers.RungTPESampler's modes
+ES_STRATEGIES = ("random+es", "tpe+es", *(f"{t}+es" for t in RUNG_TPE), "tpe+es+screen")
+ALL_STRATEGIES = ("random", "tpe", "nsga2", "random+es", "tpe+es", *(f"{t}+es" for t in RUNG_TPE), "tpe+es+screen",
+                  "neps-moasha", "synetune-moasha", "synetune-moasha-fixed", "synetune-ehvi")
+PEERS = ("neps-moasha", "synetune-moasha", "synetune-moasha-fixed", "synetune-ehvi")  # each in its own venv
 
 Key = tuple[Any, ...]
 
@@ -103,18 +113,26 @@ def _curve_on_grid(curve: list[list[float]]) -> list[float]:
 
 
 def load_table(path: Path) -> Table:
+    """The table's rows over :data:`AXES`. Rows without one of the axes (another family's) are
+    left out, and the grid need not be complete (a proposal maps to the nearest row either way);
+    both are said on stderr."""
     rows: dict[Key, Row] = {}
+    skipped = 0
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
         r = json.loads(line)
+        if any(r.get(a) is None for a in AXES):
+            skipped += 1
+            continue
         key = tuple(r[a] for a in AXES)
         rows[key] = Row(key, _curve_on_grid(r["curve"]), r["val_accuracy"], r["test_accuracy"], r["params"],
                         r["macs"], r.get("latency_ms_b1"))
     choices = {a: sorted({k[i] for k in rows}) for i, a in enumerate(AXES)}
     n_grid = math.prod(len(v) for v in choices.values())
-    if n_grid != len(rows):
-        raise SystemExit(f"{path}: {len(rows)} rows, but the axes span {n_grid} configurations (incomplete grid)")
+    if n_grid != len(rows) or skipped:
+        print(f"{path}: {len(rows)} rows over {AXES} (the axes span {n_grid} configurations); "
+              f"{skipped} rows without one of the axes left out", file=sys.stderr)
     logs = [math.log10(r.macs) for r in rows.values()]
     return Table(rows, choices, min(logs), max(logs))
 
@@ -216,7 +234,8 @@ def nearest_new_row(table: Table, proposal: dict[str, Any], paid: set[Key]) -> K
 
 
 def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params: float | None,
-               tpe: str = "kdsearch", eta: int = 3, min_fraction: float = 1 / 9, startup: int = 10) -> Trace:
+               tpe: str = "kdsearch", eta: int = 3, min_fraction: float = 1 / 9, startup: int = 10,
+               min_observations: int = 5) -> Trace:
     import optuna  # noqa: PLC0415
 
     from kdsearch.config import PruningConfig  # noqa: PLC0415
@@ -236,6 +255,11 @@ def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
                                              constant_liar=True) \
             if tpe == "kdsearch" else optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    elif base.startswith("tpe-"):  # kdsearch's TPE reading the PRUNED trials (kdsearch.search.samplers)
+        from kdsearch.search.samplers import RungTPESampler  # noqa: PLC0415
+
+        sampler = RungTPESampler(mode=base.removeprefix("tpe-"), min_observations=min_observations, seed=seed,
+                                 n_startup_trials=startup, multivariate=True, constant_liar=True)
     elif base == "nsga2":
         sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=10)  # 3-4 generations in budget
     else:
@@ -299,21 +323,24 @@ def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params
 
 
 def neps_traces(table_path: Path, seeds: list[int], budget: float, max_params: float | None,
-                python: str) -> tuple[list[dict[str, Any]], str]:
-    """Run :func:`neps_main` in ``python`` (the NePS venv); returns (raw traces, note)."""
+                python: str, peer: str = "neps", flag: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Run :func:`neps_main` (``peer`` "neps") or :func:`synetune_main` ("synetune") in ``python``
+    (the peer's own venv); returns (raw traces, note)."""
     if not python or not Path(python).exists():
-        return [], f"not run: no NePS interpreter at {python!r} (see the module docstring)"
+        return [], f"not run: no {peer} interpreter at {python!r} (see the module docstring)"
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "neps.json"
-        cmd = [python, __file__, "--neps-worker", str(out), "--table", str(table_path), "--budget", str(budget),
+        out = Path(tmp) / f"{peer}.json"
+        cmd = [python, __file__, f"--{peer}-worker", str(out), "--table", str(table_path), "--budget", str(budget),
                "--seed-list", ",".join(map(str, seeds))]
         if max_params is not None:
             cmd += ["--max-params", str(max_params)]
+        if flag:
+            cmd += [flag]
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
         if proc.returncode != 0 or not out.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return [], f"NePS run failed (exit {proc.returncode}): {' | '.join(tail)}"
+            return [], f"{peer} run failed (exit {proc.returncode}): {' | '.join(tail)}"
         data = json.loads(out.read_text())
     return data["traces"], data["note"]
 
@@ -369,6 +396,133 @@ def neps_main(args: argparse.Namespace) -> int:
         traces.append({"seed": seed, "spent": cost, "started": started, "completions": completions, "note": note})
     note = f"neural-pipeline-search {_neps_version()}, neps.algorithms.moasha(eta=3, mo_selector='epsnet')"
     args.neps_worker.write_text(json.dumps({"traces": traces, "note": note}))
+    return 0
+
+
+def synetune_main(args: argparse.Namespace) -> int:
+    """Inside the syne-tune venv: ``syne_tune.optimizer.schedulers.multiobjective.moasha.MOASHA``
+    (non-dominated sorting priority, reduction factor 3, grace period 3 and max_t 27 of 27 = rungs
+    1/9, 1/3, 1: ASHA's stopping variant, as kdsearch's), driven through its scheduler API
+    (``suggest`` / ``on_trial_add`` / ``on_trial_result`` / ``on_trial_complete``), one trial at a
+    time. Each trial reports after every 1/27 of the box (the table's curve; the full-box report
+    is the final val accuracy) with the two minimised metrics of the hypervolume; a STOP before
+    27 ends it (it paid the fraction reached)."""
+    import random  # noqa: PLC0415
+    from datetime import datetime  # noqa: PLC0415
+
+    from syne_tune.backend.trial_status import Trial  # noqa: PLC0415
+    from syne_tune.config_space import choice, loguniform, uniform  # noqa: PLC0415
+    from syne_tune.optimizer.scheduler import SchedulerDecision  # noqa: PLC0415
+    from syne_tune.optimizer.schedulers.multiobjective.moasha import MOASHA  # noqa: PLC0415
+    from syne_tune.optimizer.schedulers.multiobjective.multiobjective_priority import (  # noqa: PLC0415
+        NonDominatedPriority,
+    )
+
+    class RankPriority(NonDominatedPriority):
+        """syne-tune 0.16.0's NonDominatedPriority returns the *order* of the items (indices, best
+        first), but ``asha.Bracket.on_result`` reads it as each item's priority, so a new trial's
+        "rank" is the index of whichever item sorts last. This returns each item's position in
+        that order, which is what the bracket expects."""
+
+        def priority_unsafe(self, objectives: np.ndarray) -> np.ndarray:
+            order = super().priority_unsafe(objectives)
+            ranks = np.empty(len(order))
+            ranks[np.asarray(order, dtype=int)] = np.arange(len(order))
+            return ranks
+
+    table = load_table(args.table)
+    c = table.choices
+    space = {a: ((loguniform if a in LOG_AXES else uniform)(c[a][0], c[a][-1]) if a in FLOAT_AXES
+                 else choice(list(c[a]))) for a in AXES}
+    if args.synetune_ehvi:
+        return _synetune_ehvi(args, table, space)
+    traces = []
+    for seed in (int(s) for s in args.seed_list.split(",")):
+        random.seed(seed)
+        np.random.seed(seed)  # syne-tune's domains sample from numpy's global generator
+        sched = MOASHA(space, metrics=["error", "macs_scaled"], do_minimize=True, time_attr="epoch",
+                       max_t=N_EVALS, grace_period=3, reduction_factor=3, random_seed=seed,
+                       multiobjective_priority=RankPriority() if args.synetune_fixed else None)
+        paid: set[Key] = set()
+        cost, started, completions, note, n = 0.0, [], [], "", 0
+        while cost < args.budget:
+            suggestion = sched.suggest()
+            key = nearest_new_row(table, suggestion.config, paid)
+            if key is None:
+                note = f"every row evaluated after {cost:.1f} boxes"
+                break
+            trial = Trial(trial_id=n, config=suggestion.config, creation_time=datetime.now())
+            n += 1
+            sched.on_trial_add(trial)
+            paid.add(key)
+            started.append(cost)
+            row = table.rows[key]
+            macs_scaled = table.point(row)[1]
+            for k in range(1, N_EVALS + 1):
+                acc = row.val_accuracy if k == N_EVALS else row.curve[k - 1]
+                result = {"epoch": k, "error": 1.0 - acc, "macs_scaled": macs_scaled}
+                if k == N_EVALS:
+                    cost += 1.0 / N_EVALS
+                    sched.on_trial_complete(trial, result)
+                    if args.max_params is None or row.params <= args.max_params:
+                        completions.append([cost, list(key)])
+                    break
+                cost += 1.0 / N_EVALS
+                if sched.on_trial_result(trial, result) == SchedulerDecision.STOP:
+                    sched.on_trial_remove(trial)
+                    break
+        traces.append({"seed": seed, "spent": cost, "started": started, "completions": completions, "note": note})
+    from importlib.metadata import version  # noqa: PLC0415
+
+    prio = "its NonDominatedPriority's order read as ranks (fixed)" if args.synetune_fixed else "NonDominatedPriority"
+    note = (f"syne-tune {version('syne-tune')}, MOASHA({prio}, reduction_factor=3, grace_period=3, "
+            "max_t=27), random proposals")
+    args.synetune_worker.write_text(json.dumps({"traces": traces, "note": note}))
+    return 0
+
+
+def _synetune_ehvi(args: argparse.Namespace, table: Table, space: dict[str, Any]) -> int:
+    """syne-tune's multi-objective model-based searcher, ``baselines.EHVI`` (BoTorch's qLogEHVI
+    over a GP per objective): single fidelity, so every trial gets the full box. Needs torch and
+    botorch in the syne-tune venv."""
+    import random  # noqa: PLC0415
+    from datetime import datetime  # noqa: PLC0415
+    from importlib.metadata import version  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+    from syne_tune.backend.trial_status import Trial  # noqa: PLC0415
+    from syne_tune.optimizer.baselines import EHVI  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    # syne-tune 0.16.0 builds its tensors in torch's default dtype (float32), and botorch 0.18's
+    # compiled qLogEHVI kernel refuses float32 ("expected scalar type Double but found Float")
+    torch.set_default_dtype(torch.float64)
+    traces = []
+    for seed in (int(s) for s in args.seed_list.split(",")):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        sched = EHVI(space, metrics=["error", "macs_scaled"], do_minimize=True, random_seed=seed)
+        paid: set[Key] = set()
+        cost, started, completions, note, n = 0.0, [], [], "", 0
+        while cost < args.budget:
+            suggestion = sched.suggest()
+            key = nearest_new_row(table, suggestion.config, paid)
+            if key is None:
+                note = f"every row evaluated after {cost:.1f} boxes"
+                break
+            trial = Trial(trial_id=n, config=suggestion.config, creation_time=datetime.now())
+            n += 1
+            paid.add(key)
+            started.append(cost)
+            row = table.rows[key]
+            cost += 1.0
+            sched.on_trial_complete(trial, {"error": 1.0 - row.val_accuracy, "macs_scaled": table.point(row)[1]})
+            if args.max_params is None or row.params <= args.max_params:
+                completions.append([cost, list(key)])
+        traces.append({"seed": seed, "spent": cost, "started": started, "completions": completions, "note": note})
+    note = f"syne-tune {version('syne-tune')} baselines.EHVI (botorch {version('botorch')}), full box per trial"
+    args.synetune_worker.write_text(json.dumps({"traces": traces, "note": note}))
     return 0
 
 
@@ -437,12 +591,20 @@ def main() -> int:
     ap.add_argument("--eta", type=int, default=3, help="study.pruning.eta")
     ap.add_argument("--min-fraction", type=float, default=1 / 9, help="study.pruning.min_fraction (a multiple of 1/27)")
     ap.add_argument("--startup", type=int, default=10, help="study.n_startup_trials of TPE")
+    ap.add_argument("--min-observations", type=int, default=5,
+                    help="tpe-impute/tpe-bohb: observations at a rung before it is used (RungTPESampler)")
     ap.add_argument("--target", type=float, default=None,
                     help="HV share to reach (default: this run's full-box TPE median final HV share)")
+    ap.add_argument("--synetune-python", default=str(Path(__file__).resolve().parents[1] / ".venv-synetune/bin/python"))
     ap.add_argument("--neps-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--synetune-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--synetune-fixed", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--synetune-ehvi", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.neps_worker is not None:
         return neps_main(args)
+    if args.synetune_worker is not None:
+        return synetune_main(args)
 
     t0 = time.perf_counter()
     table = load_table(args.table)
@@ -457,8 +619,12 @@ def main() -> int:
     traces: dict[str, list[Trace]] = {}
     notes: dict[str, str] = {}
     for s in strategies:
-        if s == "neps-moasha":
-            raw, notes[s] = neps_traces(args.table, seeds, args.budget, args.max_params, args.neps_python)
+        if s in PEERS:
+            peer = s.split("-")[0]
+            python = args.neps_python if peer == "neps" else args.synetune_python
+            raw, notes[s] = neps_traces(args.table, seeds, args.budget, args.max_params, python, peer,
+                                        flag={"synetune-moasha-fixed": "--synetune-fixed",
+                                              "synetune-ehvi": "--synetune-ehvi"}.get(s))
             traces[s] = []
             for r in raw:
                 tr = Trace(s, r["seed"], args.budget, [(c, tuple(k)) for c, k in r["completions"]], r["started"],
@@ -466,7 +632,7 @@ def main() -> int:
                 traces[s].append(tr)
         else:
             traces[s] = [run_optuna(s, table, seed, args.budget, args.max_params, args.tpe, args.eta,
-                                   args.min_fraction, args.startup) for seed in seeds]
+                                   args.min_fraction, args.startup, args.min_observations) for seed in seeds]
         print(f"{s}: {len(traces[s])} seeds in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
 
     curves = {s: np.stack([hv_curve(t, table, grid, hv_max) for t in ts]) for s, ts in traces.items() if ts}
@@ -490,6 +656,7 @@ def main() -> int:
             "budget_to_tpe_final_iqr": (float(np.percentile(reach, 25, method="nearest")),
                                         float(np.percentile(reach, 75, method="nearest"))),
             "reached_share": float(np.mean([math.isfinite(x) for x in reach])),
+            "budget_to_tpe_final_per_seed": [x if math.isfinite(x) else None for x in reach],  # paired comparisons
             "candidates": _q(cands),
             "screened": _q([t.screened for t in ts]),
             "note": notes.get(s, "") or next((t.note for t in ts if t.note), ""),

@@ -28,7 +28,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     o.add_argument("--study-name", help="override study.name")
     o.add_argument("--n-trials", type=positive_int("--n-trials"), help="cap the trials of this run")
     o.add_argument("--run-dir", help="run folder (storage, artifacts, caches)")
-    o.add_argument("--sampler", help="tpe, nsga2, nsga3, random, grid or gp")
+    o.add_argument("--sampler", help="tpe, tpe-impute, tpe-bohb, nsga2, nsga3, random, grid or gp")
     o.add_argument("--seed", type=integer("--seed"), help="sampler and training seed")
     o.add_argument("--workers", type=positive_int("--workers"), help="worker processes (default: one per GPU, else 1)")
     o.add_argument("--cache-dir", help="shared teacher-cache folder")

@@ -18,7 +18,10 @@ from kdsearch.constants import DEFAULT_RUN_DIR
 from kdsearch.errors import ConfigError
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "imagefolder", "imagenet", "digits", "synthetic")
-SAMPLERS: tuple[str, ...] = ("tpe", "nsga2", "nsga3", "random", "grid", "gp")
+SAMPLERS: tuple[str, ...] = ("tpe", "tpe-impute", "tpe-bohb", "nsga2", "nsga3", "random", "grid", "gp")
+"""``tpe-impute``/``tpe-bohb``: TPE that reads the rung pruner's PRUNED trials
+(:mod:`kdsearch.search.samplers`); opt-in: on the replay table neither beat ``tpe``
+(benchmarks/RESULTS.md, issue 21)."""
 STUDY_DEVICES: tuple[str, ...] = ("auto", "cuda", "cpu")
 """The values of ``study.device``."""
 

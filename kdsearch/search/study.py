@@ -20,6 +20,7 @@ from kdsearch._version import __version__
 from kdsearch.config import StudyConfig, config_to_dict
 from kdsearch.errors import ConfigError, StorageError, StudyMismatchError
 from kdsearch.search.recovery import stale_trial_callback
+from kdsearch.search.samplers import RungTPESampler
 from kdsearch.search.space import grid_search_space
 from kdsearch.storage import open_storage, storage_url_for
 
@@ -39,6 +40,9 @@ def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(
             seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True, constant_liar=True
         )
+    if name.startswith("tpe-"):  # tpe-impute, tpe-bohb: TPE that learns from PRUNED trials
+        return RungTPESampler(mode=name.removeprefix("tpe-"), seed=s.seed, n_startup_trials=s.n_startup_trials,
+                              multivariate=True, constant_liar=True)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=s.seed, population_size=s.population_size)
     if name == "nsga3":

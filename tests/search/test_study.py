@@ -56,7 +56,7 @@ def test_unreachable_storage_is_a_storage_error(url: str) -> None:
     assert "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "nsga2", "nsga3", "random", "grid", "gp"])
+@pytest.mark.parametrize("sampler", ["tpe", "tpe-impute", "tpe-bohb", "nsga2", "nsga3", "random", "grid", "gp"])
 def test_every_sampler_proposes_valid_students(tmp_path: Path, sampler: str) -> None:
     """Each sampler named in a study file runs an ask/tell loop over the real space, seeded."""
     import optuna
