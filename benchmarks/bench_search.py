@@ -408,9 +408,7 @@ def synetune_main(args: argparse.Namespace) -> int:
     is the final val accuracy) with the two minimised metrics of the hypervolume; a STOP before
     27 ends it (it paid the fraction reached)."""
     import random  # noqa: PLC0415
-    from datetime import datetime  # noqa: PLC0415
 
-    from syne_tune.backend.trial_status import Trial  # noqa: PLC0415
     from syne_tune.config_space import choice, loguniform, uniform  # noqa: PLC0415
     from syne_tune.optimizer.scheduler import SchedulerDecision  # noqa: PLC0415
     from syne_tune.optimizer.schedulers.multiobjective.moasha import MOASHA  # noqa: PLC0415
@@ -446,17 +444,14 @@ def synetune_main(args: argparse.Namespace) -> int:
         paid: set[Key] = set()
         cost, started, completions, note, n = 0.0, [], [], "", 0
         while cost < args.budget:
-            suggestion = sched.suggest()
-            key = nearest_new_row(table, suggestion.config, paid)
-            if key is None:
+            proposed = _synetune_propose(sched, table, paid, n)
+            if proposed is None:
                 note = f"every row evaluated after {cost:.1f} boxes"
                 break
-            trial = Trial(trial_id=n, config=suggestion.config, creation_time=datetime.now())
+            trial, key, row = proposed
             n += 1
             sched.on_trial_add(trial)
-            paid.add(key)
             started.append(cost)
-            row = table.rows[key]
             macs_scaled = table.point(row)[1]
             for k in range(1, N_EVALS + 1):
                 acc = row.val_accuracy if k == N_EVALS else row.curve[k - 1]
@@ -481,16 +476,29 @@ def synetune_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synetune_propose(sched: Any, table: Table, paid: set[Key], trial_id: int) -> tuple[Any, Key, Any] | None:
+    """syne-tune's next proposal as (its Trial, the nearest table row not yet paid for: key, row),
+    the row marked paid; None when every row has been evaluated."""
+    from datetime import datetime  # noqa: PLC0415
+
+    from syne_tune.backend.trial_status import Trial  # noqa: PLC0415
+
+    suggestion = sched.suggest()
+    key = nearest_new_row(table, suggestion.config, paid)
+    if key is None:
+        return None
+    paid.add(key)
+    return Trial(trial_id=trial_id, config=suggestion.config, creation_time=datetime.now()), key, table.rows[key]
+
+
 def _synetune_ehvi(args: argparse.Namespace, table: Table, space: dict[str, Any]) -> int:
     """syne-tune's multi-objective model-based searcher, ``baselines.EHVI`` (BoTorch's qLogEHVI
     over a GP per objective): single fidelity, so every trial gets the full box. Needs torch and
     botorch in the syne-tune venv."""
     import random  # noqa: PLC0415
-    from datetime import datetime  # noqa: PLC0415
     from importlib.metadata import version  # noqa: PLC0415
 
     import torch  # noqa: PLC0415
-    from syne_tune.backend.trial_status import Trial  # noqa: PLC0415
     from syne_tune.optimizer.baselines import EHVI  # noqa: PLC0415
 
     torch.set_num_threads(1)
@@ -506,16 +514,13 @@ def _synetune_ehvi(args: argparse.Namespace, table: Table, space: dict[str, Any]
         paid: set[Key] = set()
         cost, started, completions, note, n = 0.0, [], [], "", 0
         while cost < args.budget:
-            suggestion = sched.suggest()
-            key = nearest_new_row(table, suggestion.config, paid)
-            if key is None:
+            proposed = _synetune_propose(sched, table, paid, n)
+            if proposed is None:
                 note = f"every row evaluated after {cost:.1f} boxes"
                 break
-            trial = Trial(trial_id=n, config=suggestion.config, creation_time=datetime.now())
+            trial, key, row = proposed
             n += 1
-            paid.add(key)
             started.append(cost)
-            row = table.rows[key]
             cost += 1.0
             sched.on_trial_complete(trial, {"error": 1.0 - row.val_accuracy, "macs_scaled": table.point(row)[1]})
             if args.max_params is None or row.params <= args.max_params:
