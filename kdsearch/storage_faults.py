@@ -129,7 +129,8 @@ def is_transient_storage_error(exc: BaseException) -> bool:
     """True for an error that a retry a little later may not meet: a full or flaky disk under the
     journal, or a database connection that broke or could not be made (the server restarting).
 
-    Optuna's RDB storage wraps SQLAlchemy's errors in ``StorageInternalError``; the cause decides.
+    Optuna's RDB storage wraps SQLAlchemy's errors in ``StorageInternalError``; the cause (or the
+    error being handled when it was raised) decides.
     A ``StorageInternalError`` of any other cause (bad data) and SQLAlchemy's ``IntegrityError``
     are not transient.
     """
@@ -145,11 +146,14 @@ def is_transient_storage_error(exc: BaseException) -> bool:
     while cur is not None and seen < 5:
         if isinstance(cur, sa_exc.IntegrityError):
             return False
-        if isinstance(cur, (sa_exc.OperationalError, sa_exc.DisconnectionError, sa_exc.TimeoutError)):
+        # PendingRollbackError: a query of the same session after the connection broke (Optuna's
+        # _get_trials runs a second query when the first fails); a fresh session goes through.
+        if isinstance(cur, (sa_exc.OperationalError, sa_exc.DisconnectionError, sa_exc.TimeoutError,
+                            sa_exc.PendingRollbackError)):
             return True
         if isinstance(cur, sa_exc.DBAPIError) and cur.connection_invalidated:
             return True
-        cur, seen = cur.__cause__, seen + 1
+        cur, seen = cur.__cause__ or cur.__context__, seen + 1
     return False
 
 

@@ -438,3 +438,29 @@ def test_a_lock_left_by_a_killed_writer_is_broken_well_inside_the_heartbeat_grac
     waited_s = time.monotonic() - t0
     assert 3 <= waited_s < 7.5, waited_s  # broken after the 3 s lock grace, half the 15 s heartbeat grace
     assert optuna.load_study(storage=open_storage(f"journal:{path}"), study_name="s").user_attrs["after"] == 1
+
+
+def test_a_second_query_on_the_broken_session_is_transient_too() -> None:
+    """The 3,000-trial PostgreSQL soak: during a restart Optuna's ``_get_trials`` met the broken
+    connection, ran its second query on the same session, and got SQLAlchemy's
+    ``PendingRollbackError``, wrapped in ``StorageInternalError``; taken as permanent, it ended
+    the supervisor. A fresh session (the retry) goes through."""
+    from kdsearch.storage_faults import is_transient_storage_error
+
+    broken = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("terminating connection due to administrator command"))
+    try:
+        try:
+            raise broken
+        except sqlalchemy.exc.OperationalError:
+            raise sqlalchemy.exc.PendingRollbackError("Can't reconnect until invalid transaction is rolled back") from None
+    except sqlalchemy.exc.PendingRollbackError as pending:
+        try:
+            raise StorageInternalError("An exception is raised during the commit.") from pending
+        except StorageInternalError as exc:
+            wrapped = exc
+    assert is_transient_storage_error(wrapped)
+    data_error = sqlalchemy.exc.DataError("INSERT", {}, Exception("value too long"))
+    try:
+        raise StorageInternalError("An exception is raised during the commit.") from data_error
+    except StorageInternalError as exc:
+        assert not is_transient_storage_error(exc)  # bad data stays permanent
