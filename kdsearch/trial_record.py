@@ -36,6 +36,8 @@ __all__ = [
     "constraint_verdict",
     "failure_attrs",
     "pruned_attrs",
+    "rung_key",
+    "rung_records",
     "screened_attrs",
     "stored_infeasible_reason",
     "verdict_attrs",
@@ -106,7 +108,8 @@ PRUNE_REASON = "prune_reason"
 PRUNING = "pruning"
 """The rung pruner's record of every decision (:mod:`kdsearch.search.pruning`)."""
 RUNG_PREFIX = "rung_"
-"""``rung_<k>``: the trial's rung vector at rung k, which the other trials' pruning reads."""
+"""``rung_<k>``: the trial's rung vector at rung k, which the other trials' pruning reads
+(:func:`rung_key`, :func:`rung_records`)."""
 SAMPLER_INPUT = "sampler_input"
 """What a rung-aware sampler (:mod:`kdsearch.search.samplers`) read when it proposed this trial:
 ``{"mode", "complete", "pruned", "pruned_presented"}`` (counts of the finished trials it saw)."""
@@ -264,3 +267,22 @@ def pruned_attrs(rung: float, rung_index: int, rank: int, front: int, reason: st
     """The user attrs of a trial stopped at a rung of its box."""
     return {PRUNED_RUNG: rung, PRUNED_RUNG_INDEX: rung_index, PRUNED_RANK: rank, PRUNED_FRONT: front,
             PRUNE_REASON: reason}
+
+
+def rung_key(rung_index: int) -> str:
+    """The user attr that holds a trial's rung vector at rung ``rung_index``: ``rung_<k>``."""
+    return f"{RUNG_PREFIX}{rung_index}"
+
+
+def rung_records(user_attrs: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    """A trial's rung vectors by rung index (user attrs ``rung_<k>``, written by the rung pruner
+    as ``{fraction, values, names, train_s, time_unix_s[, bracket]}``), well-formed ones only."""
+    out: dict[int, dict[str, Any]] = {}
+    for key, rec in user_attrs.items():
+        if not key.startswith(RUNG_PREFIX) or not isinstance(rec, dict):
+            continue
+        idx = key.removeprefix(RUNG_PREFIX)
+        names, values = rec.get("names"), rec.get("values")
+        if idx.isdigit() and isinstance(names, list) and isinstance(values, list) and len(names) == len(values):
+            out[int(idx)] = rec
+    return out

@@ -68,7 +68,6 @@ __all__ = [
     "ListRungStore",
     "OptunaRungStore",
     "RungPruner",
-    "RUNG_ATTR_PREFIX",
     "COMPETING_STATES",
     "rank_at_rung",
     "decide_at_rung",
@@ -77,10 +76,6 @@ __all__ = [
     "pruning_record",
     "store_pruned",
 ]
-
-RUNG_ATTR_PREFIX = tr.RUNG_PREFIX
-"""User attr ``rung_<k>`` holds ``{"fraction", "values", "names", "train_s", "time_unix_s"}`` of rung k
-(and ``"bracket"`` with a searched box)."""
 
 COMPETING_STATES: tuple[TrialState, ...] = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
 """Trial states whose rung values count; FAIL and WAITING trials never compete."""
@@ -306,7 +301,7 @@ class OptunaRungStore:
     def record(self, key: int, rung_index: int, fraction: float, values: Sequence[float], train_s: float) -> None:
         if key != self.trial.number:
             raise ValueError(f"this store writes trial {self.trial.number}, not {key}")
-        self.trial.set_user_attr(f"{RUNG_ATTR_PREFIX}{rung_index}", {
+        self.trial.set_user_attr(tr.rung_key(rung_index), {
             "fraction": float(fraction),
             "values": [float(v) for v in values],
             "names": self.names,
@@ -316,7 +311,7 @@ class OptunaRungStore:
         })
 
     def competitors(self, key: int, rung_index: int) -> list[RungEntry]:
-        attr = f"{RUNG_ATTR_PREFIX}{rung_index}"
+        attr = tr.rung_key(rung_index)
         out = []
         for t in self.study.get_trials(deepcopy=False, states=COMPETING_STATES):
             rec = t.user_attrs.get(attr)

@@ -61,7 +61,6 @@ __all__ = [
     "RUNG_MODES",
     "RungStudyView",
     "RungTPESampler",
-    "rung_records",
     "present_trials",
 ]
 
@@ -69,19 +68,6 @@ RUNG_MODES: tuple[str, ...] = ("impute", "bohb", "rank")
 """How :class:`RungTPESampler` presents PRUNED trials (the module docstring)."""
 
 ACCURACY = "val_accuracy"  # the rung vector's first value (kdsearch.search.pruning.rung_pruner)
-
-
-def rung_records(trial: FrozenTrial) -> dict[int, dict[str, Any]]:
-    """The trial's rung vectors by rung index (user attrs ``rung_<k>``), well-formed ones only."""
-    out: dict[int, dict[str, Any]] = {}
-    for key, rec in trial.user_attrs.items():
-        if not key.startswith(tr.RUNG_PREFIX) or not isinstance(rec, dict):
-            continue
-        idx = key.removeprefix(tr.RUNG_PREFIX)
-        names, values = rec.get("names"), rec.get("values")
-        if idx.isdigit() and isinstance(names, list) and isinstance(values, list) and len(names) == len(values):
-            out[int(idx)] = rec
-    return out
 
 
 def _bracket(rec: dict[str, Any]) -> str:
@@ -134,7 +120,7 @@ def _impute(trials: list[FrozenTrial], metric_names: Sequence[str], min_observat
     for t in trials:
         if t.state != TrialState.COMPLETE or t.values is None:
             continue
-        for k, rec in rung_records(t).items():
+        for k, rec in tr.rung_records(t.user_attrs).items():
             if rec["names"] and rec["names"][0] == ACCURACY:
                 xs, ys = pairs.setdefault((k, _bracket(rec)), ([], []))
                 xs.append(float(rec["values"][0]))
@@ -144,7 +130,7 @@ def _impute(trials: list[FrozenTrial], metric_names: Sequence[str], min_observat
     out = []
     for t in trials:
         if t.state == TrialState.PRUNED:
-            for k, rec in sorted(rung_records(t).items(), reverse=True):
+            for k, rec in sorted(tr.rung_records(t.user_attrs).items(), reverse=True):
                 line = lines.get((k, _bracket(rec)))
                 x = float(rec["values"][0]) if rec["names"] and rec["names"][0] == ACCURACY else math.nan
                 if line is None or not math.isfinite(x):
@@ -162,7 +148,7 @@ def _bohb(trials: list[FrozenTrial], metric_names: Sequence[str], min_observatio
     for t in trials:
         if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             continue
-        for k, rec in rung_records(t).items():
+        for k, rec in tr.rung_records(t.user_attrs).items():
             if rec["names"] and rec["names"][0] == ACCURACY:
                 v = _vector(rec, metric_names, float(rec["values"][0]))
                 if v is not None:

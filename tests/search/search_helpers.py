@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from kdsearch import trial_record as tr
 from kdsearch.checkpoint import sha256_file
 from kdsearch.storage import SHARED_CACHE_DIR, default_storage_url, load_study
 
@@ -162,9 +163,9 @@ def rung_competitors(trials: list[FrozenTrial], trial: FrozenTrial, k: int, n_co
     Fails when no such set exists."""
     from itertools import combinations  # noqa: PLC0415
 
-    from kdsearch.search.pruning import RUNG_ATTR_PREFIX, RungEntry, competitors_digest  # noqa: PLC0415
+    from kdsearch.search.pruning import RungEntry, competitors_digest  # noqa: PLC0415
 
-    attr = f"{RUNG_ATTR_PREFIX}{k}"
+    attr = tr.rung_key(k)
     mine = trial.user_attrs[attr]
     same = [t for t in trials if t.number != trial.number and isinstance(t.user_attrs.get(attr), dict)
             and t.user_attrs[attr]["names"] == mine["names"]

@@ -19,12 +19,13 @@ import pytest
 from optuna.trial import TrialState
 from rich.console import Console
 
+from kdsearch import trial_record as tr
 from kdsearch.config import PruningConfig, load_config
 from kdsearch.measure import KDMemoryTracker
 from kdsearch.progress import SearchDisplay
 from kdsearch.report.figures import learning_curves_figure
 from kdsearch.report.trials_table import trials_table
-from kdsearch.search.pruning import RUNG_ATTR_PREFIX, RungDecision, RungEntry, decide_at_rung
+from kdsearch.search.pruning import RungDecision, RungEntry, decide_at_rung
 
 from cli_helpers import SMOKE, run_cli
 from search_helpers import (
@@ -97,7 +98,7 @@ def test_pruning_on_two_workers(smoke_run: Path, tmp_path: Path) -> None:
         assert rec["names"] == ["val_accuracy", "macs"] and rec["directions"] == ["maximize", "minimize"]
         for d in rec["decisions"]:
             k = d["rung_index"]
-            mine = t.user_attrs[f"{RUNG_ATTR_PREFIX}{k}"]
+            mine = t.user_attrs[tr.rung_key(k)]
             assert mine["fraction"] >= cfg.rungs[k] * (1 - 1e-9)
             others = rung_competitors(trials, t, k, d["n_competitors"], d["competitors_digest"])
             cross_worker += sum(by_number[e.key].user_attrs["worker"]["pid"] != t.user_attrs["worker"]["pid"]

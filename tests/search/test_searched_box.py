@@ -15,12 +15,13 @@ import pytest
 from optuna.trial import TrialState
 from rich.console import Console
 
+from kdsearch import trial_record as tr
 from kdsearch.config import config_from_dict, config_to_dict, load_config
 from kdsearch.errors import ConfigError
 from kdsearch.progress import SearchDisplay
 from kdsearch.report.figures import learning_curves_figure
 from kdsearch.report.trials_table import trials_table
-from kdsearch.search.pruning import RUNG_ATTR_PREFIX, OptunaRungStore
+from kdsearch.search.pruning import OptunaRungStore
 from kdsearch.search.space import grid_search_space, param_distributions, suggest
 from kdsearch.search.supervisor import TrialBoxes
 
@@ -85,8 +86,8 @@ def test_rung_records_compete_only_within_their_bracket() -> None:
     assert [e.key for e in stores[1].competitors(1, 0)] == [2]  # the other 60 s trial only
     assert stores[3].competitors(3, 0) == []  # alone in its box
     assert stores[0].competitors(0, 0) == []  # no bracket: competes with unbracketed records only
-    assert study.trials[1].user_attrs[f"{RUNG_ATTR_PREFIX}0"]["bracket"] == {"box_s": 60.0}
-    assert "bracket" not in study.trials[0].user_attrs[f"{RUNG_ATTR_PREFIX}0"]  # as written before brackets
+    assert study.trials[1].user_attrs[tr.rung_key(0)]["bracket"] == {"box_s": 60.0}
+    assert "bracket" not in study.trials[0].user_attrs[tr.rung_key(0)]  # as written before brackets
 
 
 def test_the_hard_limit_is_each_trials_own_box() -> None:
@@ -130,7 +131,7 @@ def test_a_searched_box_study_trades_kd_time_for_accuracy(smoke_run: Path, tmp_p
         rec = t.user_attrs["pruning"]
         assert rec["bracket"] == {"box_s": box}
         for k, d in enumerate(rec["decisions"]):
-            assert t.user_attrs[f"{RUNG_ATTR_PREFIX}{k}"]["bracket"] == {"box_s": box}
+            assert t.user_attrs[tr.rung_key(k)]["bracket"] == {"box_s": box}
             # the competitors (rebuilt from storage, proven by the stored digest of their keys)
             for e in rung_competitors(trials, t, k, d["n_competitors"], d["competitors_digest"]):
                 assert study.trials[e.key].params["trial_time_s"] == box  # never against the other box
