@@ -47,6 +47,8 @@ from optuna.trial import FrozenTrial
 
 from kdsearch.config import StudyConfig, validate_storage_url
 from kdsearch.errors import ConfigError, StorageError
+from kdsearch.rdb_snapshot import SnapshotSaver, is_database_study, snapshot_file
+from kdsearch.rdb_snapshot import restore as restore_snapshot
 from kdsearch.storage_faults import (
     RETRY_ENV,
     RetryingRDBStorage,
@@ -423,15 +425,28 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
     return {"pool_pre_ping": True}
 
 
-def load_study(storage_url: str, study_name: str) -> optuna.Study:
-    """Open an existing study for reading (report, trials, export). One-line errors otherwise."""
+def load_study(storage_url: str, study_name: str, run_dir: str | Path | None = None) -> optuna.Study:
+    """Open an existing study for reading (report, trials, export). One-line errors otherwise.
+
+    With ``run_dir``, a database study starts from its trial snapshot in the study's run folder
+    (:mod:`kdsearch.rdb_snapshot`): its trials are read at once, only those changed since the
+    snapshot from the database, and the snapshot is brought up to date when it lagged by
+    :data:`~kdsearch.rdb_snapshot.SAVE_EVERY_TRIALS` or more.
+    """
     storage = open_storage(storage_url, create=False)
     names = sorted(optuna.get_all_study_names(storage))  # summaries would deep-copy every trial
     if study_name not in names:
         raise StorageError(
             f"--study-name: no study {study_name!r} in {redact_url(storage_url)!r}; known: {names or 'none'}"
         )
-    return optuna.load_study(study_name=study_name, storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    if run_dir is not None and is_database_study(study):
+        snapshot = snapshot_file(run_paths(run_dir, study_name).root)
+        restored = restore_snapshot(study, snapshot)
+        if not restored:
+            study.get_trials(deepcopy=False)  # the read every caller makes; the saver counts it
+        SnapshotSaver(study, snapshot, covered=restored).tick()
+    return study
 
 
 def artifact_store(paths: RunPaths) -> FileSystemArtifactStore:
@@ -449,7 +464,8 @@ def study_storage(study: optuna.Study) -> BaseStorage:
 
     Optuna has no public accessor (``Study._storage`` is private), and recovery must write to
     trials that belong to other processes, which only :class:`~optuna.storages.BaseStorage`'s
-    public methods can. This is the one read of the private attribute in kdsearch.
+    public methods can. This and :mod:`kdsearch.rdb_snapshot` (which fills Optuna's trial cache
+    behind it) are the only reads of the private attribute in kdsearch.
     """
     return study._storage
 

@@ -41,6 +41,7 @@ FLOORS: dict[str, int] = {
     "kdsearch.search": 5,
     "kdsearch.storage": 4,
     "kdsearch.storage_faults": 4,
+    "kdsearch.rdb_snapshot": 4,
     "kdsearch.measure": 3,
     "kdsearch.measure.device": 3,
     "kdsearch.distill": 3,

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         from kdsearch.export.pick import default_pick_rule
         from kdsearch.storage import load_study
 
-        pick = default_pick_rule(load_study(storage_url(args), args.study_name))
+        pick = default_pick_rule(load_study(storage_url(args), args.study_name, args.run_dir))
         console.print(f"no --trial or --pick: the report's default pick, --pick {pick!r}", highlight=False)
     settings = QuantizeSettings(args.calibration_method, args.calibration_images, args.max_int8_drop)
     result = export_trial(
@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         quantize_settings=settings,
         data_root=args.data_root,
+        run_dir=args.run_dir,
     )
     what = args.format + (f" + {args.quantize}" if args.quantize else "")
     how = f" (picked by --pick {pick!r})" if pick is not None else ""

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     make_folder(out.parent, "--out")  # a folder that cannot be made is one line, before any work
     path = build_report(
         storage_url=url, study_name=args.study_name, out_path=out,
-        artifact_dir=artifact_dir(args), png_dir=Path(args.png) if args.png else None,
+        artifact_dir=artifact_dir(args), png_dir=Path(args.png) if args.png else None, run_dir=args.run_dir,
     )
     stdout_console().print(f"wrote {path}", highlight=False)
     return 0

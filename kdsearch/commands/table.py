@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from kdsearch.report.pivot_table import pivot_table, render_csv, render_markdown
     from kdsearch.storage import load_study
 
-    study = load_study(storage_url(args), args.study_name)
+    study = load_study(storage_url(args), args.study_name, args.run_dir)
     table = pivot_table(study, rows=args.rows, cols=args.cols, metric=args.metric, agg=args.agg)
     if args.format in ("markdown", "both"):
         sys.stdout.write(render_markdown(table) + "\n")

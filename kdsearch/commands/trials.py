@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from kdsearch.report.trials_table import PARETO_FOOTNOTE, leak_warnings, trial_records, trials_table
     from kdsearch.storage import load_study
 
-    study = load_study(storage_url(args), args.study_name)
+    study = load_study(storage_url(args), args.study_name, args.run_dir)
     if args.json:
         records = trial_records(study, args.pareto)
         sys.stdout.write(json.dumps(records, indent=1, default=_json_default) + "\n")

@@ -79,6 +79,7 @@ def export_trial(
     quantize: str | None = None,
     quantize_settings: QuantizeSettings | None = None,
     data_root: str | None = None,
+    run_dir: str | Path | None = None,
 ) -> ExportResult:
     """Export one COMPLETE trial's student to ``out_dir``.
 
@@ -93,7 +94,8 @@ def export_trial(
     ``quantization`` section: calibration on the study's training split, fp32 and int8 accuracy,
     latency and top-1 agreement (:mod:`kdsearch.export.quantize`, ``quantize_settings``;
     ``data_root`` overrides the stored ``data.root``).
-    ``artifact_dir`` is the study's FileSystemArtifactStore folder (``<run_dir>/<study>/artifacts``).
+    ``artifact_dir`` is the study's FileSystemArtifactStore folder (``<run_dir>/<study>/artifacts``);
+    ``run_dir`` lets a database study start from its trial snapshot (:func:`kdsearch.storage.load_study`).
     Raises :class:`ConfigError` for a bad trial/rule/format/output and :class:`ExportError` for a
     checkpoint that is missing, altered (sha256 mismatch) or an export that does not verify.
     """
@@ -108,7 +110,7 @@ def export_trial(
     settings = quantize_settings or QuantizeSettings()
     out = Path(out_dir)
     check_out_dir(out)
-    study = load_study(storage_url, study_name)
+    study = load_study(storage_url, study_name, run_dir)  # run_dir: a database study's trial snapshot
     trial = select_trial(study, trial_number, pick)
     expected = trial.user_attrs.get(tr.WEIGHTS_SHA256)
     if not expected:

@@ -565,14 +565,16 @@ def build_report(
     out_path: str | Path,
     artifact_dir: str | Path | None = None,
     png_dir: str | Path | None = None,
+    run_dir: str | Path | None = None,
 ) -> Path:
     """Write the study's self-contained offline HTML report to ``out_path``; return the path.
 
     ``artifact_dir`` (the study's FileSystemArtifactStore folder) adds links to each front
     trial's checkpoint. ``png_dir`` also writes one PNG per figure when kaleido is importable;
-    when it is not, the page says so (and a warning is logged) instead of failing.
+    when it is not, the page says so (and a warning is logged) instead of failing. ``run_dir``
+    lets a database study start from its trial snapshot (:func:`kdsearch.storage.load_study`).
     """
-    study = load_study(storage_url, study_name)
+    study = load_study(storage_url, study_name, run_dir)  # run_dir: a database study's trial snapshot
     out = Path(out_path)
     if out.exists() and out.is_dir():
         raise ConfigError("--out", "must be an HTML file path, not a folder", str(out), f"try {out / 'report.html'}")

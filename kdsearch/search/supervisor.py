@@ -58,6 +58,8 @@ from kdsearch.config import StudyConfig, config_to_dict
 from kdsearch.device_record import format_device_banner
 from kdsearch.errors import KDSearchError
 from kdsearch.measure.device import collect_cuda_facts, resolve_study_device
+from kdsearch.rdb_snapshot import SnapshotSaver, snapshot_file
+from kdsearch.rdb_snapshot import restore as restore_snapshot
 from kdsearch.search.preflight import check_workers, preflight
 from kdsearch.search.recovery import mark_failed, recover_stale, requeue
 from kdsearch.search.rehearsal import rehearsal_wall_s
@@ -203,6 +205,9 @@ def supervise(
     paths = run_paths(cfg.study.run_dir, cfg.study.name, cfg.teacher.cache.dir)
     paths.ensure()  # before the study exists: a folder that cannot be made leaves nothing behind
     study, resumed = create_or_resume(cfg, create=create)
+    # A database study: start from its trial snapshot, and keep it current for the commands that
+    # read the study later (kdsearch.rdb_snapshot; a journal keeps its own).
+    snapshot = SnapshotSaver(study, snapshot_file(paths.root), covered=restore_snapshot(study, snapshot_file(paths.root)))
     outcome = SearchOutcome(study=study, resumed=resumed, trials_before=len(study.get_trials(deepcopy=False)))
     # A restart after a crash or a kill: the trials its workers left RUNNING are stale.
     outcome.stale_recovered = recover_stale(study, cfg.study.max_retries)
@@ -369,6 +374,7 @@ def supervise(
                     if on_trial_end is not None:
                         wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_start and t.datetime_complete else 0.0
                         on_trial_end(t, wall)
+            snapshot.tick()
     finally:
         _stop_workers(study, slots, cfg.study.max_retries, outcome)
         Path(spec.slot_lock).unlink(missing_ok=True)
@@ -378,6 +384,7 @@ def supervise(
     outcome.trials_complete = sum(t.state == TrialState.COMPLETE for t in new)
     outcome.trials_failed = sum(t.state == TrialState.FAIL for t in new)
     outcome.trials_pruned = sum(t.state == TrialState.PRUNED for t in new)
+    snapshot.tick(force=True)
     reasons = sorted({s.stop_reason for s in slots if s.stop_reason})
     outcome.stop_reason = "; ".join(reasons) or "done"
     if stop.requests:

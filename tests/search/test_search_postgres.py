@@ -6,6 +6,7 @@ reached always fails. Each test gets a fresh database, dropped afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import uuid
@@ -105,6 +106,15 @@ def test_optimize_and_a_joining_worker_share_a_postgres_study(smoke_run: Path, t
         assert artifact_sha(tmp_path, "pg4", t.user_attrs["artifact_id"]) == t.user_attrs["weights_sha256"]
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) >= 3
     assert_no_storage_errors(tmp_path, "pg4")
+    # The supervisor left a snapshot of the finished trials; an open from it reads the same study.
+    from kdsearch.rdb_snapshot import snapshot_file
+    from kdsearch.storage import load_study
+
+    snap = snapshot_file(tmp_path / "pg4")
+    assert snap.is_file() and json.loads(snap.read_bytes().split(b"\n", 1)[0])["trials"] >= 3
+    reopened = load_study(pg_url, "pg4", tmp_path).get_trials()
+    assert [(t.number, t.state, t.values, t.user_attrs) for t in reopened] == [
+        (t.number, t.state, t.values, t.user_attrs) for t in trials]
 
 
 def test_sigkill_of_a_worker_on_postgres_is_found_by_heartbeat(
