@@ -191,14 +191,14 @@ def main() -> int:
                     help="teacher fit + logit cache (default /tmp/kdsearch-search-table[-hard])")
     ap.add_argument("--data-root", default="/tmp/cifar10")
     ap.add_argument("--train-n", type=int, default=None,
-                    help="stratified KD/teacher train subset (default 10000 old, 20000 hard)")
+                    help="stratified KD/teacher train subset (default 10000 old, 40000 hard)")
     ap.add_argument("--val-subset", type=int, default=500, help="fixed stratified val images for the curve")
     ap.add_argument("--box-s", type=float, default=10.0, help="KD box, seconds of --clock")
     ap.add_argument("--clock", choices=("process", "wall"), default="process")
     ap.add_argument("--schedule", choices=("cosine", "wsd-rung"), default="cosine")
     ap.add_argument("--teacher-fit-s", type=float, default=None,
-                    help="teacher fit: the box (old, default 180) or the wall-clock cap (hard, default 2400)")
-    ap.add_argument("--teacher-epochs", type=float, default=15.0, help="hard: the teacher fit's max_epochs")
+                    help="teacher fit: the box (old, default 180) or the wall-clock cap (hard, default 9000)")
+    ap.add_argument("--teacher-epochs", type=float, default=20.0, help="hard: the teacher fit's max_epochs")
     ap.add_argument("--prepare-only", action="store_true", help="fit the teacher, build the cache, stop")
     ap.add_argument("--shard", default="0/1", help="i/n: record configs i, i+n, i+2n, ...")
     ap.add_argument("--limit", type=int, default=None, help="record at most this many configs (a subset)")
@@ -213,9 +213,9 @@ def main() -> int:
     if args.run_dir is None:
         args.run_dir = Path("/tmp/kdsearch-search-table" + ("-hard" if hard else ""))
     if args.train_n is None:
-        args.train_n = 20000 if hard else 10000
+        args.train_n = 40000 if hard else 10000
     if args.teacher_fit_s is None:
-        args.teacher_fit_s = 2400.0 if hard else 180.0
+        args.teacher_fit_s = 9000.0 if hard else 180.0
 
     torch.set_num_threads(args.threads)
     from zero_cost import zero_cost_scores

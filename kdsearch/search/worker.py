@@ -43,6 +43,8 @@ from kdsearch.checkpoint import atomic_write_text
 from kdsearch.config import StudyConfig, config_from_dict
 from kdsearch.errors import KDSearchError, TrialFailure
 from kdsearch.measure.device import describe_worker_device
+from kdsearch.rdb_snapshot import restore as restore_snapshot
+from kdsearch.rdb_snapshot import snapshot_file
 from kdsearch.search.objective import run_trial
 from kdsearch.search.recovery import first_heartbeat, recover_stale, trial_heartbeat
 from kdsearch.search.rehearsal import rehearsal_wall_s
@@ -334,6 +336,9 @@ def worker_main(spec_path: str) -> int:
         if spec.sampler_seed is not None:
             study.sampler = make_sampler(replace(cfg, study=replace(cfg.study, seed=spec.sampler_seed)))
         paths = run_paths(cfg.study.run_dir, cfg.study.name, cfg.teacher.cache.dir)
+        # A database study: the finished trials from the supervisor's snapshot, so that a worker
+        # (re)started late in a long run reads only the rest (kdsearch.rdb_snapshot).
+        restore_snapshot(study, snapshot_file(paths.root))
         # The device first, so the supervisor announces it while the data and teachers load.
         device = pick_device()
         device_info = _json_safe(describe_worker_device(device, amp=cfg.distill.amp))
