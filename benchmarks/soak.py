@@ -49,6 +49,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,6 +122,7 @@ class Settings:
     leg_timeout_s: float = 1800.0
     max_size_mb: float = 2.0  # the constraint: model_size_mb <= this (screens before the box)
     cli: bool = True  # time `kdsearch trials --pareto` and `kdsearch report` on the soaked study
+    cli_repeats: int = 3  # each command this many times (the median is `wall_s`)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,7 +481,7 @@ def run_leg(leg: Leg, s: Settings, base: Path, pg: PgCluster | None, rng: random
         except Exception as exc:  # noqa: BLE001 - an unreadable study is this leg's finding
             figures = {"unreadable_study": f"{type(exc).__name__}: {str(exc)[:300]}"}
         figures["logs"] = keep_logs(run_dir / leg.name / "workers", base / f"{leg.name}-workers", out_log)
-        figures["cli"] = cli_timings(leg, run_dir, url, base) if s.cli else {}
+        figures["cli"] = cli_timings(leg, run_dir, url, base, s.cli_repeats) if s.cli else {}
     return {"log": {k: v for k, v in asdict(log).items() if k != "last_proc"}, "figures": figures}
 
 
@@ -747,20 +749,46 @@ def keep_logs(workers: Path, dest: Path, supervisor_log: Path) -> dict[str, Any]
     return {"folder": str(dest), "mentions": dict(counts), "crashed_workers": crashed}
 
 
-def cli_timings(leg: Leg, run_dir: Path, url: str | None, base: Path) -> dict[str, Any]:
-    """Wall time of ``kdsearch trials --pareto`` and ``kdsearch report`` on the soaked study."""
+def cli_timings(leg: Leg, run_dir: Path, url: str | None, base: Path, repeats: int = 3) -> dict[str, Any]:
+    """Wall time of ``kdsearch trials --pareto`` and ``kdsearch report`` on the soaked study, each
+    run ``repeats`` times (``wall_s`` is the median, ``walls_s`` every run). On a database leg each
+    is also timed without the trial snapshot the supervisor left (``cold_walls_s``: the snapshot
+    moved aside for that run, then put back), i.e. what a first open from another run folder costs."""
+    from kdsearch.rdb_snapshot import snapshot_file  # noqa: PLC0415
+
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     common = ["--study-name", leg.name, "--run-dir", str(run_dir), *(["--storage", url] if url else [])]
+    snapshot = snapshot_file(run_dir / leg.name)
     out: dict[str, Any] = {}
     for label, args in (("trials_pareto", ["trials", "--pareto", *common]),
                         ("report", ["report", *common, "--out", str(base / f"{leg.name}-report.html")])):
-        t = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "kdsearch.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                           timeout=600)
-        out[label] = {"wall_s": round(time.perf_counter() - t, 2), "exit_code": r.returncode}
-        if r.returncode != 0:
-            out[label]["stderr"] = r.stderr.decode(errors="replace")[-500:]
+
+        def once(args: list[str] = args) -> tuple[float, subprocess.CompletedProcess[bytes]]:
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "kdsearch.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                               timeout=600)
+            return round(time.perf_counter() - t, 2), r
+
+        walls, cold, code, err = [], [], 0, ""
+        for _ in range(max(1, repeats)):
+            wall, r = once()
+            walls.append(wall)
+            code, err = code or r.returncode, err or (r.stderr.decode(errors="replace")[-500:] if r.returncode else "")
+            if url and snapshot.is_file():
+                aside = snapshot.with_name(snapshot.name + ".aside")
+                snapshot.rename(aside)
+                try:
+                    wall, r = once()
+                finally:
+                    aside.replace(snapshot)  # the cold run's own save (if any) is replaced by the original
+                cold.append(wall)
+                code, err = code or r.returncode, err or (r.stderr.decode(errors="replace")[-500:] if r.returncode else "")
+        out[label] = {"wall_s": statistics.median(walls), "walls_s": walls, "exit_code": code}
+        if cold:
+            out[label]["cold_walls_s"] = cold
+        if code != 0:
+            out[label]["stderr"] = err
     return out
 
 
@@ -823,6 +851,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=d.rounds, help="times each fault is injected per leg")
     p.add_argument("--tmpfs-mb", type=int, default=d.tmpfs_mb)
     p.add_argument("--leg-timeout-s", type=float, default=d.leg_timeout_s)
+    p.add_argument("--cli-repeats", type=int, default=d.cli_repeats,
+                   help="times each CLI command is timed on the soaked study (the median is reported)")
     p.add_argument("--work-dir", type=Path, default=None, help="configs, logs, reports (default: a temp folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
@@ -833,7 +863,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--faults: unknown {bad}; known: {', '.join(FAULTS)}")
     s = Settings(workers=a.workers, box_s=a.box_s, speed=a.speed, grace_s=a.grace_s,
                  heartbeat_interval_s=a.heartbeat[0], heartbeat_grace_s=a.heartbeat[1], sampler=a.sampler,
-                 seed=a.seed, faults=faults, rounds=a.rounds, tmpfs_mb=a.tmpfs_mb, leg_timeout_s=a.leg_timeout_s)
+                 seed=a.seed, faults=faults, rounds=a.rounds, tmpfs_mb=a.tmpfs_mb, leg_timeout_s=a.leg_timeout_s,
+                 cli_repeats=a.cli_repeats)
     legs = a.leg or [Leg("journal", 4, 3000), Leg("postgres", 3, 3000)]
     base = a.work_dir or Path(tempfile.mkdtemp(prefix="kdsearch-soak-"))
     doc = soak(legs, s, base, a.seed)
