@@ -66,7 +66,9 @@ def _cache_of(study: optuna.Study) -> tuple[_CachedStorage, int] | None:
     backend = getattr(storage, "_backend", None)
     if not isinstance(getattr(backend, "url", None), str):
         return None
-    return storage, storage.get_study_id_from_name(study.study_name)
+    # The study's id as it loaded (private too; asking the storage by name would be a database
+    # query at every supervisor poll).
+    return storage, study._study_id
 
 
 def is_database_study(study: optuna.Study) -> bool:
