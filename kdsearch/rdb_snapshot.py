@@ -49,7 +49,7 @@ SNAPSHOT_FILE = "rdb-trials.snapshot"
 SAVE_EVERY_TRIALS = 100  # newly finished trials between two saves (the journal snapshot's step)
 FORMAT = 1
 
-__all__ = ["SAVE_EVERY_TRIALS", "SNAPSHOT_FILE", "SnapshotSaver", "is_database_study", "restore", "save", "snapshot_file"]
+__all__ = ["SAVE_EVERY_TRIALS", "SNAPSHOT_FILE", "SnapshotSaver", "is_database_study", "restore", "resume", "save", "snapshot_file"]
 
 
 def snapshot_file(study_dir: str | Path) -> Path:
@@ -224,3 +224,9 @@ class SnapshotSaver:
         if saved is not None:
             self.covered = saved
         return saved
+
+
+def resume(study: optuna.Study, path: Path) -> SnapshotSaver:
+    """Restore ``study``'s snapshot at ``path`` (:func:`restore`) and return the saver that keeps
+    it current from there (the supervisor's and the commands' start)."""
+    return SnapshotSaver(study, path, covered=restore(study, path))

@@ -47,8 +47,8 @@ from optuna.trial import FrozenTrial
 
 from kdsearch.config import StudyConfig, validate_storage_url
 from kdsearch.errors import ConfigError, StorageError
-from kdsearch.rdb_snapshot import SnapshotSaver, is_database_study, snapshot_file
-from kdsearch.rdb_snapshot import restore as restore_snapshot
+from kdsearch.rdb_snapshot import is_database_study, snapshot_file
+from kdsearch.rdb_snapshot import resume as resume_snapshot
 from kdsearch.storage_faults import (
     RETRY_ENV,
     RetryingRDBStorage,
@@ -441,11 +441,10 @@ def load_study(storage_url: str, study_name: str, run_dir: str | Path | None = N
         )
     study = optuna.load_study(study_name=study_name, storage=storage)
     if run_dir is not None and is_database_study(study):
-        snapshot = snapshot_file(run_paths(run_dir, study_name).root)
-        restored = restore_snapshot(study, snapshot)
-        if not restored:
+        saver = resume_snapshot(study, snapshot_file(run_paths(run_dir, study_name).root))
+        if not saver.covered:
             study.get_trials(deepcopy=False)  # the read every caller makes; the saver counts it
-        SnapshotSaver(study, snapshot, covered=restored).tick()
+        saver.tick()
     return study
 
 

@@ -58,8 +58,8 @@ from kdsearch.config import StudyConfig, config_to_dict
 from kdsearch.device_record import format_device_banner
 from kdsearch.errors import KDSearchError
 from kdsearch.measure.device import collect_cuda_facts, resolve_study_device
-from kdsearch.rdb_snapshot import SnapshotSaver, snapshot_file
-from kdsearch.rdb_snapshot import restore as restore_snapshot
+from kdsearch.rdb_snapshot import resume as resume_snapshot
+from kdsearch.rdb_snapshot import snapshot_file
 from kdsearch.search.preflight import check_workers, preflight
 from kdsearch.search.recovery import mark_failed, recover_stale, requeue
 from kdsearch.search.rehearsal import rehearsal_wall_s
@@ -207,7 +207,7 @@ def supervise(
     study, resumed = create_or_resume(cfg, create=create)
     # A database study: start from its trial snapshot, and keep it current for the commands that
     # read the study later (kdsearch.rdb_snapshot; a journal keeps its own).
-    snapshot = SnapshotSaver(study, snapshot_file(paths.root), covered=restore_snapshot(study, snapshot_file(paths.root)))
+    snapshot = resume_snapshot(study, snapshot_file(paths.root))
     outcome = SearchOutcome(study=study, resumed=resumed, trials_before=len(study.get_trials(deepcopy=False)))
     # A restart after a crash or a kill: the trials its workers left RUNNING are stale.
     outcome.stale_recovered = recover_stale(study, cfg.study.max_retries)
