@@ -123,6 +123,7 @@ class Settings:
     max_size_mb: float = 2.0  # the constraint: model_size_mb <= this (screens before the box)
     cli: bool = True  # time `kdsearch trials --pareto` and `kdsearch report` on the soaked study
     cli_repeats: int = 3  # each command this many times (the median is `wall_s`)
+    keep: Path | None = None  # copy each soaked study here (a journal) with its run folder, to profile later
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,6 +483,8 @@ def run_leg(leg: Leg, s: Settings, base: Path, pg: PgCluster | None, rng: random
             figures = {"unreadable_study": f"{type(exc).__name__}: {str(exc)[:300]}"}
         figures["logs"] = keep_logs(run_dir / leg.name / "workers", base / f"{leg.name}-workers", out_log)
         figures["cli"] = cli_timings(leg, run_dir, url, base, s.cli_repeats) if s.cli else {}
+        if s.keep is not None:
+            figures["kept"] = keep_study(leg, run_dir, url, s.keep)
     return {"log": {k: v for k, v in asdict(log).items() if k != "last_proc"}, "figures": figures}
 
 
@@ -749,6 +752,23 @@ def keep_logs(workers: Path, dest: Path, supervisor_log: Path) -> dict[str, Any]
     return {"folder": str(dest), "mentions": dict(counts), "crashed_workers": crashed}
 
 
+def keep_study(leg: Leg, run_dir: Path, url: str | None, keep: Path) -> str:
+    """Copy the soaked study out of the leg's (temporary) run folder: the run folder itself, and on
+    a database leg the study copied into a journal file beside it (``optuna.copy_study``), so that
+    the CLI can be profiled on it later without a server. Returns where it went."""
+    import optuna  # noqa: PLC0415
+
+    dest = keep / leg.name
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("*.lock"))
+    if url:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage  # noqa: PLC0415
+
+        target = JournalStorage(JournalFileBackend(str(dest / leg.name / "journal.log")))
+        optuna.copy_study(from_study_name=leg.name, from_storage=url, to_storage=target)
+    return str(dest)
+
+
 def cli_timings(leg: Leg, run_dir: Path, url: str | None, base: Path, repeats: int = 3) -> dict[str, Any]:
     """Wall time of ``kdsearch trials --pareto`` and ``kdsearch report`` on the soaked study, each
     run ``repeats`` times (``wall_s`` is the median, ``walls_s`` every run). On a database leg each
@@ -853,6 +873,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--leg-timeout-s", type=float, default=d.leg_timeout_s)
     p.add_argument("--cli-repeats", type=int, default=d.cli_repeats,
                    help="times each CLI command is timed on the soaked study (the median is reported)")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="copy each soaked study (as a journal) and its run folder here, to profile the CLI later")
     p.add_argument("--work-dir", type=Path, default=None, help="configs, logs, reports (default: a temp folder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the JSON here")
@@ -864,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(workers=a.workers, box_s=a.box_s, speed=a.speed, grace_s=a.grace_s,
                  heartbeat_interval_s=a.heartbeat[0], heartbeat_grace_s=a.heartbeat[1], sampler=a.sampler,
                  seed=a.seed, faults=faults, rounds=a.rounds, tmpfs_mb=a.tmpfs_mb, leg_timeout_s=a.leg_timeout_s,
-                 cli_repeats=a.cli_repeats)
+                 cli_repeats=a.cli_repeats, keep=a.keep)
     legs = a.leg or [Leg("journal", 4, 3000), Leg("postgres", 3, 3000)]
     base = a.work_dir or Path(tempfile.mkdtemp(prefix="kdsearch-soak-"))
     doc = soak(legs, s, base, a.seed)

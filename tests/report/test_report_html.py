@@ -319,3 +319,18 @@ def test_at_a_glance_names_a_teacher_that_trained_on_val(tmp_path: Path) -> None
     study.set_user_attr("teachers", {"ViT": {"val_accuracy": 0.70, "test_accuracy": 0.69,
                                              "val_leak": val_leak_check("ViT", 0.70, 0.69, 5000, 10000)}})
     assert "teacher-leak" not in _glance(build_report(url, "tiny", tmp_path / "r2.html").read_text())
+
+
+def test_every_figure_has_the_report_template_and_plotly_default_is_put_back(fixture_study: FixtureStudy) -> None:
+    """The template is given at creation (figures._in_template), not by a per-figure update."""
+    import plotly.io as pio
+
+    from kdsearch.report.figures import TEMPLATE
+
+    before = pio.templates.default
+    figs = [f.figure for f in all_figures(fixture_study.open()) if f.figure is not None]
+    assert pio.templates.default == before != TEMPLATE
+    assert figs
+    white = pio.templates[TEMPLATE].layout.to_plotly_json()
+    for fig in figs:
+        assert fig.layout.template.layout.to_plotly_json() == white
