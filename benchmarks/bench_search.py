@@ -234,7 +234,7 @@ def nearest_new_row(table: Table, proposal: dict[str, Any], paid: set[Key]) -> K
 
 
 def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params: float | None,
-               tpe: str = "kdsearch", eta: int = 3, min_fraction: float = 1 / 9, startup: int = 10,
+               tpe: str = "kdsearch", eta: int = 3, min_fraction: float = 1 / 27, startup: int = 5,
                min_observations: int = 5) -> Trace:
     import optuna  # noqa: PLC0415
 
@@ -594,8 +594,10 @@ def main() -> int:
     ap.add_argument("--tpe", choices=("kdsearch", "plain"), default="kdsearch",
                     help="TPE settings: a kdsearch study's (multivariate) or Optuna's defaults")
     ap.add_argument("--eta", type=int, default=3, help="study.pruning.eta")
-    ap.add_argument("--min-fraction", type=float, default=1 / 9, help="study.pruning.min_fraction (a multiple of 1/27)")
-    ap.add_argument("--startup", type=int, default=10, help="study.n_startup_trials of TPE")
+    ap.add_argument("--min-fraction", type=float, default=1 / 27,
+                    help="study.pruning.min_fraction (a multiple of 1/27; the default is kdsearch's)")
+    ap.add_argument("--startup", type=int, default=5,
+                    help="study.n_startup_trials of TPE (the bundled pruned studies' 5)")
     ap.add_argument("--min-observations", type=int, default=5,
                     help="tpe-impute/tpe-bohb: observations at a rung before it is used (RungTPESampler)")
     ap.add_argument("--target", type=float, default=None,

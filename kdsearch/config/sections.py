@@ -49,7 +49,7 @@ class PruningConfig:
 
     enabled: bool = False
     eta: int = 3
-    min_fraction: float = 1.0 / 9.0  # of the box: the first rung
+    min_fraction: float = 1.0 / 27.0  # of the box: the first rung (replay, RESULTS "Issue 21": 1/27 beats 1/9)
     min_competitors: int | None = None
 
     def __post_init__(self) -> None:
@@ -59,7 +59,7 @@ class PruningConfig:
             raise ConfigError("study.pruning.min_fraction",
                               f"must be a fraction of the box in (0, {1 - RUNG_END_MARGIN:g}): a rung in the last "
                               f"{100 * RUNG_END_MARGIN:g}% of the box saves almost nothing",
-                              self.min_fraction, "e.g. 0.111 (1/9)")
+                              self.min_fraction, "e.g. 0.037 (1/27)")
         if self.min_competitors is not None and (
             isinstance(self.min_competitors, bool) or not isinstance(self.min_competitors, int)
             or self.min_competitors < 1

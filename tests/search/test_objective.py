@@ -152,7 +152,7 @@ def test_a_trial_beaten_at_a_rung_is_stored_pruned_and_its_student_freed(
 ) -> None:
     cfg = ctx.cfg
     ctx.cfg = replace(cfg, constraints={}, study=replace(cfg.study, pruning=replace(
-        cfg.study.pruning, enabled=True, min_competitors=1)))
+        cfg.study.pruning, enabled=True, min_fraction=1 / 9, min_competitors=1)))
     students: list[weakref.ref[torch.nn.Module]] = []
     real_build = objective.build_student
 

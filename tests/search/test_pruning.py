@@ -27,13 +27,14 @@ from kdsearch.search.pruning import (
 )
 
 MAX_MIN = ("maximize", "minimize")  # (val accuracy at the rung, a fixed cost such as MACs)
+RUNGS_1_9 = PruningConfig(min_fraction=1 / 9)  # rungs at 1/9 and 1/3, as these tests are written
 
 
 # -- configuration --------------------------------------------------------------------------------
 
 
 def test_rungs_sit_at_min_fraction_times_powers_of_eta_below_one() -> None:
-    assert PruningConfig().rungs == pytest.approx((1 / 9, 1 / 3))
+    assert PruningConfig().rungs == pytest.approx((1 / 27, 1 / 9, 1 / 3))  # the default first rung: 1/27
     assert PruningConfig(eta=2, min_fraction=0.125).rungs == pytest.approx((0.125, 0.25, 0.5))
     assert PruningConfig(eta=3, min_fraction=1 / 3).rungs == pytest.approx((1 / 3,))
     # No rung at the end of the box: 0.111 x 9 = 0.999 would prune fully trained students (it did,
@@ -99,7 +100,7 @@ def test_exactly_the_top_ceil_n_over_eta_continue(n: int) -> None:
 
 
 def test_a_dominated_trial_is_pruned_and_a_pareto_trial_kept() -> None:
-    cfg = PruningConfig()
+    cfg = RUNGS_1_9
     others = [RungEntry(1, (0.5, 1e5)), RungEntry(2, (0.6, 2e5)), RungEntry(3, (0.4, 5e4))]
     worse = decide_at_rung(RungEntry(9, (0.3, 3e5)), others, MAX_MIN, cfg, 1)
     assert worse.prune and worse.front == 1 and worse.rank == 3 and worse.rung == pytest.approx(1 / 3)
@@ -115,17 +116,17 @@ def test_nothing_is_pruned_below_the_minimum_number_of_competitors() -> None:
     d5 = decide_at_rung(RungEntry(7, (0.1, 100.0)), [*strong, RungEntry(3, (0.9, 1.0))], MAX_MIN, cfg, 0)
     assert d5.prune  # the fifth competitor arms the rule
     # default minimum = eta: with two trials at the rung nobody is pruned
-    assert not decide_at_rung(RungEntry(1, (0.0, 9.0)), [RungEntry(0, (1.0, 0.0))], MAX_MIN, PruningConfig(), 0).prune
+    assert not decide_at_rung(RungEntry(1, (0.0, 9.0)), [RungEntry(0, (1.0, 0.0))], MAX_MIN, RUNGS_1_9, 0).prune
 
 
 def test_a_decision_does_not_depend_on_the_order_competitors_are_read_in() -> None:
     entries = _field(12, seed=3) + [RungEntry(100, (0.4, 5e5)), RungEntry(101, (0.4, 5e5))]  # an exact tie
     mine = entries[-1]
-    a = decide_at_rung(mine, entries, MAX_MIN, PruningConfig(), 0)
-    b = decide_at_rung(mine, list(reversed(entries)), MAX_MIN, PruningConfig(), 0)
+    a = decide_at_rung(mine, entries, MAX_MIN, RUNGS_1_9, 0)
+    b = decide_at_rung(mine, list(reversed(entries)), MAX_MIN, RUNGS_1_9, 0)
     assert a == b
     # the tie goes to the earlier trial
-    r100 = decide_at_rung(entries[-2], entries, MAX_MIN, PruningConfig(), 0).rank
+    r100 = decide_at_rung(entries[-2], entries, MAX_MIN, RUNGS_1_9, 0).rank
     assert r100 < a.rank
 
 
@@ -147,7 +148,7 @@ def _run_hook(pruner: RungPruner, level: float) -> bool:
 
 def _replay_with_lists() -> list[list[dict]]:
     store = ListRungStore()
-    cfg = PruningConfig()
+    cfg = RUNGS_1_9
     out = []
     for key, (level, macs) in enumerate(TRIALS):
         p = RungPruner(key=key, store=store, config=cfg, fixed_values=(macs,), directions=MAX_MIN)
@@ -171,7 +172,7 @@ def test_decisions_are_identical_from_a_journal_study_with_two_workers_and_from_
         trial = study.ask()
         assert trial.number == key
         p = RungPruner(key=trial.number, store=OptunaRungStore(trial, ["val_accuracy", "macs"]),
-                       config=PruningConfig(), fixed_values=(macs,), directions=MAX_MIN)
+                       config=RUNGS_1_9, fixed_values=(macs,), directions=MAX_MIN)
         if _run_hook(p, level):
             trial.set_user_attr("pruning", p.summary())
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -196,7 +197,7 @@ def _pruned_record(n_others: int) -> dict:
         t = study.ask()
         OptunaRungStore(t, names).record(t.number, 0, 0.12, (0.5 + 0.001 * k, 1e5 * (1 + k)), 1.0)
     mine = study.ask()
-    pruner = RungPruner(key=mine.number, store=OptunaRungStore(mine, names), config=PruningConfig(),
+    pruner = RungPruner(key=mine.number, store=OptunaRungStore(mine, names), config=RUNGS_1_9,
                         fixed_values=(1e9,), directions=MAX_MIN, scales=("linear", "log"))
     assert pruner(1.2, 0.12, 0.1) is True
     return pruning_record(pruner, 0.25)
@@ -240,19 +241,19 @@ def test_the_hook_decides_once_per_rung_and_an_eval_past_two_rungs_decides_both(
     for k in range(6):  # six strong trials at both rungs
         store.record(k, 0, 0.12, (0.9, 1.0), 1.0)
         store.record(k, 1, 0.34, (0.9, 1.0), 3.0)
-    keeper = RungPruner(key=50, store=store, config=PruningConfig(), fixed_values=(0.5,), directions=MAX_MIN)
+    keeper = RungPruner(key=50, store=store, config=RUNGS_1_9, fixed_values=(0.5,), directions=MAX_MIN)
     assert keeper(1.0, 0.05, 0.95) is False and keeper.decisions == []
     assert keeper(4.0, 0.40, 0.95) is False  # jumped past 1/9 and 1/3: decides both
     assert [d.rung_index for d in keeper.decisions] == [0, 1] and keeper.pruned_at is None
     assert keeper(5.0, 0.50, 0.95) is False and len(keeper.decisions) == 2
-    loser = RungPruner(key=51, store=store, config=PruningConfig(), fixed_values=(2.0,), directions=MAX_MIN)
+    loser = RungPruner(key=51, store=store, config=RUNGS_1_9, fixed_values=(2.0,), directions=MAX_MIN)
     assert loser(1.2, 0.12, 0.1) is True
     assert loser.pruned_at is not None and loser.pruned_at.rung_index == 0
     assert store.rungs[0][51].values == (0.1, 2.0)  # recorded before deciding
     summary = loser.summary()
     assert summary["pruned_at"]["rank"] == 7 and summary["curve"] == [[1.2, 0.12, 0.1]]
     with pytest.raises(ValueError, match="directions"):
-        RungPruner(key=1, store=store, config=PruningConfig(), fixed_values=(1.0, 2.0), directions=MAX_MIN)
+        RungPruner(key=1, store=store, config=RUNGS_1_9, fixed_values=(1.0, 2.0), directions=MAX_MIN)
 
 
 def _distill_tiny(pruner: RungPruner, box_s: float, **cfg: object):  # noqa: ANN202 - a DistillResult
@@ -279,7 +280,7 @@ def test_distill_stops_at_the_first_rung_when_the_hook_prunes() -> None:
     store = ListRungStore()
     for k in range(8):
         store.record(k, 0, 1 / 9, (1.0, 0.0), 0.1)  # perfect and free: nobody beats them
-    pruner = RungPruner(key=99, store=store, config=PruningConfig(), fixed_values=(1e3,), directions=MAX_MIN)
+    pruner = RungPruner(key=99, store=store, config=RUNGS_1_9, fixed_values=(1e3,), directions=MAX_MIN)
     box_s = 1.8
     result = _distill_tiny(pruner, box_s, eval_every_fraction=1 / 9)
     assert result.stopped_early
@@ -299,7 +300,7 @@ def test_a_rung_inside_a_plateau_cool_down_is_not_scored_by_the_final_evaluation
     for k in range(8):
         store.record(k, 0, 1 / 9, (0.0, 1e9), 0.1)  # rung 1/9: hopeless rivals, the trial goes on
         store.record(k, 1, 1 / 3, (1.0, 0.0), 0.3)  # rung 1/3: perfect and free, nobody beats them
-    pruner = RungPruner(key=99, store=store, config=PruningConfig(), fixed_values=(1e3,), directions=MAX_MIN)
+    pruner = RungPruner(key=99, store=store, config=RUNGS_1_9, fixed_values=(1e3,), directions=MAX_MIN)
     box_s = 2.0
     result = _distill_tiny(pruner, box_s, eval_every_fraction=0.1, early_stop=EarlyStopConfig(
         enabled=True, patience=2, min_delta=1.0, cooldown_fraction=0.25))
@@ -322,5 +323,5 @@ def test_a_log_scale_ranks_costs_by_their_order_of_magnitude() -> None:
     with pytest.raises(ValueError, match="scale"):
         to_loss((0.5, 1.0), MAX_MIN, ("linear", "sqrt"))
     with pytest.raises(ValueError, match="scales"):
-        RungPruner(key=1, store=ListRungStore(), config=PruningConfig(), fixed_values=(1.0,), directions=MAX_MIN,
+        RungPruner(key=1, store=ListRungStore(), config=RUNGS_1_9, fixed_values=(1.0,), directions=MAX_MIN,
                    scales=("log",))

@@ -75,7 +75,7 @@ def test_the_box_is_played_through_on_eval_at_the_grid_and_the_rungs() -> None:
     rep = replay_box(row, box_s=30.0, speed=10.0, eval_every_fraction=0.25, eval_at=rungs,
                      on_eval=lambda t, f, a: seen.append((t, f, a)) is not None, clock=fake.clock, sleep=fake.sleep)
     fractions = [f for _, f, _ in seen]
-    assert fractions == pytest.approx([1 / 9, 0.25, 1 / 3, 0.5, 0.75, 1.0])
+    assert fractions == pytest.approx([1 / 27, 1 / 9, 0.25, 1 / 3, 0.5, 0.75, 1.0])
     assert fractions == pytest.approx(replay_fractions(0.25, rungs))
     for t, f, a in seen[:-1]:
         assert t == pytest.approx(30.0 * f)
@@ -84,7 +84,7 @@ def test_the_box_is_played_through_on_eval_at_the_grid_and_the_rungs() -> None:
     assert sum(fake.slept) == pytest.approx(3.0)  # 30 s of box at speed 10
     r = rep.result
     assert r.final_val_accuracy == row.val_accuracy and not r.stopped_early
-    assert r.kd_time_s == pytest.approx(30.0) and r.evaluations == 6
+    assert r.kd_time_s == pytest.approx(30.0) and r.evaluations == 7
     assert [f for f, _ in rep.hook_s] == pytest.approx(fractions)
 
 
