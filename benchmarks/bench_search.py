@@ -11,6 +11,11 @@ costs :data:`SCREEN_COST_BOX`). Strategies:
   non-dominated sorting) and ``tpe+es``: the same samplers, with kdsearch's early stopping;
 * ``tpe+es+screen``: also ends a trial whose fixed costs break the study's constraint before
   any training (only with ``--max-params``);
+* ``tpe+es+zc``: also ranks each proposal, before any training, on a zero-cost score (the
+  table's ``zc_sample_relation``: how well the untrained student's sample-relation matrix matches
+  the teacher's, DisWOT-style) and its MACs, against every proposal scored before it, with the
+  rung pruner's own rule (non-dominated sorting, top 1/eta continue); one outside stops at the
+  cost of computing the score (the table's ``zc_s``, as a share of its box);
 * ``tpe-impute+es``, ``tpe-bohb+es``, ``tpe-rank+es``: TPE that reads the PRUNED trials
   (:class:`kdsearch.search.samplers.RungTPESampler`), with the same early stopping;
 * ``neps-moasha``: the peer, NePS's multi-objective ASHA (``neural-pipeline-search``), driven
@@ -66,9 +71,9 @@ N_EVALS = 27  # evaluations per box in the table (every 1/27)
 SCREEN_COST_BOX = 0.005  # fixed-cost measurement before training, as a share of the box (3 s of 10 min)
 REFERENCE = (0.9, 1.1)  # (1 - accuracy: chance on 10 classes, normalised log10 MACs: 10% beyond the max)
 RUNG_TPE = ("tpe-impute", "tpe-bohb", "tpe-rank")  # kdsearch.search.samplers.RungTPESampler's modes
-ES_STRATEGIES = ("random+es", "tpe+es", *(f"{t}+es" for t in RUNG_TPE), "tpe+es+screen")
+ES_STRATEGIES = ("random+es", "tpe+es", *(f"{t}+es" for t in RUNG_TPE), "tpe+es+screen", "tpe+es+zc")
 ALL_STRATEGIES = ("random", "tpe", "nsga2", "random+es", "tpe+es", *(f"{t}+es" for t in RUNG_TPE), "tpe+es+screen",
-                  "neps-moasha", "synetune-moasha", "synetune-moasha-fixed", "synetune-ehvi")
+                  "tpe+es+zc", "neps-moasha", "synetune-moasha", "synetune-moasha-fixed", "synetune-ehvi")
 PEERS = ("neps-moasha", "synetune-moasha", "synetune-moasha-fixed", "synetune-ehvi")  # each in its own venv
 
 Key = tuple[Any, ...]
@@ -87,6 +92,8 @@ class Row:
     params: int
     macs: int
     latency_ms_b1: float | None
+    zc: float | None = None  # zc_sample_relation of the untrained student (hard table only)
+    zc_box: float = 0.0  # the cost of computing it, as a share of the box
 
 
 @dataclass
@@ -126,8 +133,11 @@ def load_table(path: Path) -> Table:
             skipped += 1
             continue
         key = tuple(r[a] for a in AXES)
+        zc = r.get("zc_sample_relation")
         rows[key] = Row(key, _curve_on_grid(r["curve"]), r["val_accuracy"], r["test_accuracy"], r["params"],
-                        r["macs"], r.get("latency_ms_b1"))
+                        r["macs"], r.get("latency_ms_b1"),
+                        zc=None if zc is None or not math.isfinite(zc) else float(zc),
+                        zc_box=float(r.get("zc_s") or 0.0) / float(r.get("box_s") or 1.0))
     choices = {a: sorted({k[i] for k in rows}) for i, a in enumerate(AXES)}
     n_grid = math.prod(len(v) for v in choices.values())
     if n_grid != len(rows) or skipped:
@@ -239,13 +249,15 @@ def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params
     import optuna  # noqa: PLC0415
 
     from kdsearch.config import PruningConfig  # noqa: PLC0415
-    from kdsearch.search.pruning import OptunaRungStore, RungPruner  # noqa: PLC0415
+    from kdsearch.search.pruning import OptunaRungStore, RungEntry, RungPruner, decide_at_rung  # noqa: PLC0415
     from kdsearch.search.screening import screen_fixed_costs  # noqa: PLC0415
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     base = strategy.split("+")[0]
     es = "+es" in strategy
     screen = strategy.endswith("+screen")
+    zc_screen = strategy.endswith("+zc")
+    zc_seen: list[RungEntry] = []  # every proposal's (zero-cost score, MACs) so far
     if base == "random":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
     elif base == "tpe":
@@ -287,6 +299,18 @@ def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params
                                          {"params": max_params}, ("params", "macs"))
             if not verdict.feasible_so_far:
                 cost += SCREEN_COST_BOX
+                trace.screened += 1
+                seen[key] = trial.number
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                continue
+        if zc_screen:
+            if row.zc is None:
+                raise SystemExit(f"{strategy}: the table has no zc_sample_relation (record it with --grid hard)")
+            mine = RungEntry(trial.number, (row.zc, float(row.macs)))
+            verdict = decide_at_rung(mine, zc_seen, ("maximize", "minimize"), pcfg, 0, scales=("linear", "log"))
+            zc_seen.append(mine)
+            cost += row.zc_box
+            if verdict.prune:
                 trace.screened += 1
                 seen[key] = trial.number
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)

@@ -113,6 +113,7 @@ class Settings:
     heartbeat_interval_s: int = 3
     heartbeat_grace_s: int = 15
     eta: int = 3
+    min_fraction: float | None = None  # study.pruning.min_fraction; None: kdsearch's default (1/27)
     sampler: str = "random"
     seed: int = 0
     faults: tuple[str, ...] = FAULTS
@@ -138,7 +139,8 @@ def study_config(leg: Leg, s: Settings, run_dir: Path, storage_url: str | None) 
     study: dict[str, Any] = {
         "name": leg.name, "run_dir": str(run_dir), "sampler": s.sampler, "seed": s.seed, "budget": "30d",
         "trial_time": f"{s.box_s:g}s", "grace": f"{s.grace_s:g}s",
-        "pruning": {"enabled": True, "eta": s.eta},
+        "pruning": {"enabled": True, "eta": s.eta,
+                    **({"min_fraction": s.min_fraction} if s.min_fraction is not None else {})},
     }
     if storage_url:
         study["storage"] = storage_url
@@ -867,6 +869,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heartbeat", type=int, nargs=2, default=[d.heartbeat_interval_s, d.heartbeat_grace_s],
                    metavar=("INTERVAL_S", "GRACE_S"))
     p.add_argument("--sampler", default=d.sampler)
+    p.add_argument("--min-fraction", type=float, default=None,
+                   help="study.pruning.min_fraction, the first rung (default: kdsearch's, 1/27)")
     p.add_argument("--faults", default=",".join(d.faults), help=f"comma list of {', '.join(FAULTS)}, or none")
     p.add_argument("--rounds", type=int, default=d.rounds, help="times each fault is injected per leg")
     p.add_argument("--tmpfs-mb", type=int, default=d.tmpfs_mb)
@@ -885,6 +889,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--faults: unknown {bad}; known: {', '.join(FAULTS)}")
     s = Settings(workers=a.workers, box_s=a.box_s, speed=a.speed, grace_s=a.grace_s,
                  heartbeat_interval_s=a.heartbeat[0], heartbeat_grace_s=a.heartbeat[1], sampler=a.sampler,
+                 min_fraction=a.min_fraction,
                  seed=a.seed, faults=faults, rounds=a.rounds, tmpfs_mb=a.tmpfs_mb, leg_timeout_s=a.leg_timeout_s,
                  cli_repeats=a.cli_repeats, keep=a.keep)
     legs = a.leg or [Leg("journal", 4, 3000), Leg("postgres", 3, 3000)]

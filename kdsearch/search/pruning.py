@@ -5,7 +5,7 @@ with more than one direction), so kdsearch decides itself, with nothing but the 
 shared between workers (no scheduler of its own):
 
 * **Rungs** sit at fractions of the box: ``min_fraction * eta**k`` for k = 0, 1, ... while the
-  fraction is below 1 (eta 3, min 1/9: rungs at 1/9 and 1/3; the box end is not a rung).
+  fraction is below 1 (eta 3, min 1/27, the default: rungs at 1/27, 1/9 and 1/3; the box end is not a rung).
 * **At a rung** a trial's vector (validation accuracy at that fraction, maximised, plus its
   fixed-cost objectives such as params or MACs, measured before training) is ranked against the
   vectors of every other trial of the study that reached the same rung: RUNNING, COMPLETE and
