@@ -27,7 +27,7 @@ def test_the_rung_aware_sampler_reads_the_other_workers_pruned_trials(tmp_path: 
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump({
         "study": {"name": "live", "sampler": sampler, "run_dir": str(tmp_path), "budget": "30d", "trial_time": "30s",
-                  "grace": "5s", "n_startup_trials": 4, "pruning": {"enabled": True}},
+                  "grace": "30s", "n_startup_trials": 4, "pruning": {"enabled": True}},
         "student": {"family": "vgg", "resolution": [16, 32],
                     "vgg": {"depth": [2, 3, 4, 5, 8], "width": {"low": 0.0625, "high": 0.5, "log": True}}},
         "distill": {"temperature": {"low": 2.0, "high": 6.0, "log": True}, "alpha": {"low": 0.5, "high": 0.9},
