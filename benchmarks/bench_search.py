@@ -245,7 +245,7 @@ def nearest_new_row(table: Table, proposal: dict[str, Any], paid: set[Key]) -> K
 
 def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params: float | None,
                tpe: str = "kdsearch", eta: int = 3, min_fraction: float = 1 / 27, startup: int = 5,
-               min_observations: int = 5) -> Trace:
+               min_observations: int = 5, min_competitors: int | None = None) -> Trace:
     import optuna  # noqa: PLC0415
 
     from kdsearch.config import PruningConfig  # noqa: PLC0415
@@ -278,7 +278,7 @@ def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params
         raise ValueError(strategy)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
     study.set_metric_names(["val_accuracy", "macs"])
-    pcfg = PruningConfig(eta=eta, min_fraction=min_fraction)
+    pcfg = PruningConfig(eta=eta, min_fraction=min_fraction, min_competitors=min_competitors)
     trace = Trace(strategy, seed, budget)
     seen: dict[Key, int] = {}  # key -> the trial number that paid for it
     cost = 0.0
@@ -622,6 +622,8 @@ def main() -> int:
                     help="study.pruning.min_fraction (a multiple of 1/27; the default is kdsearch's)")
     ap.add_argument("--startup", type=int, default=5,
                     help="study.n_startup_trials of TPE (the bundled pruned studies' 5)")
+    ap.add_argument("--min-competitors", type=int, default=None,
+                    help="study.pruning.min_competitors (default: kdsearch's, eta)")
     ap.add_argument("--min-observations", type=int, default=5,
                     help="tpe-impute/tpe-bohb: observations at a rung before it is used (RungTPESampler)")
     ap.add_argument("--target", type=float, default=None,
@@ -663,7 +665,8 @@ def main() -> int:
                 traces[s].append(tr)
         else:
             traces[s] = [run_optuna(s, table, seed, args.budget, args.max_params, args.tpe, args.eta,
-                                   args.min_fraction, args.startup, args.min_observations) for seed in seeds]
+                                   args.min_fraction, args.startup, args.min_observations, args.min_competitors)
+                         for seed in seeds]
         print(f"{s}: {len(traces[s])} seeds in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
 
     curves = {s: np.stack([hv_curve(t, table, grid, hv_max) for t in ts]) for s, ts in traces.items() if ts}
