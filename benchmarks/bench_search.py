@@ -294,27 +294,26 @@ def run_optuna(strategy: str, table: Table, seed: int, budget: float, max_params
         violation = None if max_params is None else float(row.params) - float(max_params)
         if violation is not None:
             trial.set_constraint("params", violation)
+        stopped_before_box = False
         if screen and max_params is not None:
             verdict = screen_fixed_costs({"params": float(row.params), "macs": float(row.macs)},
                                          {"params": max_params}, ("params", "macs"))
             if not verdict.feasible_so_far:
                 cost += SCREEN_COST_BOX
-                trace.screened += 1
-                seen[key] = trial.number
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                continue
-        if zc_screen:
+                stopped_before_box = True
+        if zc_screen and not stopped_before_box:
             if row.zc is None:
                 raise SystemExit(f"{strategy}: the table has no zc_sample_relation (record it with --grid hard)")
             mine = RungEntry(trial.number, (row.zc, float(row.macs)))
-            verdict = decide_at_rung(mine, zc_seen, ("maximize", "minimize"), pcfg, 0, scales=("linear", "log"))
+            decision = decide_at_rung(mine, zc_seen, ("maximize", "minimize"), pcfg, 0, scales=("linear", "log"))
             zc_seen.append(mine)
             cost += row.zc_box
-            if verdict.prune:
-                trace.screened += 1
-                seen[key] = trial.number
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                continue
+            stopped_before_box = decision.prune
+        if stopped_before_box:
+            trace.screened += 1
+            seen[key] = trial.number
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
         trace.started.append(cost)
         if es:
             pruner = RungPruner(key=trial.number, store=OptunaRungStore(trial, ["val_accuracy", "macs"]),

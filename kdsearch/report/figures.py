@@ -195,7 +195,8 @@ def _template_default(name: str = TEMPLATE) -> Iterator[None]:
 
 
 def _in_template(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Decorate a public figure builder: every figure it creates has :data:`TEMPLATE`."""
+    """Decorate a figure builder that creates plotly figures: every one has :data:`TEMPLATE`
+    (builders that only call decorated ones need not be)."""
 
     @functools.wraps(fn)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
@@ -559,7 +560,6 @@ def accuracy_cost_figure(
     return ReportFigure(key, title, _titled(fig, title), note)
 
 
-@_in_template
 def accuracy_latency_figure(study: optuna.Study, accuracy: str = "val_accuracy") -> ReportFigure:
     """Accuracy vs the latency metric (:func:`latency_metric`); see :func:`accuracy_cost_figure`."""
     lat = latency_metric(study)
@@ -569,7 +569,6 @@ def accuracy_latency_figure(study: optuna.Study, accuracy: str = "val_accuracy")
     return accuracy_cost_figure(study, lat, accuracy, key=_key("acc_latency"))
 
 
-@_in_template
 def accuracy_cost_figures(study: optuna.Study, accuracy: str = "val_accuracy") -> list[ReportFigure]:
     """One :func:`accuracy_cost_figure` per :func:`cost_metrics` entry (a note when there is none)."""
     costs = cost_metrics(study)
@@ -675,7 +674,6 @@ def learning_curves_figure(study: optuna.Study) -> ReportFigure:
     return ReportFigure(key, title, _titled(fig, title), note + ".")
 
 
-@_in_template
 def all_figures(study: optuna.Study) -> list[ReportFigure]:
     """Every figure of the report, in page order."""
     light = plot_study(study)
